@@ -1,0 +1,154 @@
+"""The NovelAI Diffusion V3 recipe for SDXL: v-prediction, ZTSNR, MinSNR(γ=5)+1, NAI buckets.
+
+Run (real SDXL; `model.pretrained` must point at SDXL weights: a diffusers folder, a single-file
+.safetensors, or a Hub id when online):
+
+    python train.py --config configs/ztsnr.py --workdir runs/nai3 \
+        --config.model.pretrained=/path/to/sdxl --config.data.images_dir=/path/to/images
+
+Offline tiny demo on CPU (generates its own dataset and cache; a few minutes):
+
+    python train.py --config configs/ztsnr.py:tiny --workdir runs/demo
+
+Any field can be overridden with --config.a.b=value; the config is locked, so a misspelt key
+is an error. Fields marked [ours] are choices the NAI-v3 report does not specify (METHODS.md).
+"""
+import ml_collections
+
+PRESETS = ("sdxl", "tiny")
+
+
+def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
+    preset = preset or "sdxl"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    tiny = preset == "tiny"
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.task = "unet"  # which trainer train.py runs: "unet" here, "vae_decoder" in vae_decoder.py
+
+    # ---- model -------------------------------------------------------------------------------
+    c.model = m = ml_collections.ConfigDict()
+    m.preset = preset  # architecture sizes: "sdxl" (2.57 B UNet) or "tiny" (same blocks, small)
+    # Weights to start from: a diffusers folder, a single-file SGM .safetensors, or a Hub id.
+    # "" means random init (only sensible for `tiny`); the sdxl preset requires it.
+    m.pretrained = ""
+    m.dtype = "bfloat16"  # compute dtype of UNet/VAE/CLIP activations; params stay float32
+    m.remat = "none"  # gradient checkpointing: "none" | "blocks" | "dots" (jax.checkpoint policy)
+    m.attention = "standard"  # "standard" | "memory_efficient" (diffusers Flax attention options)
+    m.split_head_dim = False  # diffusers Flax option: split the head dim in attention
+    m.train_text_encoders = False  # frozen CLIP-L / bigG run inside the step (reserved: False)
+
+    # ---- noise schedule (METHODS §1, §3) ------------------------------------------------------
+    c.schedule = s = ml_collections.ConfigDict()
+    s.num_train_timesteps = 1000
+    s.beta_start = 0.00085
+    s.beta_end = 0.012
+    s.ztsnr = "rescale"  # "rescale" (Lin et al. Alg. 1, ᾱ_999 = 0) | "off" (plain SDXL)
+    s.terminal_prob = 0.0  # [ours] extra probability mass on t = T−1 in the timestep draw
+
+    # ---- loss (METHODS §2, §6, §9) ------------------------------------------------------------
+    c.loss = l = ml_collections.ConfigDict()
+    l.weighting = "min_snr_plus_one"  # [ours] | "min_snr" (Hang et al., 0 at SNR=0) | "none"
+    l.snr_gamma = 5.0  # γ of MinSNR, the report's setting
+    l.tag_weighting = True  # [ours] per-sample tag weights (data.tags.*)
+
+    # ---- latents (METHODS §10) ----------------------------------------------------------------
+    c.latents = z = ml_collections.ConfigDict()
+    z.normalization = "scale"  # "scale" (×0.13025, every SDXL tool) | "per_channel" (report)
+    z.scale_factor = 0.13025
+    # per_channel statistics; empty = take them from the cache manifest (stored in checkpoints)
+    z.mean = ml_collections.config_dict.placeholder(tuple)
+    z.std = ml_collections.config_dict.placeholder(tuple)
+
+    # ---- text conditioning (METHODS §8) -------------------------------------------------------
+    c.text = t = ml_collections.ConfigDict()
+    t.max_chunks = 1 if tiny else 3  # 75-token chunks per caption, static for jit
+
+    # ---- data (METHODS §7, §9) ----------------------------------------------------------------
+    c.data = d = ml_collections.ConfigDict()
+    d.cache_dir = ""  # latent cache built by data_tools.build_cache; "" = <workdir>/cache
+    d.images_dir = ""  # folder of images + .txt captions; used to build a missing cache
+    d.manifest = ""  # alternative to images_dir: JSONL of {"path":…, "caption":…}
+    d.val_fraction = 0.02  # held-out share of the cache for validation loss
+    d.seed = 0  # data order seed (global batch plan, caption dropout, tag shuffle)
+    d.caption_dropout = 0.1  # probability of an empty caption (enables CFG)
+    d.tag_shuffle = True  # shuffle comma-separated tags ...
+    d.keep_first_n = 1  # ... keeping the first N in place
+    d.prefetch = 2  # batches prefetched in a background thread
+    d.latents_dtype = "float16"  # storage dtype of latents in the cache
+    d.demo_size = 256  # images of the generated demo dataset (tiny preset, missing images_dir)
+    d.buckets = b = ml_collections.ConfigDict()
+    b.max_area = 256 * 256 if tiny else 1024 * 1024  # pixel-area budget per bucket
+    b.min_side = 128 if tiny else 512
+    b.max_side = 512 if tiny else 2048
+    b.step = 64
+    b.base = (256, 256) if tiny else (1024, 1024)  # always-present square bucket (w, h)
+    b.max_ar_error = 0.5  # max |log(ar_bucket) − log(ar_image)|; larger images are skipped
+    b.crop = "random"  # "random" | "center" crop of the overhang
+    b.scale_batch_by_area = False  # per-bucket batch ∝ max_area/area (multiple of data-parallel)
+    d.tags = g = ml_collections.ConfigDict()
+    g.alpha = 0.5  # w = clip(exp(mean −α·log(f/f_ref)), w_min, w_max), mean rescaled to 1
+    g.w_min = 0.1
+    g.w_max = 3.0
+    g.meta_patterns = ("rating:*", "*quality", "year *", "masterpiece", "absurdres")
+
+    # ---- training ------------------------------------------------------------------------------
+    c.train = tr = ml_collections.ConfigDict()
+    tr.steps = 300 if tiny else 100_000
+    tr.global_batch_size = 8 if tiny else 256
+    tr.seed = 0  # init / noise / timestep seed
+    tr.learning_rate = 3e-4 if tiny else 1e-5
+    tr.lr_schedule = "constant"  # "constant" | "cosine" (both after linear warmup)
+    tr.warmup_steps = 20 if tiny else 500
+    tr.optimizer = "adamw"  # "adamw" | "adafactor" | "lion"
+    tr.b1 = 0.9
+    tr.b2 = 0.999
+    tr.eps = 1e-8
+    tr.weight_decay = 0.01
+    tr.grad_clip = 1.0  # global-norm clipping; 0 disables
+    tr.grad_accum_steps = 1  # optax.MultiSteps
+    tr.log_every = 10
+    tr.max_nonfinite = 5  # consecutive non-finite steps that stop the run
+    # Progressive stages: a tuple of dicts {"steps": N, "cache_dir": DIR, "global_batch_size": B}
+    # run in order; empty = one stage from train.steps / data.cache_dir.
+    tr.stages = ()
+
+    # ---- EMA (METHODS §12) --------------------------------------------------------------------
+    c.ema = e = ml_collections.ConfigDict()
+    e.enabled = True
+    e.decay = 0.9999  # d_max
+    e.inv_gamma = 1.0
+    e.power = 2.0 / 3.0
+    e.every = 1
+
+    # ---- device mesh --------------------------------------------------------------------------
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.data = -1  # data-parallel axis size; -1 fills the remaining devices
+    ms.fsdp = 1  # parameter-sharding axis size
+    ms.min_fsdp_size = 2**18  # parameters with fewer elements stay replicated
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every_steps = 100 if tiny else 2000
+    ck.keep = 3
+    ck.async_save = True
+
+    # ---- samples and validation (METHODS §4, §5) ----------------------------------------------
+    c.sample = sp = ml_collections.ConfigDict()
+    sp.every_steps = 150 if tiny else 2000  # 0 disables previews and validation
+    sp.prompts = ("completely black", "white background, red circle", "blue square, 1girl")
+    sp.negative = ""
+    sp.seeds = (0,)
+    sp.steps = 28
+    sp.cfg = 5.0
+    sp.rescale = 0.0  # CFG rescale φ
+    sp.sampler = "euler"  # "euler" | "euler_a" | "dpmpp_2m"
+    sp.schedule = "trailing"  # "trailing" | "karras"
+    sp.width = 256 if tiny else 1024
+    sp.height = 256 if tiny else 1024
+    sp.sigma_max_scaling = True  # resolution-aware σ_1 (METHODS §5)
+    sp.val_batches = 2  # validation batches per evaluation
+
+    c.profile_steps = ""  # "a,b": write a jax.profiler trace for steps a…b under the workdir
+    return c
