@@ -76,16 +76,26 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     d.tag_shuffle = True  # shuffle comma-separated tags ...
     d.keep_first_n = 1  # ... keeping the first N in place
     d.prefetch = 2  # batches prefetched in a background thread
+    d.read_threads = 2  # threads reading/decoding cache records for each batch
     d.latents_dtype = "float16"  # storage dtype of latents in the cache
     d.demo_size = 256  # images of the generated demo dataset (tiny preset, missing images_dir)
+    # -- cache building (data_tools.build_cache); all but the last two fix the cache content --
+    d.store_std = False  # also store the VAE posterior std per latent (for sampling z ~ N(μ, σ))
+    d.shard_size = 1024  # records per ArrayRecord shard (the unit of resume)
+    d.max_image_pixels = 8192 * 8192  # larger images are skipped (decompression-bomb guard)
+    d.min_image_pixels = (256 * 256 if tiny else 1024 * 1024) // 4  # smaller: skipped (¼ bucket area)
+    d.build_batch_size = 8  # images per VAE call (padded to a multiple of the local devices)
+    d.decode_workers = 0  # image-decoding threads while encoding; 0 = one per CPU core
     d.buckets = b = ml_collections.ConfigDict()
     b.max_area = 256 * 256 if tiny else 1024 * 1024  # pixel-area budget per bucket
-    b.min_side = 128 if tiny else 512
-    b.max_side = 512 if tiny else 2048
+    # tiny: 192×320, 256×256, 320×192 only: every bucket shape is one compile of the step
+    b.min_side = 192 if tiny else 512
+    b.max_side = 320 if tiny else 2048
     b.step = 64
     b.base = (256, 256) if tiny else (1024, 1024)  # always-present square bucket (w, h)
     b.max_ar_error = 0.5  # max |log(ar_bucket) − log(ar_image)|; larger images are skipped
     b.crop = "random"  # "random" | "center" crop of the overhang
+    b.crop_seed = 0  # seed of the random crops (fixed per image by a hash of its path)
     b.scale_batch_by_area = False  # per-bucket batch ∝ max_area/area (multiple of data-parallel)
     d.tags = g = ml_collections.ConfigDict()
     g.alpha = 0.5  # w = clip(exp(mean −α·log(f/f_ref)), w_min, w_max), mean rescaled to 1

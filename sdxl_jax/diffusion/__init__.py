@@ -11,3 +11,5 @@ from sdxl_jax.diffusion.vpred import (add_noise, predict_eps, predict_x0, snr, v
                                       vp_coefficients)
 from sdxl_jax.diffusion.weighting import (WEIGHTINGS, per_sample_mse, snr_loss_weight,
                                           weighted_v_loss)
+from sdxl_jax.diffusion.samplers import (SAMPLERS, SCHEDULE_KINDS, make_cfg_model,
+                                         make_v_denoiser, sample, sampling_sigmas)

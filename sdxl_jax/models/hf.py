@@ -23,7 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import types
 import warnings
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen.module import wrap_method_once
 
 _DEPRECATION_MARKERS = (
     "Flax classes are deprecated",
@@ -63,7 +69,7 @@ def _install_filters() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
-    for package in ("diffusers", "transformers", "flax", "jax"):
+    for package in ("diffusers", "transformers"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=package)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=package)
 
@@ -82,27 +88,15 @@ def block_torch() -> None:
     diffusers 0.39's `utils/distributed_utils.py` imports torch unconditionally, which costs
     seconds and GBs of RAM in a JAX-only process. Setting `sys.modules["torch"] = None` makes
     the import raise ImportError and `importlib.util.find_spec("torch")` return None. No-op if
-    torch is already imported or SDXL_JAX_ALLOW_TORCH=1. Call it before importing this module.
+    torch is already imported or SDXL_JAX_ALLOW_TORCH=1. Cheap: this module loads diffusers only
+    when one of its model classes is first used, so call it first thing in a CLI `main`.
     """
-    if os.environ.get("SDXL_JAX_ALLOW_TORCH") == "1" or sys.modules.get("torch") is not None:
-        return
-    if "diffusers" in sys.modules:
-        logging.getLogger(__name__).warning(
-            "block_torch() called after diffusers was imported; torch may already be loaded")
+    if os.environ.get("SDXL_JAX_ALLOW_TORCH") == "1" or "torch" in sys.modules:
+        return  # allowed, already imported, or already blocked
     sys.modules["torch"] = None
 
 
 _install_filters()
-
-import flax.linen as nn  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax.linen.module import wrap_method_once  # noqa: E402
-from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
-from diffusers.models import attention_flax  # noqa: E402
-from transformers import (CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel,  # noqa: E402
-                          FlaxCLIPTextModelWithProjection)
-
-_install_handler_filters()
 
 # PyTorch's Transformer2DModel normalises with GroupNorm(32, eps=1e-6); the Flax port uses 1e-5.
 TRANSFORMER_GROUPNORM_EPS = 1e-6
@@ -118,40 +112,80 @@ def _geglu_call(self, hidden_states, deterministic=True):
     return self.dropout_layer(out, deterministic=deterministic)
 
 
-_geglu_call.__name__ = "__call__"
+_geglu_call.__name__ = "__call__"  # flax's method wrapper keys on the name
 _geglu_call.__qualname__ = "FlaxGEGLU.__call__"
 
 
-def _apply_parity_patches() -> None:
+class _LinenWithTorchTransformerNorm(types.ModuleType):
+    """`flax.linen` as seen from diffusers' attention_flax.py, with PyTorch's GroupNorm eps."""
+
+    def __init__(self):
+        super().__init__("flax.linen")
+
+    def __getattr__(self, name):
+        return getattr(nn, name)
+
+    @staticmethod
+    def GroupNorm(*args, **kwargs):  # noqa: N802 (mirrors the flax.linen name)
+        kwargs["epsilon"] = TRANSFORMER_GROUPNORM_EPS
+        return nn.GroupNorm(*args, **kwargs)
+
+
+def _apply_parity_patches(attention_flax) -> None:
     """Patch the two PyTorch-parity differences of diffusers 0.39's Flax attention blocks.
 
-    Idempotent; applied once at import of this module, before any module is built, so every
-    UNet built by sdxl_jax computes what the PyTorch SDXL UNet computes (weights trained in
-    PyTorch then load and behave identically).
+    Applied once, when diffusers is first loaded through this module and before any module is
+    built, so every UNet built by sdxl_jax computes what the PyTorch SDXL UNet computes
+    (weights trained in PyTorch load and behave identically).
     """
-    geglu = attention_flax.FlaxGEGLU
-    if getattr(geglu, "_sdxl_jax_patched", False):
-        return
-    geglu.__call__ = wrap_method_once(_geglu_call)
-    geglu._sdxl_jax_patched = True
-
-    t2d = attention_flax.FlaxTransformer2DModel
-    original_setup = t2d.setup.__wrapped__
-
-    def setup(self):
-        original_setup(self)
-        # Replace the eps-1e-5 GroupNorm created by the original setup (same name "norm", so
-        # the parameter tree is unchanged) with PyTorch's eps 1e-6.
-        self.norm = nn.GroupNorm(num_groups=32, epsilon=TRANSFORMER_GROUPNORM_EPS)
-
-    setup.__qualname__ = "FlaxTransformer2DModel.setup"
-    t2d.setup = wrap_method_once(setup)
+    attention_flax.FlaxGEGLU.__call__ = wrap_method_once(_geglu_call)
+    # FlaxTransformer2DModel.setup builds `nn.GroupNorm(num_groups=32, epsilon=1e-5)`; Flax
+    # cannot re-register the "norm" submodule after the original setup, so instead the module's
+    # `nn` namespace is given a GroupNorm factory that forces PyTorch's eps. In diffusers 0.39
+    # that setup is the only GroupNorm in attention_flax.py, so nothing else is affected.
+    attention_flax.nn = _LinenWithTorchTransformerNorm()
 
 
-_apply_parity_patches()
-
-__all__ = [
+# Names served lazily (PEP 562), so `from sdxl_jax.models.hf import block_torch` stays cheap
+# and can run before diffusers/transformers (and through them torch) are imported.
+_LAZY_NAMES = (
     "CLIPTextConfig", "CLIPTokenizer", "FlaxAutoencoderKL", "FlaxCLIPTextModel",
-    "FlaxCLIPTextModelWithProjection", "FlaxUNet2DConditionModel", "DeprecationNoticeFilter",
-    "TRANSFORMER_GROUPNORM_EPS", "block_torch",
-]
+    "FlaxCLIPTextModelWithProjection", "FlaxDiagonalGaussianDistribution",
+    "FlaxUNet2DConditionModel", "attention_flax",
+)
+_load_lock = threading.Lock()
+
+
+def load() -> None:
+    """Import the diffusers/transformers Flax classes and apply the parity patches (once)."""
+    if "FlaxUNet2DConditionModel" in globals():
+        return
+    with _load_lock:
+        if "FlaxUNet2DConditionModel" in globals():
+            return
+        from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+        from diffusers.models import attention_flax
+        from diffusers.models.vae_flax import FlaxDiagonalGaussianDistribution
+        from transformers import (CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel,
+                                  FlaxCLIPTextModelWithProjection)
+
+        _install_handler_filters()
+        _apply_parity_patches(attention_flax)
+        globals().update(
+            CLIPTextConfig=CLIPTextConfig, CLIPTokenizer=CLIPTokenizer,
+            FlaxAutoencoderKL=FlaxAutoencoderKL, FlaxCLIPTextModel=FlaxCLIPTextModel,
+            FlaxCLIPTextModelWithProjection=FlaxCLIPTextModelWithProjection,
+            FlaxDiagonalGaussianDistribution=FlaxDiagonalGaussianDistribution,
+            attention_flax=attention_flax,
+            FlaxUNet2DConditionModel=FlaxUNet2DConditionModel)  # last: load()'s done-marker
+
+
+def __getattr__(name: str):
+    if name in _LAZY_NAMES:
+        load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*_LAZY_NAMES, "DeprecationNoticeFilter", "TRANSFORMER_GROUPNORM_EPS", "block_torch",
+           "load"]

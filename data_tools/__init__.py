@@ -1,0 +1,1 @@
+"""Offline data jobs: demo dataset, latent cache building, loader benchmark, latent statistics."""

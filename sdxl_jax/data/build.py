@@ -1,0 +1,355 @@
+"""Build the latent cache: scan inputs, fit each image to its bucket, VAE-encode, write shards.
+
+Phases (each process of a multi-host job does its share, `sources[process_index::process_count]`):
+  1. settings: refuse to add to a cache built with other settings unless `rebuild`;
+  2. scan: caption + image header of every source (threads) → bucket, fit, or a skip reason;
+  3. shards: per bucket, chunks of `data.shard_size` images; a chunk whose summary already
+     exists with the same sources is kept (resume), others are decoded (threads, ahead of the
+     encoder), encoded in fixed-size batches (one compile per bucket) and written;
+  4. finalize (process 0, after a barrier): manifest.json, tags.json, skipped.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm.auto import tqdm
+
+from sdxl_jax.data import cache as C
+from sdxl_jax.data.buckets import Bucket, Fit, assign_bucket, buckets_from_config, fit_cover, time_ids
+from sdxl_jax.data.images import (BadInput, Source, list_folder, list_manifest, load_pixels,
+                                  probe_size, read_caption)
+from sdxl_jax.data.tags import normalize_tags, tag_counts
+
+log = logging.getLogger(__name__)
+
+# images (B, H, W, 3) float32 in [-1, 1] → (mean, std), each (B, H/f, W/f, C)
+EncodeFn = Callable[[np.ndarray], tuple[Any, Any]]
+_SHARD_FILE = re.compile(r"^b\d{5}x\d{5}-p\d{4}of\d{4}-\d{6}\.")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image that passed the scan: where it goes and how it is cut."""
+    src: Source
+    caption: str
+    tags: list[str]
+    size: tuple[int, int]  # displayed (w, h)
+    bucket: int
+    fit: Fit
+
+
+def _check_config(d) -> None:
+    """Fail before any work on data.* values the build cannot use, naming the key."""
+    if d.latents_dtype not in ("float16", "float32"):
+        raise ValueError(f"data.latents_dtype={d.latents_dtype!r}: use 'float16' or 'float32'")
+    if d.buckets.crop not in ("random", "center"):
+        raise ValueError(f"data.buckets.crop={d.buckets.crop!r}: use 'random' or 'center'")
+    for key in ("shard_size", "build_batch_size", "max_image_pixels"):
+        if int(d[key]) <= 0:
+            raise ValueError(f"data.{key}={d[key]!r}: must be positive")
+
+
+def cache_settings(config, vae_fingerprint: str, source: str) -> dict[str, Any]:
+    """Everything the cached bytes depend on; a resume requires all of it unchanged."""
+    d, b = config.data, config.data.buckets
+    return {
+        "format": C.FORMAT, "version": C.VERSION, "source": source, "vae": vae_fingerprint,
+        "buckets": [list(x) for x in buckets_from_config(b)],
+        "max_ar_error": float(b.max_ar_error), "crop": b.crop, "crop_seed": int(b.crop_seed),
+        "latents_dtype": d.latents_dtype, "store_std": bool(d.store_std),
+        "shard_size": int(d.shard_size), "max_image_pixels": int(d.max_image_pixels),
+        "min_image_pixels": int(d.min_image_pixels),
+    }
+
+
+def _source_desc(images_dir: str | None, manifest: str | None) -> str:
+    if bool(images_dir) == bool(manifest):
+        raise ValueError("give exactly one input: images_dir (folder of images + .txt) or "
+                         "manifest (JSONL of {\"path\", \"caption\"})")
+    return f"images:{os.path.abspath(images_dir)}" if images_dir else f"manifest:{os.path.abspath(manifest)}"
+
+
+def _barrier(name: str, process_count: int) -> None:
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _remove_cache_files(out: Path) -> None:
+    """Delete what a build writes, and nothing else (`out` may be a shared folder)."""
+    shutil.rmtree(out / C.PARTS, ignore_errors=True)
+    for f in out.iterdir():
+        if f.is_file() and (_SHARD_FILE.match(f.name) or f.name in C.CACHE_FILES
+                            or f.name.startswith(tuple(n + ".tmp" for n in C.CACHE_FILES))):
+            f.unlink()
+
+
+def _prepare_dir(out: Path, settings: dict, rebuild: bool, process_index: int, process_count: int) -> None:
+    """Create or check `out`; with `rebuild`, process 0 empties it first."""
+    path = out / C.SETTINGS
+    if not rebuild and path.exists():
+        old = C.read_json(path)
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(f"cache {out} was built with different settings ({', '.join(diff)}); "
+                             "refusing to mix them: pass --rebuild (rebuild=True) to start over, "
+                             "or choose another --out")
+    _barrier("build_cache:checked", process_count)
+    if process_index == 0:
+        if rebuild and out.exists():
+            _remove_cache_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / C.PARTS).mkdir(exist_ok=True)
+        C.write_json(path, settings)
+    _barrier("build_cache:prepared", process_count)
+
+
+def _scan_one(src: Source, config, buckets: Sequence[Bucket]) -> Item | tuple[str, str]:
+    """An Item, or (key, reason) when the input cannot be used."""
+    d = config.data
+    try:
+        w, h = probe_size(src.path, d.max_image_pixels)
+        if w * h < d.min_image_pixels:
+            raise BadInput(f"too small: {w}x{h} = {w * h} < data.min_image_pixels = {d.min_image_pixels}")
+        idx, err = assign_bucket(w, h, buckets)
+        if err > d.buckets.max_ar_error:
+            raise BadInput(f"aspect ratio too extreme: {w}x{h}, |log ar error| {err:.3f} to the nearest "
+                           f"bucket {buckets[idx][0]}x{buckets[idx][1]} > data.buckets.max_ar_error "
+                           f"= {d.buckets.max_ar_error}")
+        caption = read_caption(src)
+    except BadInput as e:
+        return src.key, str(e)
+    rng = np.random.default_rng([d.buckets.crop_seed, int(C.key_fraction(src.key) * 2**53)])
+    fit = fit_cover(w, h, buckets[idx], d.buckets.crop, rng)
+    return Item(src, caption, normalize_tags(caption), (w, h), idx, fit)
+
+
+def _decoded(items: Sequence[Item], pool: ThreadPoolExecutor, config, buckets,
+             batch: int) -> Iterator[list[tuple[Item, np.ndarray | str]]]:
+    """Batches of (item, pixels or skip reason), decoded by `pool` up to three batches ahead."""
+    def load(it: Item):
+        try:
+            return load_pixels(it.src.path, config.data.max_image_pixels, it.fit, buckets[it.bucket])
+        except BadInput as e:
+            return str(e)
+    pending: deque = deque()
+    todo = iter(items)
+    for it in todo:
+        pending.append((it, pool.submit(load, it)))
+        if len(pending) >= 3 * batch:
+            break
+    while pending:
+        out = []
+        while pending and len(out) < batch:
+            it, fut = pending.popleft()
+            out.append((it, fut.result()))
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(load, nxt)))
+        yield out
+
+
+def _write_shard(out: Path, name: str, items: Sequence[Item], encode: EncodeFn, config,
+                 buckets, pool, settings_id: str, batch: int, bar) -> dict:
+    """Encode and write one chunk; return its summary (also written as <name>.json)."""
+    dtype = np.dtype(config.data.latents_dtype)
+    bucket = buckets[items[0].bucket]
+    stats, records, skipped, shape = C.LatentStats(), [], [], None
+    tmp = out / (name + C.SHARD_EXT + ".tmp")
+    writer = ArrayRecordWriter(str(tmp), C.WRITER_OPTIONS)
+    try:
+        for group in _decoded(items, pool, config, buckets, batch):
+            good = [(it, px) for it, px in group if not isinstance(px, str)]
+            skipped += [{"key": it.src.key, "path": it.src.path, "reason": px}
+                        for it, px in group if isinstance(px, str)]
+            if good:
+                pixels = np.stack([px for _, px in good])
+                pad = batch - len(good)  # fixed batch: one compiled encoder per bucket
+                if pad:
+                    pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
+                mean, std = encode(pixels)
+                with np.errstate(over="ignore"):  # overflow → inf → skipped just below
+                    mean = np.asarray(mean)[:len(good)].astype(dtype)
+                std = np.asarray(std)[:len(good)] if config.data.store_std else None
+                finite = np.isfinite(mean).reshape(len(good), -1).all(axis=1)
+                skipped += [{"key": it.src.key, "path": it.src.path,
+                             "reason": f"non-finite latent (VAE output beyond {dtype.name})"}
+                            for (it, _), ok in zip(good, finite) if not ok]
+                stats.update(mean[finite])
+                shape = list(mean.shape[1:])
+                for i, (it, _) in enumerate(good):
+                    if not finite[i]:
+                        continue
+                    tids = time_ids(*it.size, it.fit, bucket)
+                    writer.write(C.encode_record(mean[i], None if std is None else std[i],
+                                                 it.caption, it.tags, tids, it.src.key))
+                    records.append({"key": it.src.key, "tags": it.tags})
+            bar.update(len(group))
+    finally:
+        writer.close()
+    os.replace(tmp, out / (name + C.SHARD_EXT))
+    summary = {"name": name, "bucket": list(bucket), "latent_shape": shape,
+               "settings_id": settings_id, "sources": [it.src.key for it in items],
+               "records": records, "skipped": skipped, "latent_stats": stats.to_dict()}
+    C.write_json(out / (name + ".json"), summary)
+    return summary
+
+
+def _chunks(items: Sequence[Item], buckets, size: int, process_index: int,
+            process_count: int) -> list[tuple[str, list[Item]]]:
+    """(shard name, items): per bucket, the items sorted by key, cut every `size`."""
+    chunks = []
+    for b in sorted({it.bucket for it in items}):
+        in_b = sorted((it for it in items if it.bucket == b), key=lambda it: it.src.key)
+        for k in range(0, len(in_b), size):
+            chunks.append((C.shard_name(buckets[b], k // size, process_index, process_count),
+                           in_b[k:k + size]))
+    return chunks
+
+
+def _existing_summary(out: Path, name: str, items: Sequence[Item], sid: str) -> dict | None:
+    """The summary of an already complete shard with exactly these sources, else None."""
+    path = out / (name + ".json")
+    if not (path.exists() and (out / (name + C.SHARD_EXT)).exists()):
+        return None
+    try:
+        summary = C.read_json(path)
+    except (OSError, ValueError):
+        return None
+    if summary.get("settings_id") != sid or summary.get("sources") != [it.src.key for it in items]:
+        return None
+    return summary
+
+
+def _finalize(out: Path, settings: dict, process_count: int) -> dict:
+    """Merge every process's part into manifest.json, tags.json and skipped.jsonl."""
+    parts = [C.read_json(out / C.PARTS / f"part-{p:04d}of{process_count:04d}.json")
+             for p in range(process_count)]
+    shard_names = sorted(n for part in parts for n in part["shards"])
+    stats, skipped, counts, shards, tag_lists = C.LatentStats(), [], Counter(), [], []
+    for part in parts:
+        skipped += part["scan_skipped"]
+    for name in shard_names:
+        s = C.read_json(out / (name + ".json"))
+        skipped += s["skipped"]
+        if not s["records"]:
+            continue
+        stats.merge(C.LatentStats.from_dict(s["latent_stats"]))
+        counts[C.bucket_key(s["bucket"])] += len(s["records"])
+        tag_lists += [r["tags"] for r in s["records"]]
+        shards.append({"name": name, "bucket": s["bucket"], "count": len(s["records"]),
+                       "latent_shape": s["latent_shape"]})
+    keep = set(shard_names)
+    for f in out.iterdir():  # shards of an earlier layout (other inputs or process count)
+        if _SHARD_FILE.match(f.name) and f.name.split(".")[0] not in keep:
+            f.unlink()
+    tags = tag_counts(tag_lists)
+    C.write_json(out / C.TAGS, tags)
+    skipped.sort(key=lambda s: s["key"])
+    with open(out / C.SKIPPED, "w", encoding="utf-8") as f:
+        for s in skipped:
+            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    freqs = sorted(tags.values())
+    manifest = {
+        "format": C.FORMAT, "version": C.VERSION, "settings": settings,
+        "settings_id": C.settings_id(settings), "vae_fingerprint": settings["vae"],
+        "buckets": settings["buckets"],
+        "bucket_counts": {C.bucket_key(b): counts.get(C.bucket_key(b), 0) for b in settings["buckets"]},
+        "num_records": sum(counts.values()), "num_skipped": len(skipped),
+        "skip_report": C.SKIPPED, "shards": shards,
+        "latent_stats": {"count": stats.count, "mean": stats.to_dict()["mean"],
+                         "std": stats.to_dict()["std"]},
+        "tag_stats": {"file": C.TAGS, "num_tags": len(tags),
+                      "median_frequency": float(np.median(freqs)) if freqs else 0.0,
+                      "top": [[t, c] for t, c in list(tags.items())[:25]]},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    C.write_json(out / C.MANIFEST, manifest)
+    return manifest
+
+
+def build_cache(config, images_dir: str | None = None, manifest: str | None = None,
+                out: str | None = None, rebuild: bool = False, encode_fn: EncodeFn | None = None,
+                encoder_fingerprint: str | None = None, vae_params=None,
+                process_index: int | None = None, process_count: int | None = None,
+                progress: bool = True) -> dict:
+    """Build (or finish, or check) the latent cache in `out` and return its manifest.
+
+    `encode_fn` maps images (B, H, W, 3) in [−1, 1] to (mean, std) latents and must come with an
+    `encoder_fingerprint`; by default the VAE of `config.model` is used (sdxl_jax.models) with
+    `vae_params` (default: `model.pretrained`, or the seeded random VAE when that is empty).
+    On several hosts every process calls this (default: the JAX process index/count) with `out`
+    on a filesystem they all share; process 0 writes the manifest once all shards exist.
+    Resume trusts that files keep their content under the same name; use rebuild after edits.
+    """
+    out = Path(out or config.data.cache_dir or "")
+    if not str(out) or str(out) == ".":
+        raise ValueError("no cache folder: pass out= (--out) or set data.cache_dir")
+    source = _source_desc(images_dir, manifest)
+    _check_config(config.data)
+    sources, scan_skipped = list_folder(images_dir) if images_dir else list_manifest(manifest)
+    if not sources and not scan_skipped:
+        raise ValueError(f"no input images in {images_dir or manifest} "
+                         "(looked for .jpg/.jpeg/.png/.webp files, recursively)")
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if encode_fn is None:
+        from sdxl_jax.data.encode import make_vae_encoder
+        encode_fn, encoder_fingerprint = make_vae_encoder(config, vae_params)
+    if not encoder_fingerprint:
+        raise ValueError("an injected encode_fn needs an encoder_fingerprint (what the latents depend on)")
+    settings = cache_settings(config, encoder_fingerprint, source)
+    sid = C.settings_id(settings)
+    _prepare_dir(out, settings, rebuild, process_index, process_count)
+
+    buckets = [tuple(b) for b in settings["buckets"]]
+    mine = sources[process_index::process_count]
+    # listing problems are the same on every process: process 0 reports them
+    scan_skipped = [{"key": k, "path": k, "reason": r} for k, r in scan_skipped if process_index == 0]
+    workers = max(1, int(config.data.decode_workers or os.cpu_count() or 1))
+    batch = int(config.data.build_batch_size)
+    with ThreadPoolExecutor(workers) as pool:
+        items: list[Item] = []
+        for src, res in zip(mine, pool.map(lambda s: _scan_one(s, config, buckets), mine)):
+            if isinstance(res, Item):
+                items.append(res)
+            else:
+                scan_skipped.append({"key": res[0], "path": src.path, "reason": res[1]})
+        chunks = _chunks(items, buckets, int(config.data.shard_size), process_index, process_count)
+        todo = [(n, its) for n, its in chunks if _existing_summary(out, n, its, sid) is None]
+        done = len(items) - sum(len(its) for _, its in todo)
+        if done:
+            log.info("build_cache: resuming, %d of %d images already cached", done, len(items))
+        with tqdm(total=len(items), initial=done, unit="img", desc=f"caching latents -> {out}",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for name, its in todo:
+                _write_shard(out, name, its, encode_fn, config, buckets, pool, sid, batch, bar)
+    C.write_json(out / C.PARTS / f"part-{process_index:04d}of{process_count:04d}.json",
+                 {"shards": [n for n, _ in chunks], "scan_skipped": scan_skipped})
+    _barrier("build_cache:written", process_count)
+    if process_index == 0:
+        result = _finalize(out, settings, process_count)
+    _barrier("build_cache:finalized", process_count)
+    if process_index != 0:
+        result = C.load_manifest(str(out))
+    log.info("build_cache: %d images in %s", result["num_records"], out)
+    if result["num_skipped"] and process_index == 0:
+        kinds = Counter(s["reason"].split(":")[0]
+                        for s in map(json.loads, (out / C.SKIPPED).read_text().splitlines()))
+        log.warning("build_cache: %d inputs skipped (%s); every one with its reason in %s",
+                    result["num_skipped"], ", ".join(f"{k}: {n}" for k, n in kinds.most_common()),
+                    out / C.SKIPPED)
+    return result

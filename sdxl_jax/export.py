@@ -1,0 +1,398 @@
+"""Weights out: a trained checkpoint as a diffusers folder or one SDXL .safetensors.
+
+    python -m sdxl_jax.export --workdir runs/nai3 --format single-file --out nai3.safetensors
+    python -m sdxl_jax.export --workdir runs/nai3 --step 2000 --weights raw \
+        --format diffusers --dtype bf16 --out nai3_diffusers/
+
+The UNet comes from the checkpoint (EMA weights by default); the frozen VAE and text encoders
+from the run's `model.pretrained` or, without it, the seeded random init the trainer used
+(`weights.frozen_params`). Both outputs say what the model is, so other tools sample it right:
+- diffusers: PyTorch-layout safetensors + configs, an EulerDiscreteScheduler configured for
+  v-prediction, zero terminal SNR (when trained with it) and trailing timesteps.
+- single file: the original SGM layout (ComfyUI / A1111 / Forge), with the empty marker tensors
+  `v_pred` and `ztsnr` those tools look for, and modelspec metadata in the header.
+Per-channel latent statistics (METHODS §10) go into the VAE config (diffusers' latents_mean /
+latents_std with scaling_factor 1) and into the single file's metadata.
+Everything is written to a temporary name and renamed when complete. No pickle.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import sys
+
+import numpy as np
+
+log = logging.getLogger("sdxl_jax.export")
+
+DTYPES = {"fp16": np.float16, "bf16": None, "fp32": np.float32}  # bf16 filled lazily below
+_PIPELINE_CLASSES = {
+    "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "tokenizer_2": ("transformers", "CLIPTokenizer"),
+    "scheduler": ("diffusers", "EulerDiscreteScheduler"),
+}
+_FLAX_ONLY_KWARGS = ("dtype", "use_memory_efficient_attention", "split_head_dim")
+
+
+def _np_dtype(dtype: str):
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown export dtype {dtype!r}; choose one of {tuple(DTYPES)}")
+    if dtype == "bf16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(DTYPES[dtype])
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ---- what the model is (from the run config) ---------------------------------------------------
+
+def export_meta(config: dict, step: int, ckpt_meta: dict | None = None) -> dict:
+    """The facts an export records, from a run config (dict) and the checkpoint's meta item.
+
+    Keys: title, step, preset, pretrained, prediction_type ("v"), ztsnr (bool),
+    num_train_timesteps, beta_start, beta_end, latent_normalization, scaling_factor,
+    latents_mean / latents_std (per_channel only: the statistics the run trained with, from
+    the checkpoint meta's latents.mean / latents.std, else the config's), resolution "WxH".
+    """
+    ckpt_meta = ckpt_meta or {}
+    lat = config["latents"]
+    meta = {
+        "title": ckpt_meta.get("title") or f"sdxl_jax {config['model']['preset']} step {step}",
+        "step": int(step), "preset": config["model"]["preset"],
+        "pretrained": config["model"].get("pretrained", ""),
+        "prediction_type": "v", "ztsnr": config["schedule"]["ztsnr"] != "off",
+        "num_train_timesteps": config["schedule"]["num_train_timesteps"],
+        "beta_start": config["schedule"]["beta_start"], "beta_end": config["schedule"]["beta_end"],
+        "latent_normalization": lat["normalization"], "scaling_factor": lat["scale_factor"],
+        "resolution": "x".join(str(v) for v in config["data"]["buckets"]["base"]),
+    }
+    if lat["normalization"] == "per_channel":
+        saved = ckpt_meta.get("latents") or {}
+        mean = saved.get("mean") or lat.get("mean")
+        std = saved.get("std") or lat.get("std")
+        if not mean or not std:
+            raise ValueError("latents.normalization is per_channel but neither the checkpoint "
+                             "meta (latents.mean / latents.std) nor the config holds the "
+                             "statistics; the export would decode wrongly")
+        meta["latents_mean"] = [float(v) for v in mean]
+        meta["latents_std"] = [float(v) for v in std]
+    return meta
+
+
+def _check_params(params: dict, preset: str) -> None:
+    from sdxl_jax.models import build
+    from sdxl_jax.models.convert import check_tree
+    from sdxl_jax.models.weights import cached_abstract_params
+
+    missing = [n for n in build.MODEL_NAMES if n not in params]
+    if missing:
+        raise ValueError(f"export needs parameters for {build.MODEL_NAMES}; missing {missing}")
+    for name in build.MODEL_NAMES:
+        check_tree(f"{name} params", params[name], cached_abstract_params(name, preset))
+
+
+def _host(x, dtype) -> np.ndarray:
+    import jax
+    return np.asarray(jax.device_get(x)).astype(dtype)
+
+
+# ---- diffusers folder ------------------------------------------------------------------------
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def _torch_weights(name: str, tree, path: str, dtype) -> None:
+    from sdxl_jax.models.convert import flat_leaves, flax_to_torch, torch_leaves, torch_shape
+    from sdxl_jax.models.safetensors_io import TensorSpec, write_safetensors
+
+    leaves = torch_leaves(name, tree)
+    by_key = {lf.key: lf for lf in leaves}
+    values = {lf.key: x for lf, (_, x) in zip(leaves, flat_leaves(tree))}
+    specs = [TensorSpec(lf.key, dtype, torch_shape(lf.kind, lf.shape)) for lf in leaves]
+    write_safetensors(path, specs,
+                      lambda k: flax_to_torch(by_key[k].kind, _host(values[k], dtype)),
+                      {"format": "pt"})
+
+
+def _component_configs(preset: str, meta: dict) -> dict:
+    from sdxl_jax.models import presets
+    from sdxl_jax.models.hf import CLIPTextConfig
+
+    ver = _version("diffusers")
+    unet = {"_class_name": "UNet2DConditionModel", "_diffusers_version": ver,
+            **{k: v for k, v in presets.unet_config(preset).items()
+               if k not in _FLAX_ONLY_KWARGS}}
+    vae = {"_class_name": "AutoencoderKL", "_diffusers_version": ver,
+           **presets.vae_config(preset), "force_upcast": True,
+           "scaling_factor": meta.get("scaling_factor",
+                                      presets.vae_config(preset)["scaling_factor"])}
+    if meta.get("latent_normalization") == "per_channel":
+        # diffusers decodes latents * std / scaling_factor + mean: with 1.0 that is METHODS §10
+        vae.update(scaling_factor=1.0, latents_mean=meta["latents_mean"],
+                   latents_std=meta["latents_std"])
+    text = {}
+    for sub, cfg, arch in (("text_encoder", presets.text_l_config(preset), "CLIPTextModel"),
+                           ("text_encoder_2", presets.text_g_config(preset),
+                            "CLIPTextModelWithProjection")):
+        text[sub] = CLIPTextConfig(**cfg, architectures=[arch]).to_diff_dict()
+    scheduler = {
+        "_class_name": "EulerDiscreteScheduler", "_diffusers_version": ver,
+        "num_train_timesteps": meta.get("num_train_timesteps", 1000),
+        "beta_start": meta.get("beta_start", 0.00085), "beta_end": meta.get("beta_end", 0.012),
+        "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": bool(meta.get("ztsnr", True)),
+        "timestep_spacing": "trailing", "steps_offset": 0, "interpolation_type": "linear",
+        "use_karras_sigmas": False, "final_sigmas_type": "zero",
+    }
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": ver,
+             # the trainer drops captions to "" (encoded), so CFG's negative is encoded "" too
+             "force_zeros_for_empty_prompt": False,
+             **{k: list(v) for k, v in _PIPELINE_CLASSES.items()}}
+    return {"unet": unet, "vae": vae, **text, "scheduler": scheduler, "model_index": index}
+
+
+def _atomic_dir(out: str):
+    """(staging dir, commit()) — commit swaps the finished folder into place."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, "model_index.json")):
+        raise FileExistsError(f"{out} exists and is not a previous diffusers export; not "
+                              "overwriting it")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+
+    def commit():
+        old = None
+        if os.path.exists(out):
+            old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(staging, out)
+        if old:
+            shutil.rmtree(old)
+    return staging, commit
+
+
+def export_diffusers(params: dict, preset: str, out: str, dtype: str = "fp16",
+                     meta: dict | None = None, tokenizers=None) -> str:
+    """Write a diffusers StableDiffusionXLPipeline folder; returns its path.
+
+    params: {"unet", "vae", "text_l", "text_g": Flax param trees}. tokenizers: (CLIP-L, bigG)
+    CLIPTokenizers; default `get_tokenizers(preset, meta["pretrained"])`.
+    """
+    from sdxl_jax.models.tokenizer import get_tokenizers
+
+    meta = dict(meta or {})
+    np_dtype = _np_dtype(dtype)
+    _check_params(params, preset)
+    if tokenizers is None:
+        try:
+            tokenizers = get_tokenizers(preset, meta.get("pretrained", ""))
+        except OSError as e:
+            raise OSError(f"the export needs the run's tokenizers: {e}. Pass a diffusers folder "
+                          "holding tokenizer/ and tokenizer_2/ (--tokenizers)") from e
+    configs = _component_configs(preset, meta)
+    staging, commit = _atomic_dir(out)
+    try:
+        files = {"unet": ("unet", "diffusion_pytorch_model.safetensors"),
+                 "vae": ("vae", "diffusion_pytorch_model.safetensors"),
+                 "text_l": ("text_encoder", "model.safetensors"),
+                 "text_g": ("text_encoder_2", "model.safetensors")}
+        for name, (sub, fname) in files.items():
+            os.makedirs(os.path.join(staging, sub))
+            _write_json(os.path.join(staging, sub, "config.json"), configs[sub])
+            _torch_weights(name, params[name], os.path.join(staging, sub, fname), np_dtype)
+        os.makedirs(os.path.join(staging, "scheduler"))
+        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"),
+                    configs["scheduler"])
+        for sub, tok in zip(("tokenizer", "tokenizer_2"), tokenizers):
+            tok.save_pretrained(os.path.join(staging, sub))
+        _write_json(os.path.join(staging, "model_index.json"), configs["model_index"])
+        _write_json(os.path.join(staging, "sdxl_jax_export.json"), meta)
+        commit()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("wrote diffusers folder %s", out)
+    return out
+
+
+# ---- single file -----------------------------------------------------------------------------
+
+def single_file_layout(params: dict, preset: str, dtype, ztsnr: bool = True) -> list:
+    """[(TensorSpec, producer)] of the SGM single file, from trees of arrays or of
+    ShapeDtypeStructs (producers are only called for real arrays): the key/shape layout can be
+    checked on the abstract full-size SDXL without allocating it."""
+    from sdxl_jax.models import sgm
+    from sdxl_jax.models.convert import flat_leaves, flax_to_torch, torch_leaves, torch_shape
+    from sdxl_jax.models.safetensors_io import TensorSpec
+
+    dtype = np.dtype(dtype)
+    layout = []
+    for name in ("unet", "vae", "text_l", "text_g"):
+        tree = params[name]
+        leaves = torch_leaves(name, tree)
+        by_key = {lf.key: (lf, x) for lf, (_, x) in zip(leaves, flat_leaves(tree))}
+        tshapes = {lf.key: torch_shape(lf.kind, lf.shape) for lf in leaves}
+        for t in sgm.sgm_tensors(name, preset, [lf.key for lf in leaves]):
+            def produce(t=t, by_key=by_key):
+                arrays = [flax_to_torch(by_key[k][0].kind, _host(by_key[k][1], dtype))
+                          for k in t.sources]
+                return sgm.to_sgm(t, arrays)
+            layout.append((TensorSpec(t.key, dtype, sgm.sgm_shape(t, tshapes)), produce))
+        for key, value in sgm.optional_tensors(name, tshapes, dtype).items():
+            layout.append((TensorSpec(key, value.dtype, value.shape), lambda v=value: v))
+    markers = [sgm.V_PRED_KEY] + ([sgm.ZTSNR_KEY] if ztsnr else [])
+    for key in markers:  # empty tensors: their presence is the message
+        layout.append((TensorSpec(key, dtype, (0,)), lambda: np.zeros((0,), dtype)))
+    return layout
+
+
+def _modelspec(preset: str, meta: dict) -> dict:
+    md = {
+        "format": "pt",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if preset == "sdxl"
+                                   else f"stable-diffusion-xl-v1-base/sdxl_jax-{preset}"),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": meta.get("title", "sdxl_jax export"),
+        "modelspec.resolution": meta.get("resolution", "1024x1024" if preset == "sdxl" else
+                                         "256x256"),
+        "modelspec.prediction_type": "v",
+        "modelspec.date": datetime.date.today().isoformat(),
+        "modelspec.description": ("SDXL trained with sdxl_jax: v-prediction"
+                                  + (", zero terminal SNR" if meta.get("ztsnr", True) else "")),
+        "sdxl_jax.ztsnr": json.dumps(bool(meta.get("ztsnr", True))),
+        "sdxl_jax.latent_normalization": meta.get("latent_normalization", "scale"),
+        "sdxl_jax.scaling_factor": json.dumps(meta.get("scaling_factor", 0.13025)),
+    }
+    if "step" in meta:
+        md["sdxl_jax.step"] = str(meta["step"])
+    if meta.get("latent_normalization") == "per_channel":
+        md["sdxl_jax.latents_mean"] = json.dumps(meta["latents_mean"])
+        md["sdxl_jax.latents_std"] = json.dumps(meta["latents_std"])
+    return md
+
+
+def export_single_file(params: dict, preset: str, out: str, dtype: str = "fp16",
+                       meta: dict | None = None) -> str:
+    """Write one SGM-layout SDXL .safetensors (UNet, VAE, both text encoders); returns its path."""
+    from sdxl_jax.models.safetensors_io import write_safetensors
+
+    meta = dict(meta or {})
+    _check_params(params, preset)
+    layout = single_file_layout(params, preset, _np_dtype(dtype), bool(meta.get("ztsnr", True)))
+    producers = {spec.key: fn for spec, fn in layout}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_safetensors(out, [spec for spec, _ in layout], lambda k: producers[k](),
+                      _modelspec(preset, meta))
+    log.info("wrote single file %s (%d tensors)", out, len(layout))
+    return out
+
+
+# ---- checkpoint restore + CLI ------------------------------------------------------------------
+
+def restore_unet(workdir: str, step: int | None, weights: str | None):
+    """(unet params as numpy, config dict, meta dict, step, weights used) from a run's Orbax
+    checkpoints, read on the host without target shardings (any device count)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints under {directory}")
+    mngr = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {steps}")
+    config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    ema_on = bool(config.get("ema", {}).get("enabled", True))
+    if weights is None:
+        weights = "ema" if ema_on else "raw"
+    if weights == "ema" and not ema_on:
+        raise ValueError("this run trained with ema.enabled=False, so its EMA weights are the "
+                         "initial ones; export --weights raw")
+    field = {"ema": "ema_params", "raw": "params"}[weights]
+    tree = mngr.item_metadata(step)["state"].tree[field]
+    item = jax.tree.map(lambda _: np.zeros(()), tree)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={field: item}, restore_args={field: restore_args},
+                                     partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+    mngr.close()
+    return out["state"][field], config, out["meta"] or {}, step, weights
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m sdxl_jax.export", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="training run directory (holds checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="EMA (default when the run kept one) or raw trained params")
+    p.add_argument("--format", required=True, choices=("diffusers", "single-file"))
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    p.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file")
+    p.add_argument("--tokenizers", default="",
+                   help="diffusers folder with tokenizer/ and tokenizer_2/ (diffusers format; "
+                        "default: the run's model.pretrained, or the generated tiny vocabulary)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from sdxl_jax.models.hf import block_torch
+    block_torch()
+    from sdxl_jax.models import weights
+
+    if args.format == "single-file" and not args.out.endswith(".safetensors"):
+        raise SystemExit(f"--out {args.out!r}: a single-file export must end in .safetensors")
+    try:
+        unet, config, ckpt_meta, step, which = restore_unet(args.workdir, args.step, args.weights)
+        preset = config["model"]["preset"]
+        params = {"unet": unet, **weights.frozen_params(config)}
+        meta = export_meta(config, step, ckpt_meta)
+        meta["weights"] = which
+        if args.format == "diffusers":
+            tokenizers = None
+            if args.tokenizers:
+                from sdxl_jax.models.tokenizer import get_tokenizers
+                tokenizers = get_tokenizers("sdxl", args.tokenizers)
+            export_diffusers(params, preset, args.out, args.dtype, meta, tokenizers)
+        else:
+            export_single_file(params, preset, args.out, args.dtype, meta)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SystemExit(f"export failed: {e}") from e
+    print(f"exported step {step} ({which} weights) of {args.workdir} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Optimizer, learning-rate schedule and EMA (METHODS §12), all from optax pieces."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("adamw", "adafactor", "lion")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(train_cfg, total_steps: int | None = None) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then constant or cosine decay to 0 at the last step."""
+    lr, warmup = float(train_cfg.learning_rate), int(train_cfg.warmup_steps)
+    total = int(total_steps if total_steps is not None else train_cfg.steps)
+    if train_cfg.lr_schedule == "constant":
+        if warmup == 0:
+            return optax.constant_schedule(lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                     optax.constant_schedule(lr)], [warmup])
+    if train_cfg.lr_schedule == "cosine":
+        if warmup == 0:
+            return optax.cosine_decay_schedule(lr, max(total, 1), 0.0)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), 0.0)
+    raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {train_cfg.lr_schedule!r}")
+
+
+def make_optimizer(train_cfg, total_steps: int | None = None) -> optax.GradientTransformation:
+    """Clip → optimizer, wrapped in optax.MultiSteps for gradient accumulation."""
+    sched = learning_rate_schedule(train_cfg, total_steps)
+    name = train_cfg.optimizer
+    if name == "adamw":
+        opt = optax.adamw(sched, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                          weight_decay=train_cfg.weight_decay)
+    elif name == "lion":
+        opt = optax.lion(sched, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay)
+    elif name == "adafactor":
+        opt = optax.adafactor(sched, weight_decay_rate=train_cfg.weight_decay or None)
+    else:
+        raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    chain = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
+    tx = optax.chain(*chain, opt)
+    if int(train_cfg.grad_accum_steps) > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=int(train_cfg.grad_accum_steps))
+    return tx
+
+
+def ema_decay(step, ema_cfg):
+    """d_t = min(d_max, 1 − (1 + t/inv_gamma)^(−power)); t counts EMA updates from 0."""
+    t = jnp.asarray(step, jnp.float32)
+    warm = 1.0 - jnp.power(1.0 + t / ema_cfg.inv_gamma, -ema_cfg.power)
+    return jnp.minimum(jnp.float32(ema_cfg.decay), warm)
+
+
+def ema_update(ema_params, params, step, ema_cfg):
+    """ema ← ema + (1 − d_t)(θ − ema) every `ema.every` steps, in float32.
+
+    `step` is the optimizer step just completed (1-based); the decay uses the number of EMA
+    updates done before this one, so the very first update copies θ (d_0 = 0).
+    """
+    every = int(ema_cfg.every)
+    n_updates = (jnp.asarray(step) - 1) // every
+    d = ema_decay(n_updates, ema_cfg)
+    do = (jnp.asarray(step) % every) == 0
+    step_size = jnp.where(do, 1.0 - d, 0.0)
+    new = optax.incremental_update(params, ema_params, step_size)
+    return jax.tree.map(lambda x: x.astype(jnp.float32), new)

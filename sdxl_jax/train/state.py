@@ -1,0 +1,51 @@
+"""Train state: fp32 params, optax optimizer state, fp32 EMA, step, RNG, non-finite counter."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sdxl_jax import parallel
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps done
+    params: Any  # trainable params (float32)
+    opt_state: Any
+    ema_params: Any  # float32, sharded like params
+    rng: jax.Array  # uint32[2] raw key: checkpointable as a plain array
+    nonfinite: jax.Array  # int32 scalar: consecutive non-finite steps skipped
+
+
+def create_state(params, tx, rng) -> TrainState:
+    """Pure constructor: jit it with out_shardings to build the state directly sharded."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params), rng=rng,
+                      nonfinite=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(abstract_state: TrainState, mesh, min_size: int) -> TrainState:
+    """Shardings for every leaf: param-shaped leaves (params, EMA, Adam moments) follow the
+    partition rules; scalars (step, counts, rng) are replicated."""
+    def one(path, x):
+        if x.ndim == 0 or x.shape == (2,) and x.dtype == jnp.uint32:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, parallel.spec_for(parallel._path_str(path), tuple(x.shape),
+                                                     mesh.shape["fsdp"], min_size))
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def init_state_sharded(init_params_fn, tx, rng, mesh, min_size: int):
+    """Build the whole train state under jit with out_shardings: nothing full-size lands on one
+    device. `init_params_fn(rng) -> params` is traced, never run eagerly."""
+    def init(r):
+        p_rng, s_rng = jax.random.split(r)
+        return create_state(init_params_fn(p_rng), tx, s_rng)
+    abstract = jax.eval_shape(init, rng)
+    shardings = state_shardings(abstract, mesh, min_size)
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
