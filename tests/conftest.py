@@ -9,3 +9,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import tempfile  # noqa: E402
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "sdxl_jax_test_xla_cache"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory):
+    """A small generated demo dataset (images + .txt captions), shared by the whole session."""
+    from data_tools.make_demo_dataset import make_demo_dataset
+    out = tmp_path_factory.mktemp("demo_images")
+    make_demo_dataset(str(out), n=48, seed=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_images, tmp_path_factory):
+    """The latent cache of `demo_images`, encoded by the tiny VAE the trainer itself uses."""
+    from helpers import tiny_config
+    from sdxl_jax.data import build_cache
+    out = tmp_path_factory.mktemp("demo_cache")
+    build_cache(tiny_config(), images_dir=demo_images, out=str(out), progress=False)
+    return str(out)

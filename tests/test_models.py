@@ -236,7 +236,8 @@ def test_geglu_uses_exact_erf_gelu():
 
 
 def test_transformer_groupnorm_eps_is_pytorch():
-    module = hf.attention_flax.FlaxTransformer2DModel(in_channels=32, n_heads=1, d_head=32, use_linear_projection=True)
+    module = hf.attention_flax.FlaxTransformer2DModel(in_channels=32, n_heads=1, d_head=32,
+                                                      use_linear_projection=True)
     # 32 channels → 32 groups of one channel; each channel is ±1e-3 over the 2×2 pixels, so
     # its variance 1e-6 is comparable to eps: 1e-6 gives ±0.707, the unpatched 1e-5 gives ±0.30
     x = (1e-3 * np.array([1, -1, -1, 1], np.float32)[:, None] * np.ones(32, np.float32))

@@ -21,7 +21,7 @@ import numpy as np
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import parallel
 from sdxl_jax.train import optim
-from sdxl_jax.train.state import create_state, init_state_sharded, state_shardings
+from sdxl_jax.train.state import create_state, init_state, state_shardings
 from sdxl_jax.train.step import NUM_T_BINS, CompiledStep, StepConfig, make_train_step
 
 log = logging.getLogger("sdxl_jax.train")
@@ -144,8 +144,11 @@ class _Preemption:
 # ---------------------------------------------------------------------------------------------
 # Train
 # ---------------------------------------------------------------------------------------------
-def train(cfg, workdir: str, max_steps: int | None = None) -> dict:
-    """Train (or resume) in `workdir`; returns a summary. `max_steps` stops early (tests)."""
+def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | None = None) -> dict:
+    """Train (or resume) in `workdir`; returns a summary (with the final state).
+
+    `max_steps` stops early after a checkpoint (as a preemption would); `batch_log`, when given,
+    collects a digest of every local batch fed (tests compare data order across resumes)."""
     from sdxl_jax import models
     from sdxl_jax.data import make_train_iterator
     from sdxl_jax.models.weights import frozen_params, load_pretrained
@@ -196,16 +199,14 @@ def train(cfg, workdir: str, max_steps: int | None = None) -> dict:
     if restored is not None:
         state, data_state = restored.state, restored.data_state
         log.info("resumed from step %d in %s", restored.step, ckpt.directory)
-    elif cfg.model.pretrained:
+    else:  # fresh: pretrained or seeded random UNet, each leaf placed straight onto the mesh
         p_sh = parallel.param_shardings(abstract_params, mesh, cfg.mesh.min_fsdp_size)
-        params = load_pretrained(cfg.model.pretrained, preset, ("unet",), shardings={"unet": p_sh})["unet"]
-        state = jax.jit(lambda p, r: create_state(p, tx, r), out_shardings=shardings)(params, rng)
+        if cfg.model.pretrained:
+            params = load_pretrained(cfg.model.pretrained, preset, ("unet",), {"unet": p_sh})["unet"]
+        else:
+            params = models.init_params("unet", preset, jax.random.fold_in(rng, 0), out_shardings=p_sh)
+        state = init_state(params, tx, jax.random.fold_in(rng, 99), shardings)
         del params
-    else:
-        init_key = jax.random.fold_in(rng, 0)
-        state, _ = init_state_sharded(lambda r: models.init_params("unet", preset, r), tx, init_key,
-                                      mesh, cfg.mesh.min_fsdp_size)
-        state = state.replace(rng=jax.random.fold_in(rng, 99))
 
     sc = StepConfig.from_config(cfg, mean, std)
     step_fn = CompiledStep(make_train_step(unet, text_l, text_g, tx, sc), shardings,
@@ -285,7 +286,10 @@ def train(cfg, workdir: str, max_steps: int | None = None) -> dict:
             while step < min(stage.end_step, stop_at):
                 if profile and step == profile[0]:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                batch = parallel.global_batch(next(it), mesh)
+                local = next(it)
+                if batch_log is not None:
+                    batch_log.append(batch_digest(local))
+                batch = parallel.global_batch(local, mesh)
                 state, metrics = step_fn(state, frozen, batch)
                 step += 1
                 if pending is not None:
@@ -318,6 +322,15 @@ def train(cfg, workdir: str, max_steps: int | None = None) -> dict:
     summary["end_step"] = step
     summary["state"] = state
     return summary
+
+
+def batch_digest(batch: dict) -> str:
+    import hashlib
+    h = hashlib.sha1()
+    for k in sorted(batch):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(batch[k]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _parse_profile(spec: str):

@@ -40,12 +40,8 @@ def state_shardings(abstract_state: TrainState, mesh, min_size: int) -> TrainSta
     return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
-def init_state_sharded(init_params_fn, tx, rng, mesh, min_size: int):
-    """Build the whole train state under jit with out_shardings: nothing full-size lands on one
-    device. `init_params_fn(rng) -> params` is traced, never run eagerly."""
-    def init(r):
-        p_rng, s_rng = jax.random.split(r)
-        return create_state(init_params_fn(p_rng), tx, s_rng)
-    abstract = jax.eval_shape(init, rng)
-    shardings = state_shardings(abstract, mesh, min_size)
-    return jax.jit(init, out_shardings=shardings)(rng), shardings
+def init_state(params, tx, rng, shardings: TrainState) -> TrainState:
+    """The whole train state built under jit with out_shardings, from params already placed on
+    the mesh (donated: the fp32 params are not held twice)."""
+    return jax.jit(lambda p, r: create_state(p, tx, r), out_shardings=shardings,
+                   donate_argnums=(0,))(params, rng)

@@ -1,0 +1,112 @@
+"""Pieces shared by the trainers (UNet loop.py, VAE decoder vae_loop.py): run metadata,
+preemption handling, the progress bar, the demo dataset fallback, metric averaging."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from importlib import metadata as importlib_metadata
+
+import jax
+import numpy as np
+
+log = logging.getLogger("sdxl_jax.train")
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "diffusers", "transformers")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def package_versions() -> dict:
+    """Versions of the packages a checkpoint's numbers depend on (None when not installed)."""
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = importlib_metadata.version(p)
+        except importlib_metadata.PackageNotFoundError:
+            versions[p] = None
+    return versions
+
+
+def config_json(cfg) -> dict:
+    return json.loads(cfg.to_json_best_effort())
+
+
+def use_compilation_cache(workdir: str) -> None:
+    """Persistent XLA cache under the workdir (unless one is set): a resumed run skips compiling."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+
+
+def demo_images(cfg, workdir: str) -> str:
+    """The generated demo dataset in <workdir>/demo_data (made once): the tiny preset's fallback
+    when no data is configured, so a demo runs on a fresh machine with no network."""
+    from data_tools.make_demo_dataset import make_demo_dataset
+    images = os.path.join(workdir, "demo_data")
+    if not os.path.isdir(images) or not os.listdir(images):
+        log.info("generating the demo dataset (%d images) in %s", cfg.data.demo_size, images)
+        make_demo_dataset(images, n=cfg.data.demo_size, seed=0)
+    return images
+
+
+class Preemption:
+    """SIGTERM (and the TPU preemption notice on multi-host) → finish the step, save, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        log.warning("SIGTERM received: finishing the current step, then checkpointing")
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return True
+            except RuntimeError:  # preemption service not running (explicit coordinator runs)
+                pass
+            # every host must agree, or one would wait forever in the next collective
+            return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+        return self.requested
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def progress(is_main, start, total):
+    if not is_main:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+class ScalarMeans:
+    """Means of scalar metrics over the finite steps between two log lines (skipped steps are
+    counted, not averaged in)."""
+
+    def __init__(self):
+        self.consecutive_nonfinite = 0
+        self._sums: dict[str, float] = {}
+        self.n = self.skipped = 0
+
+    def add(self, metrics: dict) -> None:
+        self.n += 1
+        if not metrics["finite"]:
+            self.skipped += 1
+            return
+        for k, v in metrics.items():
+            if k != "finite":
+                self._sums[k] = self._sums.get(k, 0.0) + float(v)
+
+    def pop(self) -> dict:
+        good = max(self.n - self.skipped, 1)
+        out = {k: v / good for k, v in self._sums.items()}
+        out.update(nonfinite=self.skipped, _n=self.n)
+        self._sums, self.n, self.skipped = {}, 0, 0
+        return out
