@@ -81,7 +81,7 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     c.disc = g = ml_collections.ConfigDict()
     g.enabled = True
     g.start_step = 50 if tiny else 5000  # GAN terms are exactly 0 before this optimizer step
-    g.weight = 0.5  # × the adaptive weight ‖∇_last rec‖/(‖∇_last gan‖+1e-4) (taming's disc_weight)
+    g.weight = 0.5  # × adaptive weight ‖∇_last rec‖/(‖∇_last gan‖+1e-4) (taming's disc_weight)
     g.max_adaptive_weight = 1e4  # clip of the adaptive weight (taming's value)
     g.channels = 16 if tiny else 64  # width of the first conv (ndf)
     g.layers = 2 if tiny else 3  # stride-2 convs (taming's n_layers)

@@ -31,7 +31,10 @@ def _positive(cfg, key: str, allow_zero: bool = False) -> None:
 
 
 def validate(cfg, num_devices: int | None = None) -> None:
-    """Raise ConfigError naming the first bad key."""
+    """Raise ConfigError naming the first bad key (dispatching on `task`)."""
+    if cfg.get("task", "unet") == "vae_decoder":
+        from sdxl_jax.train.vae_loop import validate_vae_config
+        return validate_vae_config(cfg, num_devices)
     _choice(cfg, "schedule.ztsnr", ZTSNR_MODES)
     _choice(cfg, "loss.weighting", WEIGHTINGS)
     _choice(cfg, "latents.normalization", NORMALIZATIONS)

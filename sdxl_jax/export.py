@@ -362,6 +362,11 @@ def _parse(argv):
     p.add_argument("--tokenizers", default="",
                    help="diffusers folder with tokenizer/ and tokenizer_2/ (diffusers format; "
                         "default: the run's model.pretrained, or the generated tiny vocabulary)")
+    p.add_argument("--vae-workdir", default="",
+                   help="a VAE decoder finetune run (configs/vae_decoder.py) whose decoder replaces "
+                        "the frozen VAE's in the export")
+    p.add_argument("--vae-step", type=int, default=None, help="its checkpoint step (default: latest)")
+    p.add_argument("--vae-weights", choices=("ema", "raw"), default="ema")
     return p.parse_args(argv)
 
 
@@ -378,6 +383,9 @@ def main(argv=None) -> int:
         unet, config, ckpt_meta, step, which = restore_unet(args.workdir, args.step, args.weights)
         preset = config["model"]["preset"]
         params = {"unet": unet, **weights.frozen_params(config)}
+        if args.vae_workdir:
+            from sdxl_jax.train.vae_loop import load_finetuned_vae
+            params["vae"] = load_finetuned_vae(args.vae_workdir, args.vae_step, args.vae_weights)
         meta = export_meta(config, step, ckpt_meta)
         meta["weights"] = which
         if args.format == "diffusers":

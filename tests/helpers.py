@@ -6,8 +6,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "con
 
 
 def tiny_config(**overrides):
-    """configs/ztsnr.py:tiny reduced to one 256² bucket, float32 compute and no previews, so the
-    engine tests share one compiled train step (the persistent XLA cache of conftest.py)."""
+    """configs/ztsnr.py:tiny reduced to one 256² bucket, float32 compute, no previews and a 4×2
+    data×FSDP mesh, so the engine tests share one compiled train step (the persistent XLA cache
+    of conftest.py)."""
     import ztsnr
     cfg = ztsnr.get_config("tiny")
     cfg.model.dtype = "float32"
@@ -19,7 +20,8 @@ def tiny_config(**overrides):
     cfg.train.log_every = 1
     cfg.sample.every_steps = 0
     cfg.checkpoint.async_save = False
-    cfg.mesh.data = -1
+    cfg.mesh.data, cfg.mesh.fsdp = -1, 2  # 4×2 on the 8 test devices: data parallel and FSDP
+    cfg.mesh.min_fsdp_size = 1024  # shard the tiny model's kernels for real
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")

@@ -78,7 +78,7 @@ def test_checkpoint_from_8_devices_restores_on_4(straight_run):
 def test_sharded_step_equals_single_device(demo_cache):
     """Same global batch, same initial state: 8-device FSDP×data step == 1-device step."""
     from sdxl_jax.data import make_train_iterator
-    cfg = tiny_config(**{"data.cache_dir": demo_cache, "mesh.data": 4, "mesh.fsdp": 2})
+    cfg = tiny_config(**{"data.cache_dir": demo_cache})  # 4×2 data×FSDP mesh
     tok_l, tok_g = models.get_tokenizers("tiny")
     tokenize = lambda c: (models.tokenize(tok_l, c, 1), models.tokenize(tok_g, c, 1))  # noqa: E731
     it = make_train_iterator(cfg, demo_cache, tokenize, 0, 1, 8, 8)
@@ -86,17 +86,18 @@ def test_sharded_step_equals_single_device(demo_cache):
     it.close()
     unet = models.build_unet("tiny", "float32")
     text_l, text_g = models.build_text_encoders("tiny", "float32")
-    tx = optim.make_optimizer(cfg.train, 10)
+    tx = optim.make_optimizer(cfg.train, cfg.train.steps)
     params = models.init_params("unet", "tiny", jax.random.PRNGKey(0))
     frozen = {k: models.init_params(k, "tiny", jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
     step_fn = make_train_step(unet, text_l, text_g, tx, StepConfig.from_config(cfg))
     results = []
     for devices in (jax.devices()[:8], jax.devices()[:1]):
-        mesh = parallel.make_mesh(cfg.mesh if len(devices) == 8 else tiny_config().mesh, devices)
+        mesh = parallel.make_mesh(cfg.mesh if len(devices) == 8 else tiny_config(**{"mesh.fsdp": 1}).mesh,
+                                  devices)
         abstract = jax.eval_shape(lambda p: create_state(p, tx, jax.random.PRNGKey(1)), params)
-        sh = state_shardings(abstract, mesh, 1024)
+        sh = state_shardings(abstract, mesh, cfg.mesh.min_fsdp_size)
         state = jax.jit(lambda p: create_state(p, tx, jax.random.PRNGKey(1)), out_shardings=sh)(params)
-        fsh = {k: parallel.param_shardings(v, mesh, 1024) for k, v in frozen.items()}
+        fsh = {k: parallel.param_shardings(v, mesh, cfg.mesh.min_fsdp_size) for k, v in frozen.items()}
         compiled = CompiledStep(step_fn, sh, fsh, mesh)
         new_state, metrics = compiled(state, jax.device_put(frozen, fsh), parallel.global_batch(batch, mesh))
         results.append((float(metrics["loss"]), _params_np(new_state)))

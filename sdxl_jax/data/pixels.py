@@ -218,9 +218,10 @@ def make_pixel_iterator(config, images_dir: str | None = None, manifest: str | N
     if not used:
         raise ValueError(f"{len(train_ids)} training images but no bucket holds a full global batch "
                          f"(sizes {sorted(set(sizes))}); lower train.global_batch_size or add images")
-    for b in used:
-        if crop:
-            crop_window(np.random.default_rng(0), buckets[b][1], buckets[b][0], crop)  # fits?
+    too_small = [buckets[b] for b in used if crop > min(buckets[b])]
+    if too_small:
+        raise ValueError(f"data.crop_size={crop} is larger than bucket(s) {too_small}; lower it or "
+                         "raise data.buckets.min_side")
     plan_id = hashlib.sha256(repr(("pixels", [it.key for it in items], [it.bucket for it in items],
                                    sizes, int(d.seed), float(d.val_fraction))).encode()).hexdigest()[:16]
     reader = _PixelReader(config, items, buckets, process_index, process_count)

@@ -114,10 +114,11 @@ def unet_class(remat: str) -> type:
     return _register_config(checkpointed_class(hf.FlaxUNet2DConditionModel, "dots"))
 
 
-def build_unet_variant(preset: str, dtype="bfloat16", *, remat: str = "none",
+def build_unet_variant(preset: str | dict, dtype="bfloat16", *, remat: str = "none",
                        attention: str = "standard", split_head_dim: bool = False):
-    """The SDXL UNet of `preset` with a remat mode and attention options (parameters identical
-    to `build.build_unet(preset, dtype)` for every choice)."""
+    """The SDXL UNet of `preset` (a preset name, or FlaxUNet2DConditionModel kwargs such as
+    `presets.unet_config` returns) with a remat mode and attention options. The parameters are
+    those of `build.build_unet(preset, dtype)` for every choice."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"model.attention={attention!r}: must be one of {ATTENTION_MODES}")
     if attention == "memory_efficient" and split_head_dim:
@@ -126,8 +127,9 @@ def build_unet_variant(preset: str, dtype="bfloat16", *, remat: str = "none",
         raise ValueError("model.attention='memory_efficient' cannot be combined with "
                          "model.split_head_dim=True (diffusers' chunked attention needs the "
                          "heads folded into the batch); set one of them back")
+    sizes = presets.unet_config(preset) if isinstance(preset, str) else dict(preset)
     return unet_class(remat)(
-        **presets.unet_config(preset), dtype=build._dtype(dtype),
+        **sizes, dtype=build._dtype(dtype),
         use_memory_efficient_attention=attention == "memory_efficient",
         split_head_dim=bool(split_head_dim))
 

@@ -6,13 +6,10 @@ metrics (so the device is already busy with the next step) and at checkpoint bou
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +18,12 @@ import numpy as np
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import parallel
 from sdxl_jax.train import optim
+from sdxl_jax.train.common import NonFiniteError, config_json, demo_images, package_versions
+from sdxl_jax.train.common import Preemption as _Preemption, progress as _progress, use_compilation_cache
 from sdxl_jax.train.state import create_state, init_state, state_shardings
 from sdxl_jax.train.step import NUM_T_BINS, CompiledStep, StepConfig, make_train_step
 
 log = logging.getLogger("sdxl_jax.train")
-
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "diffusers", "transformers")
 
 
 @dataclass(frozen=True)
@@ -35,10 +32,6 @@ class Stage:
     end_step: int  # cumulative: the stage runs while state.step < end_step
     cache_dir: str
     global_batch_size: int
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,11 +66,7 @@ def ensure_cache(cfg, cache_dir: str, workdir: str) -> None:
             raise FileNotFoundError(
                 f"no latent cache at {cache_dir}: set data.cache_dir to a built cache, or "
                 f"data.images_dir / data.manifest to build one (python -m data_tools.build_cache)")
-        from data_tools.make_demo_dataset import make_demo_dataset
-        images = os.path.join(workdir, "demo_data")
-        if not os.path.isdir(images) or not os.listdir(images):
-            log.info("generating the demo dataset (%d images) in %s", cfg.data.demo_size, images)
-            make_demo_dataset(images, n=cfg.data.demo_size, seed=0)
+        images = demo_images(cfg, workdir)
     log.info("building the latent cache in %s", cache_dir)
     build_cache(cfg, images_dir=images or None, manifest=manifest or None, out=cache_dir)
 
@@ -94,13 +83,7 @@ def latent_stats(cfg, cache_dir: str):
 
 
 def run_metadata(cfg, mean, std) -> dict:
-    versions = {}
-    for p in PACKAGES:
-        try:
-            versions[p] = importlib_metadata.version(p)
-        except importlib_metadata.PackageNotFoundError:
-            versions[p] = None
-    return {"versions": versions,
+    return {"versions": package_versions(),
             "schedule": {k: cfg.schedule[k] for k in cfg.schedule},
             "prediction_type": "v_prediction",
             "latents": {"normalization": cfg.latents.normalization,
@@ -110,37 +93,6 @@ def run_metadata(cfg, mean, std) -> dict:
             "model_preset": cfg.model.preset}
 
 
-def config_json(cfg) -> dict:
-    return json.loads(cfg.to_json_best_effort())
-
-
-class _Preemption:
-    """SIGTERM (and the TPU preemption notice on multi-host) → finish the step, save, exit 0."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):
-        log.warning("SIGTERM received: finishing the current step, then checkpointing")
-        self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            try:
-                if multihost_utils.reached_preemption_sync_point(step):
-                    return True
-            except RuntimeError:  # preemption service not running (explicit coordinator runs)
-                pass
-            # every host must agree, or one would wait forever in the next collective
-            return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
-        return self.requested
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
-
-
 # ---------------------------------------------------------------------------------------------
 # Train
 # ---------------------------------------------------------------------------------------------
@@ -148,14 +100,13 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
     """Train (or resume) in `workdir`; returns a summary (with the final state).
 
     `max_steps` stops early after a checkpoint (as a preemption would); `batch_log`, when given,
-    collects a digest of every local batch fed (tests compare data order across resumes)."""
+    collects (step, digest) of every local batch fed (tests compare data order across resumes)."""
     from sdxl_jax import models
     from sdxl_jax.data import make_train_iterator
     from sdxl_jax.models.weights import frozen_params, load_pretrained
 
     os.makedirs(workdir, exist_ok=True)
-    if not jax.config.jax_compilation_cache_dir:  # persistent: a resumed run skips compiling
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    use_compilation_cache(workdir)  # persistent: a resumed run skips compiling
     is_main = jax.process_index() == 0
 
     # ---- mesh -----------------------------------------------------------------------------------
@@ -288,7 +239,7 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 local = next(it)
                 if batch_log is not None:
-                    batch_log.append(batch_digest(local))
+                    batch_log.append((step + 1, batch_digest(local)))
                 batch = parallel.global_batch(local, mesh)
                 state, metrics = step_fn(state, frozen, batch)
                 step += 1
@@ -298,12 +249,14 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
                 if profile and step == profile[1]:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
-                if step % cfg.checkpoint.every_steps == 0 or step == stop_at:
+                saved = step % cfg.checkpoint.every_steps == 0 or step == stop_at
+                if saved:
                     save(step, it, stage)
                 if cfg.sample.every_steps and step % cfg.sample.every_steps == 0:
                     evaluator(step, state)
                 if preempt.should_stop(step):
-                    save(step, it, stage)
+                    if not saved:
+                        save(step, it, stage)
                     summary["stopped"] = "preempted"
                     return
 
@@ -340,13 +293,6 @@ def _parse_profile(spec: str):
     if not 0 <= a < b:
         raise ValueError(f"profile_steps must be 'a,b' with 0 ≤ a < b, got {spec!r}")
     return a, b
-
-
-def _progress(is_main, start, total):
-    if not is_main:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
 
 class _MetricAcc:

@@ -5,7 +5,8 @@ The VAE parameters are split in two trees: the encoder part (encoder + quant_con
 sharded on the mesh, passed to the step as a constant, never in the optimizer or the checkpoint —
 and the decoder part (post_quant_conv + decoder) is trained, with the PatchGAN discriminator,
 in one TrainState: params = {"generator": decoder part, "discriminator": …}, optax.multi_transform
-giving each its optimizer. The checkpoint therefore holds only what trains; the encoder is
+giving each its optimizer (the EMA covers the whole tree too; only its generator part is ever
+used, and the discriminator is tiny next to the decoder). The checkpoint therefore holds only what trains; the encoder is
 rebuilt from its source (model.pretrained, or the seeded random VAE) and fingerprinted, so
 `load_finetuned_vae` pairs a decoder with exactly the encoder it was trained against.
 
@@ -15,6 +16,7 @@ never waits on the device except at checkpoint and sample boundaries.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -275,7 +277,8 @@ class ReconEvaluator:
             y = vae_decode(vae, gen, vae_encode(vae, enc, x)[0])
             l1, mse = L.pixel_losses(x, y)
             return y, l1, mse
-        self._fn = jax.jit(recon)
+        # replicated outputs: every host can read the whole reconstruction
+        self._fn = jax.jit(recon, out_shardings=parallel.replicated(mesh))
 
     def reconstruct(self, generator):
         y, l1, mse = jax.device_get(self._fn(self.encoder, generator, self.images))
@@ -334,134 +337,140 @@ def train_vae_decoder(cfg, workdir: str, max_steps: int | None = None,
     validate_vae_config(cfg, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     use_compilation_cache(workdir)
-    is_main = jax.process_index() == 0
+    with contextlib.ExitStack() as cleanup:  # closes whatever was opened, on any exit
+        is_main = jax.process_index() == 0
 
-    # ---- mesh, VAE split ------------------------------------------------------------------------
-    mesh = parallel.make_mesh(cfg.mesh)
-    if cfg.train.global_batch_size % parallel.data_parallel_size(mesh):
-        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible "
-                         f"by the {parallel.data_parallel_size(mesh)} data-parallel devices")
-    preset = cfg.model.preset
-    vae = models.build_vae(preset, cfg.model.dtype)
-    vae_sh = parallel.param_shardings(models.abstract_params("vae", preset), mesh, cfg.mesh.min_fsdp_size)
-    encoder, decoder = split_vae_params(source_vae_params(cfg, vae_sh))
-    frozen = {"encoder": encoder}
-    frozen_sh = {"encoder": split_vae_params(vae_sh)[0]}
-    if cfg.loss.perceptual_weights:
-        perceptual = L.load_perceptual(cfg.loss.perceptual_weights)
-        frozen_sh["perceptual"] = parallel.param_shardings(perceptual, mesh, cfg.mesh.min_fsdp_size)
-        frozen["perceptual"] = jax.device_put(perceptual, frozen_sh["perceptual"])
-    fingerprint = encoder_fingerprint(encoder)
+        # ---- mesh, VAE split ---------------------------------------------------------------------
+        mesh = parallel.make_mesh(cfg.mesh)
+        if cfg.train.global_batch_size % parallel.data_parallel_size(mesh):
+            raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible "
+                             f"by the {parallel.data_parallel_size(mesh)} data-parallel devices")
+        preset = cfg.model.preset
+        vae = models.build_vae(preset, cfg.model.dtype)
+        vae_sh = parallel.param_shardings(models.abstract_params("vae", preset), mesh, cfg.mesh.min_fsdp_size)
+        encoder, decoder = split_vae_params(source_vae_params(cfg, vae_sh))
+        frozen = {"encoder": encoder}
+        frozen_sh = {"encoder": split_vae_params(vae_sh)[0]}
+        if cfg.loss.perceptual_weights:
+            perceptual = L.load_perceptual(cfg.loss.perceptual_weights)
+            frozen_sh["perceptual"] = parallel.param_shardings(perceptual, mesh, cfg.mesh.min_fsdp_size)
+            frozen["perceptual"] = jax.device_put(perceptual, frozen_sh["perceptual"])
+        fingerprint = encoder_fingerprint(encoder)
 
-    # ---- data -----------------------------------------------------------------------------------
-    images_dir, manifest = _data_source(cfg, workdir)
-    it = make_pixel_iterator(cfg, images_dir, manifest, jax.process_index(), jax.process_count(),
-                             int(cfg.train.global_batch_size), parallel.data_parallel_size(mesh))
+        # ---- data --------------------------------------------------------------------------------
+        images_dir, manifest = _data_source(cfg, workdir)
+        it = make_pixel_iterator(cfg, images_dir, manifest, jax.process_index(), jax.process_count(),
+                                 int(cfg.train.global_batch_size), parallel.data_parallel_size(mesh))
+        cleanup.callback(it.close)
 
-    # ---- state ----------------------------------------------------------------------------------
-    total_steps = int(cfg.train.steps)
-    tx = make_vae_optimizer(cfg, total_steps)
-    rng = jax.random.PRNGKey(cfg.train.seed)
-    trainable = {"generator": decoder}
-    if cfg.disc.enabled:
-        trainable["discriminator"] = L.init_discriminator(
-            [int(cfg.train.seed), 0xD15C], int(cfg.disc.channels), int(cfg.disc.layers))
-    abstract_state = jax.eval_shape(lambda p, r: create_state(p, tx, r), trainable, rng)
-    shardings = state_shardings(abstract_state, mesh, cfg.mesh.min_fsdp_size)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
-                                 cfg.checkpoint.async_save)
-    restored = ckpt.restore_latest_good(ckpt_lib.abstract_with_shardings(abstract_state, shardings)) \
-        if ckpt.steps else None
-    if restored is not None:
-        saved = restored.meta.get("encoder_fingerprint")
-        if saved and fingerprint and saved != fingerprint:
-            raise ValueError(f"the checkpoints in {ckpt.directory} were trained against another "
-                             f"encoder (fingerprint {saved}, now {fingerprint}): model.pretrained or "
-                             "train.seed changed; use a new workdir")
-        state = restored.state
-        it.set_state(restored.data_state["iterator"])
-        log.info("resumed from step %d in %s", restored.step, ckpt.directory)
-    else:
+        # ---- state -------------------------------------------------------------------------------
+        total_steps = int(cfg.train.steps)
+        tx = make_vae_optimizer(cfg, total_steps)
+        rng = jax.random.PRNGKey(cfg.train.seed)
+        trainable = {"generator": decoder}
         if cfg.disc.enabled:
-            trainable["discriminator"] = jax.device_put(trainable["discriminator"],
-                                                        shardings.params["discriminator"])
-        state = init_state(trainable, tx, jax.random.fold_in(rng, 99), shardings)
-    del trainable, decoder
-    step_fn = CompiledStep(make_vae_train_step(vae, tx, LossSettings.from_config(cfg)), shardings,
-                           frozen_sh, mesh)
-    meta = {"task": TASK, "versions": package_versions(), "model_preset": preset,
-            "source_vae": cfg.model.pretrained or f"random init (train.seed={cfg.train.seed})",
-            "encoder_fingerprint": fingerprint, "data_skipped": len(it.skipped)}
-    cfg_json = config_json(cfg)
-
-    # ---- logging --------------------------------------------------------------------------------
-    writer = None
-    if is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(workdir, "tb"))
-    evaluator = None
-    if cfg.sample.every_steps:
-        images, keys = square_images(it.held_out, int(cfg.sample.num_images),
-                                     int(cfg.sample.image_size), int(cfg.data.max_image_pixels))
-        evaluator = ReconEvaluator(workdir, vae, mesh, encoder, images, keys, writer)
-        meta["held_out"] = keys
-    schedule_fn = optim.learning_rate_schedule(cfg.train, total_steps)
-    preempt = Preemption()
-
-    step = int(jax.device_get(state.step))
-    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-    summary = {"start_step": step, "losses": [], "eval": {}, "compiles": 0, "stopped": "done"}
-    pending = None  # (step, metrics) of the last dispatched step, read one step late
-    acc = ScalarMeans()
-    pbar = progress(is_main, step, stop_at)
-    t_last = time.perf_counter()
-
-    def read_metrics(pend):
-        nonlocal t_last
-        s, m = pend
-        m = {k: float(v) if k != "finite" else bool(v) for k, v in jax.device_get(m).items()}
-        summary["losses"].append(m["loss"])
-        if metrics_log is not None:
-            metrics_log.append((s, m))
-        acc.add(m)
-        if not m["finite"]:
-            acc.consecutive_nonfinite += 1
-            log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
-                        s, acc.consecutive_nonfinite)
-            if acc.consecutive_nonfinite >= cfg.train.max_nonfinite:
-                raise NonFiniteError(
-                    f"{acc.consecutive_nonfinite} consecutive non-finite steps up to step {s}: "
-                    f"stopping. The last good checkpoint ({ckpt.latest_step()}) is intact; lower "
-                    "train.learning_rate / disc.learning_rate or check the data")
+            trainable["discriminator"] = L.init_discriminator(
+                [int(cfg.train.seed), 0xD15C], int(cfg.disc.channels), int(cfg.disc.layers))
+        abstract_state = jax.eval_shape(lambda p, r: create_state(p, tx, r), trainable, rng)
+        shardings = state_shardings(abstract_state, mesh, cfg.mesh.min_fsdp_size)
+        ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
+                                     cfg.checkpoint.async_save)
+        cleanup.callback(ckpt.close)  # waits for a pending async save
+        restored = ckpt.restore_latest_good(ckpt_lib.abstract_with_shardings(abstract_state, shardings)) \
+            if ckpt.steps else None
+        if restored is not None:
+            saved = restored.meta.get("encoder_fingerprint")
+            if saved and fingerprint and saved != fingerprint:
+                raise ValueError(f"the checkpoints in {ckpt.directory} were trained against another "
+                                 f"encoder (fingerprint {saved}, now {fingerprint}): model.pretrained or "
+                                 "train.seed changed; use a new workdir")
+            state = restored.state
+            it.set_state(restored.data_state["iterator"])
+            log.info("resumed from step %d in %s", restored.step, ckpt.directory)
         else:
-            acc.consecutive_nonfinite = 0
+            if cfg.disc.enabled:
+                trainable["discriminator"] = jax.device_put(trainable["discriminator"],
+                                                            shardings.params["discriminator"])
+            state = init_state(trainable, tx, jax.random.fold_in(rng, 99), shardings)
+        del trainable, decoder
+        step_fn = CompiledStep(make_vae_train_step(vae, tx, LossSettings.from_config(cfg)), shardings,
+                               frozen_sh, mesh)
+        meta = {"task": TASK, "versions": package_versions(), "model_preset": preset,
+                "source_vae": cfg.model.pretrained or f"random init (train.seed={cfg.train.seed})",
+                "encoder_fingerprint": fingerprint, "data_skipped": len(it.skipped)}
+        cfg_json = config_json(cfg)
+
+        # ---- logging -----------------------------------------------------------------------------
+        writer = None
+        if is_main:
+            from tensorboardX import SummaryWriter
+            writer = SummaryWriter(os.path.join(workdir, "tb"))
+            cleanup.callback(writer.close)
+        evaluator = None
+        if cfg.sample.every_steps:
+            images, keys = square_images(it.held_out, int(cfg.sample.num_images),
+                                         int(cfg.sample.image_size), int(cfg.data.max_image_pixels))
+            evaluator = ReconEvaluator(workdir, vae, mesh, encoder, images, keys, writer)
+            meta["held_out"] = keys
+        schedule_fn = optim.learning_rate_schedule(cfg.train, total_steps)
+        preempt = Preemption()
+        cleanup.callback(preempt.restore)
+
+        step = int(jax.device_get(state.step))
+        stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+        summary = {"start_step": step, "losses": [], "eval": {}, "compiles": 0, "stopped": "done"}
+        pending = None  # (step, metrics) of the last dispatched step, read one step late
+        acc = ScalarMeans()
+        pbar = progress(is_main, step, stop_at)
         if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{m['loss']:.4f}")
-        if s % cfg.train.log_every == 0 or s == stop_at:
-            out = acc.pop()
-            now = time.perf_counter()
-            out["lr"] = float(schedule_fn(s))
-            out["steps_per_s"] = out.pop("_n") / max(now - t_last, 1e-9)
-            t_last = now
-            if writer is not None:
-                for k, v in out.items():
-                    writer.add_scalar(f"train/{k}", v, s)
-            if is_main:
-                log.info("step %d | loss %.4f | l1 %.4f | mse %.5f | gan %.4f | disc %.4f | "
-                         "grad_norm %.3f | lr %.2e | %.2f steps/s | skipped %d", s,
-                         out.get("loss", np.nan), out.get("l1", np.nan), out.get("mse", np.nan),
-                         out.get("gan_term", 0.0), out.get("disc_loss", 0.0),
-                         out.get("grad_norm", np.nan), out["lr"], out["steps_per_s"], out["nonfinite"])
+            cleanup.callback(pbar.close)
+        t_last = time.perf_counter()
 
-    def save(s):
-        ckpt.save(s, state, {"iterator": it.get_state()}, cfg_json, meta)
+        def read_metrics(pend):
+            nonlocal t_last
+            s, m = pend
+            m = {k: float(v) if k != "finite" else bool(v) for k, v in jax.device_get(m).items()}
+            summary["losses"].append(m["loss"])
+            if metrics_log is not None:
+                metrics_log.append((s, m))
+            acc.add(m)
+            if not m["finite"]:
+                acc.consecutive_nonfinite += 1
+                log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
+                            s, acc.consecutive_nonfinite)
+                if acc.consecutive_nonfinite >= cfg.train.max_nonfinite:
+                    raise NonFiniteError(
+                        f"{acc.consecutive_nonfinite} consecutive non-finite steps up to step {s}: "
+                        f"stopping. The last good checkpoint ({ckpt.latest_step()}) is intact; lower "
+                        "train.learning_rate / disc.learning_rate or check the data")
+            else:
+                acc.consecutive_nonfinite = 0
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{m['loss']:.4f}")
+            if s % cfg.train.log_every == 0 or s == stop_at:
+                out = acc.pop()
+                now = time.perf_counter()
+                out["lr"] = float(schedule_fn(s))
+                out["steps_per_s"] = out.pop("_n") / max(now - t_last, 1e-9)
+                t_last = now
+                if writer is not None:
+                    for k, v in out.items():
+                        writer.add_scalar(f"train/{k}", v, s)
+                if is_main:
+                    log.info("step %d | loss %.4f | l1 %.4f | mse %.5f | gan %.4f | disc %.4f | "
+                             "grad_norm %.3f | lr %.2e | %.2f steps/s | skipped %d", s,
+                             out.get("loss", np.nan), out.get("l1", np.nan), out.get("mse", np.nan),
+                             out.get("gan_term", 0.0), out.get("disc_loss", 0.0),
+                             out.get("grad_norm", np.nan), out["lr"], out["steps_per_s"], out["nonfinite"])
 
-    def evaluate(s):
-        summary["eval"][s] = evaluator(s, state)
+        def save(s):
+            ckpt.save(s, state, {"iterator": it.get_state()}, cfg_json, meta)
 
-    # ---- loop -----------------------------------------------------------------------------------
-    try:
+        def evaluate(s):
+            summary["eval"][s] = evaluator(s, state)
+
+        # ---- loop --------------------------------------------------------------------------------
         if evaluator is not None and step == 0:
             evaluate(0)  # the "before" figure of a fresh run
         while step < stop_at:
@@ -471,27 +480,20 @@ def train_vae_decoder(cfg, workdir: str, max_steps: int | None = None,
             if pending is not None:
                 read_metrics(pending)
             pending = (step, metrics)
-            if step % cfg.checkpoint.every_steps == 0 or step == stop_at:
+            saved = step % cfg.checkpoint.every_steps == 0 or step == stop_at
+            if saved:
                 save(step)
             if evaluator is not None and step % cfg.sample.every_steps == 0:
                 evaluate(step)
             if preempt.should_stop(step):
-                save(step)
+                if not saved:
+                    save(step)
                 summary["stopped"] = "preempted"
                 break
         if pending is not None:
             read_metrics(pending)
-    finally:
-        summary["compiles"] = step_fn.compile_count
-        ckpt.close()
-        it.close()
-        preempt.restore()
-        if pbar is not None:
-            pbar.close()
-        if writer is not None:
-            writer.close()
-    summary.update(end_step=step, state=state, encoder=encoder)
-    return summary
+        summary.update(end_step=step, compiles=step_fn.compile_count, state=state, encoder=encoder)
+        return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,8 +527,9 @@ def load_finetuned_vae(workdir: str, step: int | None = None, weights: str = "em
     encoder, _ = split_vae_params(source_vae_params(cfg))
     saved, now = meta.get("encoder_fingerprint"), encoder_fingerprint(encoder)
     if saved and saved != now:
-        raise ValueError(f"the encoder rebuilt from the run's source ({cfg['model']['pretrained'] or 'seeded random init'}) "
-                         f"is not the one the decoder was trained against (fingerprint {now} ≠ "
-                         f"{saved}): the pretrained weights changed since training")
+        source = cfg["model"]["pretrained"] or "the seeded random init"
+        raise ValueError(f"the encoder rebuilt from the run's source ({source}) is not the one the "
+                         f"decoder was trained against (fingerprint {now} ≠ {saved}): the "
+                         "pretrained weights changed since training")
     log.info("loaded the finetuned VAE decoder (%s weights, step %d) from %s", weights, step, ckdir)
     return merge_vae_params(encoder, tree["generator"])

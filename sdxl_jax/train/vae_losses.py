@@ -54,7 +54,7 @@ class PerceptualWeightsError(ValueError):
     """The perceptual weights file is missing or malformed; the message names it."""
 
 
-def init_perceptual(seed: int, channels: Sequence[int] = (16, 32, 64)) -> dict:
+def init_perceptual(seed, channels: Sequence[int] = (16, 32, 64)) -> dict:
     """A perceptual net of the file format above with random conv weights (He init) and uniform
     non-negative heads: for tests and as a template for converted weights, not a metric."""
     rng = np.random.default_rng(seed)
@@ -171,8 +171,9 @@ def disc_widths(channels: int, layers: int) -> list[int]:
     return [channels * min(2 ** i, 8) for i in range(layers + 1)] + [1]
 
 
-def init_discriminator(seed: int, channels: int, layers: int) -> dict:
-    """PatchGAN weights: conv kernels N(0, 0.02²) and bias 0 as in pix2pix/taming; norm scale 1."""
+def init_discriminator(seed, channels: int, layers: int) -> dict:
+    """PatchGAN weights: conv kernels N(0, 0.02²) and bias 0 as in pix2pix/taming; norm scale 1.
+    `seed` is anything np.random.default_rng takes (an int or a list of ints)."""
     rng = np.random.default_rng(seed)
     widths = disc_widths(channels, layers)
     params, cin = {}, 3

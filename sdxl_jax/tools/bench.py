@@ -1,0 +1,341 @@
+"""Throughput of the train step on this machine, against a matmul peak and PyTorch diffusers.
+
+    python -m sdxl_jax.tools.bench [--models tiny,mid] [--steps 8] [--sections peak,step,spmd,torch]
+
+For each UNet size ("tiny" = the tiny preset; "mid" = SDXL's block structure, layers per block
+and transformer depths (1, 2, 10), at 1/5 of its widths) it reports, at batch --batch of
+--latent² latents on ONE device:
+
+- step: the real train step (UNet fwd+bwd, AdamW, EMA, frozen tiny text encoders; the
+  loop's CompiledStep on a 1-device mesh): steps/s and samples/s of the bare compiled step
+  (state and batch already on device), XLA's FLOPs per step, the achieved fraction of a
+  matmul peak measured in the same run, host overhead (the loop's way: numpy batch →
+  `parallel.global_batch` → step, metrics read one step late, over the bare time), and the
+  compile count after several steps of one bucket (must be 1).
+- spmd: the same jitted step with inputs on a SingleDeviceSharding vs a NamedSharding of a
+  1-device mesh (issue 8 item 5), plus the UNet-only step both ways.
+- torch: the same-config diffusers UNet2DConditionModel train step (fwd+bwd+AdamW, eager,
+  float32) against the JAX UNet-only step (fwd+bwd+AdamW); torch is imported only here.
+
+Timing is the median over --steps calls after a warm-up; nothing is asserted. The machine's
+other load shows up in the figures, so compare ratios measured in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+SECTIONS = ("peak", "step", "spmd", "torch")
+
+
+# ---- model sizes ---------------------------------------------------------------------------------
+def unet_sizes(name: str) -> dict:
+    """FlaxUNet2DConditionModel kwargs: "tiny" (the preset) or "mid" (SDXL structure, 1/5 width)."""
+    from sdxl_jax.models import presets
+    tiny = presets.unet_config("tiny")  # cross-attention / pooled dims match the tiny text towers
+    if name == "tiny":
+        return tiny
+    if name == "mid":
+        sdxl = presets.unet_config("sdxl")
+        return dict(tiny, block_out_channels=(64, 128, 256), layers_per_block=sdxl["layers_per_block"],
+                    transformer_layers_per_block=sdxl["transformer_layers_per_block"],
+                    attention_head_dim=(1, 2, 4))  # heads of 64 channels, as in SDXL
+    raise ValueError(f"--models: unknown model {name!r}; choose tiny or mid")
+
+
+def unet_params(unet, sizes: dict, seed: int = 0):
+    """Random float32 parameters for a UNet of any size, by the rule `models.init_params` uses
+    (host-side numpy per leaf: no compile)."""
+    import jax
+    import jax.numpy as jnp
+    from sdxl_jax.models import build
+    time_dim = sizes["addition_time_embed_dim"]
+    args = (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 1, sizes["cross_attention_dim"])),
+            {"text_embeds": jnp.zeros((1, sizes["projection_class_embeddings_input_dim"] - 6 * time_dim)),
+             "time_ids": jnp.zeros((1, 6))})
+    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *args))["params"]
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(build._leaf_value("unet", build._path_names(p), tuple(x.shape), [seed])),
+        abstract)
+
+
+def host_batch(batch: int, latent: int, max_chunks: int, seed: int = 0) -> dict:
+    """One numpy batch in the trainer's batch contract (tiny-vocabulary token ids)."""
+    from sdxl_jax.models import SEQ_LEN
+    from sdxl_jax.models.tokenizer import tiny_vocab_size
+    rng = np.random.default_rng(seed)
+    ids = (batch, max_chunks * SEQ_LEN)
+    px = float(latent * 8)
+    return {"latents": rng.standard_normal((batch, latent, latent, 4), np.float32),
+            "time_ids": np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (batch, 1)),
+            "loss_weight": np.ones((batch,), np.float32),
+            "input_ids_l": rng.integers(0, tiny_vocab_size(), ids, dtype=np.int32),
+            "input_ids_g": rng.integers(0, tiny_vocab_size(), ids, dtype=np.int32)}
+
+
+def median_time(fn, n: int, warmup: int = 1) -> float:
+    """Median wall time of fn() (fn blocks until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def flops_of(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+# ---- sections ------------------------------------------------------------------------------------
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a large jitted float32 matmul: the practical compute ceiling of this CPU."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    seconds = median_time(lambda: f(a, a).block_until_ready(), reps)
+    return 2.0 * n ** 3 / seconds
+
+
+class TrainSetup:
+    """The loop's train step for a UNet size on a 1-device mesh: step fn, state, frozen, batch."""
+
+    def __init__(self, model: str, batch: int, latent: int):
+        import jax
+        from sdxl_jax import models, parallel
+        from sdxl_jax.models.remat import build_unet_variant
+        from sdxl_jax.tools.memory_report import load_config
+        from sdxl_jax.train import optim
+        from sdxl_jax.train.state import create_state, state_shardings
+        from sdxl_jax.train.step import StepConfig, make_train_step
+
+        cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ztsnr.py") + ":tiny")
+        cfg.model.dtype = "float32"
+        cfg.mesh.data, cfg.mesh.fsdp = 1, 1
+        self.cfg, self.batch_size, self.latent = cfg, batch, latent
+        self.mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+        self.sizes = unet_sizes(model)
+        self.unet = build_unet_variant(self.sizes, cfg.model.dtype)
+        text_l, text_g = models.build_text_encoders("tiny", cfg.model.dtype)
+        self.tx = optim.make_optimizer(cfg.train)
+        params = unet_params(self.unet, self.sizes)
+        self.n_params = models.count_params(params)
+        min_size = int(cfg.mesh.min_fsdp_size)
+        rng = jax.random.PRNGKey(0)
+        abstract = jax.eval_shape(lambda p, r: create_state(p, self.tx, r), params, rng)
+        self.state_sh = state_shardings(abstract, self.mesh, min_size)
+        self.state = jax.jit(lambda p, r: create_state(p, self.tx, r), out_shardings=self.state_sh)(params, rng)
+        frozen = {k: models.init_params(k, "tiny", 1) for k in ("text_l", "text_g")}
+        self.frozen_sh = {k: parallel.param_shardings(v, self.mesh, min_size) for k, v in frozen.items()}
+        self.frozen = jax.device_put(frozen, self.frozen_sh)
+        self.step_fn = make_train_step(self.unet, text_l, text_g, self.tx, StepConfig.from_config(cfg))
+        self.host_batch = host_batch(batch, latent, int(cfg.text.max_chunks))
+
+
+def bench_step(s: TrainSetup, n: int) -> dict:
+    """Bare compiled step vs the loop's way of feeding it; FLOPs; compile count."""
+    import jax
+    from sdxl_jax import parallel
+    from sdxl_jax.train.step import CompiledStep
+
+    step = CompiledStep(s.step_fn, s.state_sh, s.frozen_sh, s.mesh)
+    batch = parallel.global_batch(s.host_batch, s.mesh)
+    t0 = time.perf_counter()
+    compiled = step.lower(s.state, s.frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state = s.state
+
+    def bare():
+        nonlocal state
+        state, metrics = compiled(state, s.frozen, batch)
+        jax.block_until_ready(metrics)
+    bare_s = median_time(bare, n)
+
+    # The loop's way: a fresh global batch from numpy every step, the previous step's metrics
+    # read after dispatching this one, one sync at the end.
+    step._compiled[CompiledStep.signature(batch)] = compiled  # reuse this compile
+    state, metrics = step(state, s.frozen, batch)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    pending = None
+    for _ in range(n):
+        state, metrics = step(state, s.frozen, parallel.global_batch(s.host_batch, s.mesh))
+        if pending is not None:
+            jax.device_get(pending)
+        pending = metrics
+    jax.device_get(pending)
+    loop_s = (time.perf_counter() - t0) / n
+    s.state = state
+    flops = flops_of(compiled)
+    return {"compile_s": compile_s, "bare_s": bare_s, "loop_s": loop_s, "flops": flops,
+            "compile_count": step.compile_count}
+
+
+def unet_only_step(unet, tx):
+    """fwd+bwd of an MSE on the UNet output + AdamW: the same work as the torch side."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from sdxl_jax.models import unet_apply
+
+    def step(params, opt_state, b):
+        def loss(p):
+            out = unet_apply(unet, p, b["z"], b["t"], b["ctx"], b["pooled"], b["time_ids"])
+            return jnp.mean((out - b["target"]) ** 2)
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+    return step
+
+
+def unet_only_inputs(sizes: dict, batch: int, latent: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    px = float(latent * 8)
+    pooled = sizes["projection_class_embeddings_input_dim"] - 6 * sizes["addition_time_embed_dim"]
+    return {"z": rng.standard_normal((batch, latent, latent, 4), np.float32),
+            "t": rng.uniform(0, 999, (batch,)).astype(np.float32),
+            "ctx": rng.standard_normal((batch, 77, sizes["cross_attention_dim"]), np.float32),
+            "pooled": rng.standard_normal((batch, pooled), np.float32),
+            "time_ids": np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (batch, 1)),
+            "target": rng.standard_normal((batch, latent, latent, 4), np.float32)}
+
+
+def bench_unet_only(s: TrainSetup, n: int, sharding) -> dict:
+    """The UNet-only step with every input on `sharding` (SingleDeviceSharding or NamedSharding)."""
+    import jax
+    import optax
+    tx = optax.adamw(1e-4)
+    params = jax.device_put(s.state.params, sharding, may_alias=False)
+    opt_state = jax.device_put(tx.init(params), sharding)
+    inputs = jax.device_put(unet_only_inputs(s.sizes, s.batch_size, s.latent), sharding)
+    f = jax.jit(unet_only_step(s.unet, tx), donate_argnums=(0, 1))
+    t0 = time.perf_counter()
+    compiled = f.lower(params, opt_state, inputs).compile()
+    compile_s = time.perf_counter() - t0
+
+    def run():
+        nonlocal params, opt_state
+        params, opt_state, loss = compiled(params, opt_state, inputs)
+        loss.block_until_ready()
+    return {"compile_s": compile_s, "step_s": median_time(run, n), "flops": flops_of(compiled)}
+
+
+def bench_spmd(s: TrainSetup, n: int) -> dict:
+    """Issue 8 item 5: the same train step fed SingleDeviceSharding vs 1-device NamedSharding
+    inputs (plain jax.jit, no explicit in/out shardings, donation as in CompiledStep)."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+    from sdxl_jax import parallel
+    out = {}
+    dev = s.mesh.devices.flat[0]
+    for name, sharding in (("single", SingleDeviceSharding(dev)), ("named", parallel.replicated(s.mesh))):
+        state = jax.device_put(s.state, sharding, may_alias=False)
+        frozen = jax.device_put(s.frozen, sharding)
+        batch = jax.device_put(s.host_batch, sharding)
+        f = jax.jit(s.step_fn, donate_argnums=(0,))
+        compiled = f.lower(state, frozen, batch).compile()
+
+        def run():
+            nonlocal state
+            state, metrics = compiled(state, frozen, batch)
+            jax.block_until_ready(metrics)
+        out[f"train_{name}_s"] = median_time(run, n)
+        out[f"unet_{name}_s"] = bench_unet_only(s, n, sharding)["step_s"]
+    return out
+
+
+def torch_unet_step_time(sizes: dict, batch: int, latent: int, n: int) -> dict:
+    """The same-config diffusers UNet2DConditionModel, eager float32: fwd+bwd+AdamW per step."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**{k: v for k, v in sizes.items()}).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = {k: torch.from_numpy(v) for k, v in unet_only_inputs(sizes, batch, latent).items()}
+    z, target = x["z"].permute(0, 3, 1, 2).contiguous(), x["target"].permute(0, 3, 1, 2).contiguous()
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        out = model(z, x["t"], x["ctx"], added_cond_kwargs={"text_embeds": x["pooled"],
+                                                            "time_ids": x["time_ids"]}).sample
+        loss = torch.mean((out - target) ** 2)
+        loss.backward()
+        opt.step()
+    return {"step_s": median_time(run, n), "threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sdxl_jax.tools.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,mid", help="comma-separated: tiny, mid")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--batch", type=int, default=8, help="per-step batch")
+    p.add_argument("--latent", type=int, default=32, help="latent side (pixels / 8)")
+    p.add_argument("--mid-batch", type=int, default=2, help="batch for the mid model (CPU-sized)")
+    p.add_argument("--steps", type=int, default=8, help="timed calls per measurement")
+    p.add_argument("--devices", type=int, default=0, help="simulated CPU devices (0 = leave XLA_FLAGS)")
+    a = p.parse_args(argv)
+    sections = set(filter(None, a.sections.split(",")))
+    if sections - set(SECTIONS):
+        p.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
+    models_ = [m for m in a.models.split(",") if m]
+    for m in models_:
+        unet_sizes(m)  # fail on a bad name before anything compiles
+    if a.devices:
+        from sdxl_jax.tools.memory_report import _set_device_count
+        _set_device_count(a.devices)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from sdxl_jax.models.hf import block_torch
+    if "torch" not in sections:
+        block_torch()
+    import jax
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s), "
+          f"{os.cpu_count()} CPU cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+
+    peak = float("nan")
+    if "peak" in sections or "step" in sections:
+        peak = matmul_peak()
+        print(f"matmul peak (2048² float32, jitted): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    for m in models_:
+        batch = a.batch if m == "tiny" else a.mid_batch
+        s = TrainSetup(m, batch, a.latent)
+        print(f"\n== {m}: UNet {s.n_params / 1e6:.2f} M params, batch {batch} of {a.latent}² latents, "
+              f"float32 ==", flush=True)
+        if "step" in sections:
+            r = bench_step(s, a.steps)
+            print(f"train step: {1 / r['bare_s']:.2f} steps/s, {batch / r['bare_s']:.1f} samples/s "
+                  f"({r['bare_s']:.3f} s/step bare; compiled in {r['compile_s']:.0f} s)")
+            print(f"  XLA FLOPs/step {r['flops'] / 1e9:.1f} G → {r['flops'] / r['bare_s'] / 1e9:.1f} GFLOP/s "
+                  f"= {r['flops'] / r['bare_s'] / peak:.0%} of the matmul peak")
+            print(f"  loop (global_batch per step, metrics one step late): {r['loop_s']:.3f} s/step, "
+                  f"host overhead ×{r['loop_s'] / r['bare_s']:.2f}")
+            print(f"  compiles after {a.steps + 2} steps of one bucket: {r['compile_count']}", flush=True)
+        if "spmd" in sections:
+            r = bench_spmd(s, a.steps)
+            print(f"SPMD check (jax.jit, inputs on SingleDeviceSharding vs 1-device NamedSharding):")
+            print(f"  train step {r['train_single_s']:.3f} vs {r['train_named_s']:.3f} s "
+                  f"(×{r['train_named_s'] / r['train_single_s']:.2f}); UNet-only step "
+                  f"{r['unet_single_s']:.3f} vs {r['unet_named_s']:.3f} s "
+                  f"(×{r['unet_named_s'] / r['unet_single_s']:.2f})", flush=True)
+        if "torch" in sections:
+            from jax.sharding import SingleDeviceSharding
+            j = bench_unet_only(s, a.steps, SingleDeviceSharding(jax.devices()[0]))
+            t = torch_unet_step_time(s.sizes, batch, a.latent, a.steps)
+            print(f"UNet-only fwd+bwd+AdamW: JAX {j['step_s']:.3f} s vs PyTorch eager {t['step_s']:.3f} s "
+                  f"({t['threads']} threads, {t['params'] / 1e6:.2f} M params) → JAX/torch time "
+                  f"×{j['step_s'] / t['step_s']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
