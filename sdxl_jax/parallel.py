@@ -45,6 +45,18 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0,
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def host_barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process reaches `name` (coordination service, no device collective).
+
+    Needed before a freshly compiled step first runs: one host may load the step from the
+    persistent compilation cache in seconds while another compiles it for minutes, and the
+    first collective's set-up (gloo on CPU) gives up after 30 s of waiting."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier(f"sdxl_jax/{name}", int(timeout_s * 1000))
+
+
 def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     """Resolve one −1 axis so data × fsdp = num_devices; errors name the config key."""
     if data == -1 and fsdp == -1:

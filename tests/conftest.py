@@ -30,3 +30,20 @@ def demo_cache(demo_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_cache")
     build_cache(tiny_config(), images_dir=demo_images, out=str(out), progress=False)
     return str(out)
+
+
+REFERENCE_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def reference_run(demo_cache, tmp_path_factory):
+    """The uninterrupted reference training run (tests/helpers.py config, 8 steps, checkpoint
+    every 2): resume, fault-injection and multi-host tests all compare against it."""
+    from helpers import tiny_config
+    from sdxl_jax.train.loop import train
+    wd = str(tmp_path_factory.mktemp("reference_run"))
+    cfg = tiny_config(**{"data.cache_dir": demo_cache, "train.steps": REFERENCE_STEPS,
+                         "checkpoint.every_steps": 2})
+    log = []
+    summary = train(cfg, wd, batch_log=log)
+    return cfg, wd, summary, log

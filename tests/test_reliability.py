@@ -19,7 +19,7 @@ from sdxl_jax.train.loop import NonFiniteError, train
 from sdxl_jax.train.state import TrainState
 
 HERE = os.path.dirname(__file__)
-STEPS = 8
+STEPS = 8  # conftest.REFERENCE_STEPS
 
 
 def _read_log(path):
@@ -54,11 +54,9 @@ def _wait_for_step(proc, log, step, timeout=600):
     raise TimeoutError(f"step {step} not reached")
 
 
-def test_kill_and_preempt_resume_bitwise(demo_cache, tmp_path):
+def test_kill_and_preempt_resume_bitwise(demo_cache, reference_run, tmp_path):
     from train_driver import params_digest
-    ref_log = []
-    ref = train(tiny_config(**{"data.cache_dir": demo_cache, "train.steps": STEPS,
-                               "checkpoint.every_steps": 2}), str(tmp_path / "ref"), batch_log=ref_log)
+    _, _, ref, ref_log = reference_run
     wd, log = str(tmp_path / "faulty"), str(tmp_path / "faulty.log")
     # SIGTERM after step 3 (clean preemption), then SIGKILL after steps 5 and 7 (lines logged
     # before a step runs, so "step k+1 fetched" means step k has been dispatched).

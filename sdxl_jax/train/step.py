@@ -163,4 +163,5 @@ class CompiledStep:
         fn = self._compiled.get(key)
         if fn is None:
             fn = self._compiled[key] = self.lower(state, frozen, batch).compile()
+            parallel.host_barrier(f"compiled_step_{len(self._compiled)}")
         return fn(state, frozen, batch)
