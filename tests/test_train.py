@@ -111,3 +111,21 @@ def test_sharded_step_equals_single_device(demo_cache):
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1,
                                          jax.tree.map(np.asarray, params)))
     assert max(moved) > 1e-4  # …and the step really did update the params
+
+
+def test_progressive_stages_switch_and_resume_inside_a_stage(straight_run, demo_cache, tmp_path):
+    """Two stages (both on the demo cache, so no new compile): the run switches at the
+    boundary and a stop inside stage 2 resumes exactly."""
+    cfg = tiny_config(**{"data.cache_dir": demo_cache, "checkpoint.every_steps": 2,
+                         "train.stages": ({"steps": 2, "cache_dir": demo_cache},
+                                          {"steps": 2, "cache_dir": demo_cache})})
+    straight_log, a_log, b_log = [], [], []
+    straight = train(cfg, str(tmp_path / "straight"), batch_log=straight_log)
+    assert straight["end_step"] == 4 and straight["compiles"] == 1
+    # stage 2 starts its own iterator: its first batch is stage 1's first batch again
+    assert straight_log[2][1] == straight_log[0][1] and straight_log[:2] == straight_run[3][:2]
+    wd = str(tmp_path / "interrupted")
+    train(cfg, wd, max_steps=3, batch_log=a_log)  # stops inside stage 2
+    resumed = train(cfg, wd, batch_log=b_log)
+    assert resumed["start_step"] == 3 and a_log + b_log == straight_log
+    jax.tree.map(np.testing.assert_array_equal, _params_np(straight["state"]), _params_np(resumed["state"]))

@@ -29,6 +29,11 @@ def run_config(ztsnr: str, steps: int, cache_dir: str):
     cfg.data.cache_dir = cache_dir
     cfg.sample.every_steps = 0
     cfg.checkpoint.every_steps = steps
+    # one 256² bucket (every demo image cropped into it): one compiled step per run
+    cfg.data.buckets.min_side = cfg.data.buckets.max_side = 256
+    cfg.data.buckets.max_ar_error = 1.0
+    cfg.data.demo_size = 128
+    cfg.data.val_fraction = 0.0
     return cfg
 
 
