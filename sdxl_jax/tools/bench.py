@@ -78,16 +78,24 @@ def host_batch(batch: int, latent: int, max_chunks: int, seed: int = 0) -> dict:
             "input_ids_g": rng.integers(0, tiny_vocab_size(), ids, dtype=np.int32)}
 
 
-def median_time(fn, n: int, warmup: int = 1) -> float:
-    """Median wall time of fn() (fn blocks until its result is ready)."""
+def timed(fn, n: int, warmup: int = 1) -> dict:
+    """Wall seconds (median and min) and process CPU seconds (median, all threads) of fn(),
+    which must block until its result is ready. CPU seconds are less sensitive to other load on
+    a shared machine (though spin-waiting threads inflate them); min wall approximates an idle
+    machine."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"wall": float(np.median(wall)), "wall_min": float(min(wall)), "cpu": float(np.median(cpu))}
+
+
+def fmt(t: dict) -> str:
+    return f"{t['wall']:.3f} s (min {t['wall_min']:.3f}, CPU {t['cpu']:.2f} s)"
 
 
 def flops_of(compiled) -> float:
@@ -103,8 +111,7 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     import jax.numpy as jnp
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
-    seconds = median_time(lambda: f(a, a).block_until_ready(), reps)
-    return 2.0 * n ** 3 / seconds
+    return 2.0 * n ** 3 / timed(lambda: f(a, a).block_until_ready(), reps)["wall_min"]
 
 
 class TrainSetup:
@@ -151,34 +158,32 @@ def bench_step(s: TrainSetup, n: int) -> dict:
     step = CompiledStep(s.step_fn, s.state_sh, s.frozen_sh, s.mesh)
     batch = parallel.global_batch(s.host_batch, s.mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(s.state, s.frozen, batch).compile()
+    state, metrics = step(s.state, s.frozen, batch)  # compiles (once per batch signature)
+    jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
-    state = s.state
+    compiled = step._compiled[CompiledStep.signature(batch)]
 
     def bare():
         nonlocal state
         state, metrics = compiled(state, s.frozen, batch)
         jax.block_until_ready(metrics)
-    bare_s = median_time(bare, n)
+    bare_t = timed(bare, n)
 
     # The loop's way: a fresh global batch from numpy every step, the previous step's metrics
-    # read after dispatching this one, one sync at the end.
-    step._compiled[CompiledStep.signature(batch)] = compiled  # reuse this compile
-    state, metrics = step(state, s.frozen, batch)
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
+    # read after dispatching this one; one step = one iteration of that loop.
     pending = None
-    for _ in range(n):
+
+    def loop_iter():
+        nonlocal state, pending
         state, metrics = step(state, s.frozen, parallel.global_batch(s.host_batch, s.mesh))
         if pending is not None:
             jax.device_get(pending)
         pending = metrics
+    loop_t = timed(loop_iter, n)
     jax.device_get(pending)
-    loop_s = (time.perf_counter() - t0) / n
     s.state = state
-    flops = flops_of(compiled)
-    return {"compile_s": compile_s, "bare_s": bare_s, "loop_s": loop_s, "flops": flops,
-            "compile_count": step.compile_count}
+    return {"compile_s": compile_s, "bare": bare_t, "loop": loop_t, "flops": flops_of(compiled),
+            "compile_count": step.compile_count, "steps_run": 2 * n + 3}
 
 
 def unet_only_step(unet, tx):
@@ -210,69 +215,102 @@ def unet_only_inputs(sizes: dict, batch: int, latent: int, seed: int = 0) -> dic
             "target": rng.standard_normal((batch, latent, latent, 4), np.float32)}
 
 
-def bench_unet_only(s: TrainSetup, n: int, sharding) -> dict:
-    """The UNet-only step with every input on `sharding` (SingleDeviceSharding or NamedSharding)."""
+def unet_only_runner(s: TrainSetup, sharding):
+    """A no-argument callable running one UNet-only step with every input on `sharding`."""
     import jax
     import optax
     tx = optax.adamw(1e-4)
     params = jax.device_put(s.state.params, sharding, may_alias=False)
     opt_state = jax.device_put(tx.init(params), sharding)
     inputs = jax.device_put(unet_only_inputs(s.sizes, s.batch_size, s.latent), sharding)
-    f = jax.jit(unet_only_step(s.unet, tx), donate_argnums=(0, 1))
-    t0 = time.perf_counter()
-    compiled = f.lower(params, opt_state, inputs).compile()
-    compile_s = time.perf_counter() - t0
+    compiled = jax.jit(unet_only_step(s.unet, tx), donate_argnums=(0, 1)).lower(
+        params, opt_state, inputs).compile()
 
     def run():
         nonlocal params, opt_state
         params, opt_state, loss = compiled(params, opt_state, inputs)
         loss.block_until_ready()
-    return {"compile_s": compile_s, "step_s": median_time(run, n), "flops": flops_of(compiled)}
+    return run
+
+
+def train_step_runner(s: TrainSetup, state_sh, frozen_sh, batch_sh, mesh=None):
+    """A no-argument callable running one train step: plain jax.jit with inputs placed on the
+    given shardings (mesh=None), or the loop's CompiledStep on `mesh`."""
+    import jax
+    from sdxl_jax import parallel
+    from sdxl_jax.train.step import CompiledStep
+    state = jax.device_put(s.state, state_sh, may_alias=False)
+    frozen = jax.device_put(s.frozen, frozen_sh)
+    if mesh is None:
+        batch = jax.device_put(s.host_batch, batch_sh)
+        fn = jax.jit(s.step_fn, donate_argnums=(0,))
+    else:
+        batch = parallel.global_batch(s.host_batch, mesh)
+        fn = CompiledStep(s.step_fn, state_sh, frozen_sh, mesh)
+    compiled = fn.lower(state, frozen, batch).compile()
+
+    def run():
+        nonlocal state
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+    return run
 
 
 def bench_spmd(s: TrainSetup, n: int) -> dict:
-    """Issue 8 item 5: the same train step fed SingleDeviceSharding vs 1-device NamedSharding
-    inputs (plain jax.jit, no explicit in/out shardings, donation as in CompiledStep)."""
+    """Issue 8 item 5: one train step program fed SingleDeviceSharding inputs, 1-device
+    NamedSharding inputs, through CompiledStep on a 1-device mesh, and (when more devices are
+    visible) through CompiledStep on a data-parallel mesh over all of them; timed interleaved
+    so a change in the machine's load hits every variant alike."""
     import jax
     from jax.sharding import SingleDeviceSharding
+    from ml_collections import ConfigDict
     from sdxl_jax import parallel
-    out = {}
-    dev = s.mesh.devices.flat[0]
-    for name, sharding in (("single", SingleDeviceSharding(dev)), ("named", parallel.replicated(s.mesh))):
-        state = jax.device_put(s.state, sharding, may_alias=False)
-        frozen = jax.device_put(s.frozen, sharding)
-        batch = jax.device_put(s.host_batch, sharding)
-        f = jax.jit(s.step_fn, donate_argnums=(0,))
-        compiled = f.lower(state, frozen, batch).compile()
+    from sdxl_jax.train.state import state_shardings
+    single = SingleDeviceSharding(s.mesh.devices.flat[0])
+    named = parallel.replicated(s.mesh)
+    runners = {
+        "train: jit, SingleDeviceSharding": train_step_runner(s, single, single, single),
+        "train: jit, NamedSharding (1 device)": train_step_runner(s, named, named, named),
+        "train: CompiledStep, 1-device mesh": train_step_runner(s, s.state_sh, s.frozen_sh, None, s.mesh),
+        "UNet-only: jit, SingleDeviceSharding": unet_only_runner(s, single),
+        "UNet-only: jit, NamedSharding (1 device)": unet_only_runner(s, named),
+    }
+    if jax.device_count() > 1:
+        mesh = parallel.make_mesh(ConfigDict({"data": -1, "fsdp": 1}))
+        min_size = int(s.cfg.mesh.min_fsdp_size)
+        st_sh = state_shardings(s.state, mesh, min_size)
+        fr_sh = {k: parallel.param_shardings(v, mesh, min_size) for k, v in s.frozen.items()}
+        runners[f"train: CompiledStep, {jax.device_count()}-device data mesh"] = \
+            train_step_runner(s, st_sh, fr_sh, None, mesh)
+    for run in runners.values():
+        run()  # warm-up
+    samples = {k: [] for k in runners}
+    for _ in range(n):
+        for k, run in runners.items():
+            samples[k].append(timed(run, 1, warmup=0))
+    return {k: {"wall": float(np.median([t["wall"] for t in v])),
+                "wall_min": float(min(t["wall"] for t in v)),
+                "cpu": float(np.median([t["cpu"] for t in v]))} for k, v in samples.items()}
 
-        def run():
-            nonlocal state
-            state, metrics = compiled(state, frozen, batch)
-            jax.block_until_ready(metrics)
-        out[f"train_{name}_s"] = median_time(run, n)
-        out[f"unet_{name}_s"] = bench_unet_only(s, n, sharding)["step_s"]
-    return out
 
-
-def torch_unet_step_time(sizes: dict, batch: int, latent: int, n: int) -> dict:
+def torch_unet_step_time(sizes: dict, batch: int, latent: int, n: int, threads: int) -> dict:
     """The same-config diffusers UNet2DConditionModel, eager float32: fwd+bwd+AdamW per step."""
     import torch
     from diffusers import UNet2DConditionModel
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = UNet2DConditionModel(**{k: v for k, v in sizes.items()}).train()
+    model = UNet2DConditionModel(**sizes).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = {k: torch.from_numpy(v) for k, v in unet_only_inputs(sizes, batch, latent).items()}
     z, target = x["z"].permute(0, 3, 1, 2).contiguous(), x["target"].permute(0, 3, 1, 2).contiguous()
+    cond = {"text_embeds": x["pooled"], "time_ids": x["time_ids"]}
 
     def run():
         opt.zero_grad(set_to_none=True)
-        out = model(z, x["t"], x["ctx"], added_cond_kwargs={"text_embeds": x["pooled"],
-                                                            "time_ids": x["time_ids"]}).sample
-        loss = torch.mean((out - target) ** 2)
-        loss.backward()
+        out = model(z, x["t"], x["ctx"], added_cond_kwargs=cond).sample
+        torch.mean((out - target) ** 2).backward()
         opt.step()
-    return {"step_s": median_time(run, n), "threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in model.parameters())}
+    return timed(run, n)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
@@ -314,28 +352,30 @@ def main(argv=None) -> None:
               f"float32 ==", flush=True)
         if "step" in sections:
             r = bench_step(s, a.steps)
-            print(f"train step: {1 / r['bare_s']:.2f} steps/s, {batch / r['bare_s']:.1f} samples/s "
-                  f"({r['bare_s']:.3f} s/step bare; compiled in {r['compile_s']:.0f} s)")
-            print(f"  XLA FLOPs/step {r['flops'] / 1e9:.1f} G → {r['flops'] / r['bare_s'] / 1e9:.1f} GFLOP/s "
-                  f"= {r['flops'] / r['bare_s'] / peak:.0%} of the matmul peak")
-            print(f"  loop (global_batch per step, metrics one step late): {r['loop_s']:.3f} s/step, "
-                  f"host overhead ×{r['loop_s'] / r['bare_s']:.2f}")
-            print(f"  compiles after {a.steps + 2} steps of one bucket: {r['compile_count']}", flush=True)
+            bare, loop = r["bare"], r["loop"]
+            print(f"train step: {1 / bare['wall']:.2f} steps/s, {batch / bare['wall']:.1f} samples/s; "
+                  f"bare step {fmt(bare)}; compiled in {r['compile_s']:.0f} s")
+            print(f"  XLA FLOPs/step {r['flops'] / 1e9:.1f} G → {r['flops'] / bare['wall_min'] / 1e9:.1f} "
+                  f"GFLOP/s at the fastest step = {r['flops'] / bare['wall_min'] / peak:.0%} of the matmul peak")
+            print(f"  loop iteration (global_batch + step + metrics one step late): {fmt(loop)}; "
+                  f"host overhead ×{loop['wall'] / bare['wall']:.2f} (median), "
+                  f"×{loop['wall_min'] / bare['wall_min']:.2f} (min)")
+            print(f"  compiles after {r['steps_run']} steps of one bucket: {r['compile_count']}", flush=True)
         if "spmd" in sections:
             r = bench_spmd(s, a.steps)
-            print(f"SPMD check (jax.jit, inputs on SingleDeviceSharding vs 1-device NamedSharding):")
-            print(f"  train step {r['train_single_s']:.3f} vs {r['train_named_s']:.3f} s "
-                  f"(×{r['train_named_s'] / r['train_single_s']:.2f}); UNet-only step "
-                  f"{r['unet_single_s']:.3f} vs {r['unet_named_s']:.3f} s "
-                  f"(×{r['unet_named_s'] / r['unet_single_s']:.2f})", flush=True)
+            print("SPMD check (same step function, interleaved runs):")
+            for k, t in r.items():
+                print(f"  {k:<44} {fmt(t)}")
+            print(flush=True)
         if "torch" in sections:
             from jax.sharding import SingleDeviceSharding
-            j = bench_unet_only(s, a.steps, SingleDeviceSharding(jax.devices()[0]))
-            t = torch_unet_step_time(s.sizes, batch, a.latent, a.steps)
-            print(f"UNet-only fwd+bwd+AdamW: JAX {j['step_s']:.3f} s vs PyTorch eager {t['step_s']:.3f} s "
-                  f"({t['threads']} threads, {t['params'] / 1e6:.2f} M params) → JAX/torch time "
-                  f"×{j['step_s'] / t['step_s']:.2f}", flush=True)
-
+            j = timed(unet_only_runner(s, SingleDeviceSharding(jax.devices()[0])), a.steps)
+            print(f"UNet-only fwd+bwd+AdamW, JAX jit: {fmt(j)}")
+            for threads in sorted({1, os.cpu_count() or 1}):
+                t = torch_unet_step_time(s.sizes, batch, a.latent, a.steps, threads)
+                print(f"  PyTorch eager, {threads} thread(s): {fmt(t)} → JAX/torch wall "
+                      f"×{j['wall'] / t['wall']:.2f} (min ×{j['wall_min'] / t['wall_min']:.2f}), "
+                      f"CPU ×{j['cpu'] / t['cpu']:.2f}", flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())
