@@ -2,9 +2,10 @@
 
 `model.remat`:
 - "none": the plain diffusers FlaxUNet2DConditionModel.
-- "blocks": every down / mid / up block of the UNet runs under `nn.remat` with no saved
-  intermediates, so the backward pass keeps only block inputs and recomputes each block's
-  insides (~1 extra forward of compute; activation memory ≈ one block instead of the whole net).
+- "blocks": every resnet block and every transformer layer of the UNet runs under `nn.remat`
+  with no saved intermediates (the units diffusers' PyTorch gradient checkpointing uses), so
+  the backward pass keeps only their inputs and recomputes their insides (~1 extra forward of
+  compute; activation memory ≈ one layer's insides plus the layer inputs).
 - "dots": the whole UNet forward runs under one `nn.remat` with the policy
   `dots_with_no_batch_dims_saveable`: outputs of the linear layers (q/k/v/out projections, FFN,
   proj_in/out) are kept, convolutions, norms, activations and the attention matrices are
@@ -31,12 +32,21 @@ from sdxl_jax.models import build, hf, presets
 REMAT_MODES = ("none", "blocks", "dots")
 ATTENTION_MODES = ("standard", "memory_efficient")
 
-# The UNet attributes holding its blocks (diffusers' FlaxUNet2DConditionModel.setup).
-_BLOCK_ATTRS = ("down_blocks", "mid_block", "up_blocks")
 _POLICIES = {
-    "blocks": None,  # jax.checkpoint default: save nothing inside the block
+    "blocks": None,  # jax.checkpoint's default: save nothing inside the checkpointed module
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# Where "blocks" checkpoints, as (attribute, rule) pairs per level of diffusers' module tree:
+# the rule is CHECKPOINT (run the module assigned to that attribute under nn.remat) or a
+# nested plan for the children of that module. The checkpointed units are each resnet and each
+# transformer layer, the units of diffusers' PyTorch gradient checkpointing: a whole UNet block
+# is too coarse for SDXL, whose first up block alone holds 30 transformer layers at 1024 tokens
+# (checkpointing whole blocks left the peak at ~43 GiB per device on 8-way FSDP at 1024²).
+CHECKPOINT = "checkpoint"
+_TRANSFORMER_PLAN = (("transformer_blocks", CHECKPOINT),)  # inside FlaxTransformer2DModel
+_BLOCK_PLAN = (("resnets", CHECKPOINT), ("attentions", _TRANSFORMER_PLAN))  # down/mid/up blocks
+_UNET_PLAN = (("down_blocks", _BLOCK_PLAN), ("mid_block", _BLOCK_PLAN), ("up_blocks", _BLOCK_PLAN))
 
 
 def _is_static(value) -> bool:
@@ -50,7 +60,7 @@ def checkpointed_class(base: type, mode: str) -> type:
     Python-scalar keyword arguments (`deterministic=`, `train=`, `return_dict=`) are passed
     as one static argument: they drive Python control flow inside diffusers' modules and must
     not become tracers. Everything else (arrays and pytrees of arrays) is traced. Cached per
-    (base, mode), so every block of one class shares one subclass.
+    (base, mode), so every module of one class shares one subclass.
     """
     policy = _POLICIES[mode]
 
@@ -68,36 +78,40 @@ def checkpointed_class(base: type, mode: str) -> type:
         "__doc__": f"{base.__name__} under nn.remat (mode {mode!r}); same parameters."})
 
 
-def _rebuild(module: nn.Module, mode: str) -> nn.Module:
-    """The same block (same fields, same parent) as an instance of its checkpointed class."""
-    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
-              if f.init and f.name not in ("parent", "name")}
-    return checkpointed_class(type(module), mode)(parent=module.parent, **fields)
+@functools.lru_cache(maxsize=None)
+def planned_class(base: type, plan: tuple) -> type:
+    """A subclass of `base` whose setup swaps the submodules named in `plan` (see _UNET_PLAN).
 
-
-def _block_remat_unet_class() -> type:
-    """FlaxUNet2DConditionModel whose blocks are swapped for checkpointed ones during setup.
-
-    diffusers' setup builds the blocks and assigns them to `self.down_blocks` / `mid_block` /
-    `up_blocks`; intercepting exactly those assignments (Flax names submodules at assignment)
-    swaps the class of each block while its attribute name, and so every parameter path, stays
-    what the plain model has. The swapped classes subclass the originals, so the UNet's
-    `isinstance` dispatch in `__call__` is unchanged.
+    diffusers' setups build submodules and assign them (singly or as lists) to attributes;
+    Flax names a submodule when it is assigned, so intercepting exactly those assignments
+    swaps the class of each submodule while its attribute name, and so every parameter path,
+    stays what the plain model has. The swapped classes subclass the originals, so diffusers'
+    `isinstance` dispatch (e.g. in the UNet's __call__) is unchanged.
     """
-    base = hf.FlaxUNet2DConditionModel
+    rules = dict(plan)
 
     def __setattr__(self, name, value):
-        if name in _BLOCK_ATTRS and self._state.in_setup and value is not None:
-            value = ([_rebuild(b, "blocks") for b in value] if isinstance(value, (list, tuple))
-                     else _rebuild(value, "blocks"))
+        rule = rules.get(name)
+        if rule is not None and self._state.in_setup and value is not None:
+            value = ([_swap(m, rule) for m in value] if isinstance(value, (list, tuple))
+                     else _swap(value, rule))
         base.__setattr__(self, name, value)
 
-    cls = type("BlockRematFlaxUNet2DConditionModel", (base,), {"__setattr__": __setattr__})
-    # diffusers' config registration wraps only the decorated class's own __init__
-    return _register_config(cls)
+    return type(f"Planned{base.__name__}", (base,), {"__setattr__": __setattr__})
+
+
+def _swap(module: nn.Module, rule) -> nn.Module:
+    """The same module (same fields, same parent) as an instance of the class `rule` names."""
+    cls = (checkpointed_class(type(module), "blocks") if rule == CHECKPOINT
+           else planned_class(type(module), rule))
+    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+              if f.init and f.name not in ("parent", "name")}
+    return cls(parent=module.parent, **fields)
 
 
 def _register_config(cls: type) -> type:
+    # diffusers' config registration wraps only the decorated class's own __init__; the UNet's
+    # setup reads self.config, so every UNet subclass needs it too
     from diffusers.configuration_utils import flax_register_to_config
     return flax_register_to_config(cls)
 
@@ -110,7 +124,7 @@ def unet_class(remat: str) -> type:
     if remat == "none":
         return hf.FlaxUNet2DConditionModel
     if remat == "blocks":
-        return _block_remat_unet_class()
+        return _register_config(planned_class(hf.FlaxUNet2DConditionModel, _UNET_PLAN))
     return _register_config(checkpointed_class(hf.FlaxUNet2DConditionModel, "dots"))
 
 

@@ -78,6 +78,47 @@ def fmt_gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def peak_buffers(dump_dir: str, module: str = "train_step") -> tuple[int, list[tuple[str, str, int, int]]]:
+    """The buffers live at the step's peak, from an XLA dump (--xla_dump_to) of the compile.
+
+    Reads XLA's live-range report ("Live ranges at N (peak)") and the optimized HLO for each
+    buffer's shape and whether it belongs to the backward pass (op_name "transpose(jvp(…))").
+    Returns (peak bytes, [(shape, pass, count, bytes)] sorted by bytes). Pass is "backward",
+    "forward" or "-" (fusions whose op_name XLA did not keep: weights, gathers, converts …).
+    """
+    import collections
+    import glob
+    ranges = glob.glob(os.path.join(dump_dir, f"*{module}*after_optimizations-live-range.txt"))
+    hlos = glob.glob(os.path.join(dump_dir, f"*{module}*after_optimizations.txt"))
+    if not ranges or not hlos:
+        raise FileNotFoundError(f"no XLA live-range report / optimized HLO for {module!r} in {dump_dir}")
+    live = {}
+    with open(ranges[0]) as f:
+        inside = False
+        for line in f:
+            if line.startswith("  Live ranges at") and "(peak)" in line:
+                inside = True
+            elif inside:
+                m = re.match(r"\s+(\S+?)\{[^}]*\}: (\d+) bytes", line)
+                if not m:
+                    break
+                live[m.group(1)] = live.get(m.group(1), 0) + int(m.group(2))
+    groups: dict = collections.defaultdict(lambda: [0, 0])
+    with open(hlos[0]) as f:
+        for line in f:
+            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", line)
+            if not m or m.group(1) not in live:
+                continue
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            op_name = op_name.group(1) if op_name else ""
+            phase = "backward" if "transpose(jvp(" in op_name else "forward" if "jvp(" in op_name else "-"
+            g = groups[(re.sub(r"\{.*", "", m.group(2)), phase)]
+            g[0] += 1
+            g[1] += live.pop(m.group(1))
+    rows = sorted(((shape, phase, n, b) for (shape, phase), (n, b) in groups.items()), key=lambda r: -r[3])
+    return sum(r[3] for r in rows) + sum(live.values()), rows
+
+
 # ---- the analysis (imports JAX; XLA_FLAGS must already be set) ------------------------------------
 def load_config(spec: str):
     """`path/to/config.py[:arg]` → the ConfigDict of its get_config(arg)."""
@@ -247,6 +288,22 @@ def table_markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+FINDINGS_MARKER = "<!-- findings: kept when the table is regenerated -->"
+
+
+def write_table(out: str, markdown: str) -> None:
+    """Write the generated table, keeping any hand-written text after FINDINGS_MARKER."""
+    kept = ""
+    if os.path.exists(out):
+        with open(out) as f:
+            old = f.read()
+        if FINDINGS_MARKER in old:
+            kept = "\n" + old[old.index(FINDINGS_MARKER):]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(markdown + kept)
+
+
 def run_table(config: str, bucket: str, out: str, workdir: str) -> None:
     """Every (devices, per-device batch, remat) of the grid in its own process (the simulated
     device count is fixed at JAX start-up), one after the other; finished runs (JSON in
@@ -269,9 +326,7 @@ def run_table(config: str, bucket: str, out: str, workdir: str) -> None:
                         continue
                 with open(path) as f:
                     rows.append(json.load(f))
-                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-                with open(out, "w") as f:
-                    f.write(table_markdown(rows, command))
+                write_table(out, table_markdown(rows, command))
     print(f"wrote {out} ({len(rows)} rows)")
 
 
@@ -297,6 +352,11 @@ def main(argv=None) -> None:
     p.add_argument("--split-head-dim", action="store_true", help="set model.split_head_dim")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="override model.dtype")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    p.add_argument("--explain", type=int, default=0, metavar="N",
+                   help="dump the compile (XLA_FLAGS --xla_dump_to) and list the N largest groups "
+                        "of buffers live at the peak (slower: XLA writes every kernel's IR)")
+    p.add_argument("--dump-dir", default="", help="where --explain dumps (default: a temporary "
+                   "directory, removed afterwards)")
     p.add_argument("--table", action="store_true", help=f"run the grid {TABLE_DEVICES} devices × "
                    f"batch {TABLE_BATCHES} × remat {TABLE_REMAT} and write --out")
     p.add_argument("--out", default="docs/memory.md", help="markdown written by --table")
@@ -309,6 +369,12 @@ def main(argv=None) -> None:
         run_table(a.config, a.bucket, a.out, a.workdir)
         return
     mesh_axes = parse_mesh(a.mesh) if a.mesh else {"data": 1, "fsdp": -1}
+    dump_dir = ""
+    if a.explain:
+        import tempfile
+        dump_dir = a.dump_dir or tempfile.mkdtemp(prefix="sdxl_jax_memory_dump_")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_dump_to={dump_dir} --xla_dump_hlo_module_re=.*train_step.*").strip()
     if a.devices:
         _set_device_count(a.devices)
     from sdxl_jax.models.hf import block_torch
@@ -322,6 +388,15 @@ def main(argv=None) -> None:
         cfg.model.split_head_dim = True
     report = analyze(cfg, a.per_device_batch, height, width)
     print_report(report)
+    if a.explain:
+        peak, rows = peak_buffers(dump_dir)
+        print(f"buffers live at the peak ({fmt_gib(peak)} GiB incl. arguments), largest groups:")
+        for shape, phase, n, b in rows[:a.explain]:
+            print(f"  {fmt_gib(b):>7} GiB  {n:>5} × {shape:<28} {phase}")
+        report["peak_buffers"] = [list(r) for r in rows[:a.explain]]
+        if not a.dump_dir:
+            import shutil
+            shutil.rmtree(dump_dir, ignore_errors=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
