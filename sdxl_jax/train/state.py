@@ -43,5 +43,6 @@ def state_shardings(abstract_state: TrainState, mesh, min_size: int) -> TrainSta
 def init_state(params, tx, rng, shardings: TrainState) -> TrainState:
     """The whole train state built under jit with out_shardings, from params already placed on
     the mesh (donated: the fp32 params are not held twice)."""
+    params = jax.device_put(params, shardings.params)  # no-op when already placed
     return jax.jit(lambda p, r: create_state(p, tx, r), out_shardings=shardings,
                    donate_argnums=(0,))(params, rng)
