@@ -2,6 +2,7 @@
 from the cache, checkpoint, stop, and resume; their losses equal a single-process run with the
 same global batch (the in-process 8-device run, whose compiled step the suite already has)."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,9 +20,10 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-    # mesh.data=-1, mesh.fsdp=2 of the test config gives a 2×2 mesh over the 4 global devices
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-    return env
+    # mesh.data=-1, mesh.fsdp=2 of the test config gives a 2×2 mesh over the 4 global devices;
+    # the suite's other XLA flags (conftest.py) are kept
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}", **extra)
 
 
 def _driver(workdir, log, cache, env, max_steps=None):

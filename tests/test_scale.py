@@ -160,6 +160,29 @@ def test_build_unet_from_config_threads_model_options():
     assert unet.split_head_dim and not unet.use_memory_efficient_attention
 
 
+class _Built(Exception):
+    pass
+
+
+def test_train_loop_builds_the_configured_unet(demo_cache, tmp_path, monkeypatch):
+    """train() builds its UNet through build_unet_from_config, so model.remat and the attention
+    options reach the real step (stopped right there: nothing compiles)."""
+    from helpers import tiny_config
+    from sdxl_jax.models import remat
+    from sdxl_jax.train.loop import train
+    seen = []
+
+    def spy(cfg):
+        seen.append((cfg.model.remat, cfg.model.attention, type(build_unet_from_config(cfg)).__name__))
+        raise _Built
+    monkeypatch.setattr(remat, "build_unet_from_config", spy)
+    cfg = tiny_config(**{"data.cache_dir": demo_cache, "model.remat": "blocks",
+                         "model.attention": "memory_efficient"})
+    with pytest.raises(_Built):
+        train(cfg, str(tmp_path))
+    assert seen == [("blocks", "memory_efficient", "PlannedFlaxUNet2DConditionModel")]
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(remat="layers"), "model.remat='layers'"),
     (dict(attention="flash"), "model.attention='flash'"),

@@ -128,6 +128,47 @@ def test_resume_from_midway_checkpoint_matches_straight_run(run):
     ck.close()
 
 
+def _unet_run(workdir: str):
+    """A UNet training run's checkpoint (tiny, random weights; EMA = params + 1), as export reads it."""
+    from configs.ztsnr import get_config
+    from sdxl_jax.train.state import TrainState
+    raw = _np(models.init_params("unet", "tiny", jax.random.PRNGKey(5)))
+    ema = jax.tree.map(lambda x: x + np.float32(1.0), raw)
+    state = TrainState(step=np.asarray(3, np.int32), params=raw, opt_state={}, ema_params=ema,
+                       rng=np.zeros((2,), np.uint32), nonfinite=np.asarray(0, np.int32))
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ck.save(3, state, {}, get_config("tiny").to_dict(), {})
+    ck.close()
+    return ema
+
+
+def test_export_puts_the_finetuned_decoder_into_both_formats(run, tmp_path):
+    """`python -m sdxl_jax.export --vae-workdir`: a UNet run exported with this run's decoder."""
+    from sdxl_jax import export
+    from sdxl_jax.models import weights
+    unet_wd = str(tmp_path / "unet_run")
+    unet_ema = _unet_run(unet_wd)
+    out = str(tmp_path / "with_vae.safetensors")
+    assert export.main(["--workdir", unet_wd, "--format", "single-file", "--dtype", "fp32",
+                        "--out", out, "--vae-workdir", run.wd]) == 0
+    got = weights.load_pretrained(out, "tiny", ("unet", "vae"))
+    jax.tree.map(np.testing.assert_array_equal, _np(run.finetuned), got["vae"])
+    enc_src, dec_src = V.split_vae_params(_np(run.source))
+    _, dec_got = V.split_vae_params(got["vae"])
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(dec_src), jax.tree.leaves(dec_got)))
+    jax.tree.map(np.testing.assert_array_equal, unet_ema, got["unet"])
+
+    folder = str(tmp_path / "with_vae_diffusers")
+    assert export.main(["--workdir", unet_wd, "--format", "diffusers", "--dtype", "fp32",
+                        "--out", folder, "--vae-workdir", run.wd, "--vae-weights", "raw"]) == 0
+    raw_vae = V.load_finetuned_vae(run.wd, weights="raw")
+    jax.tree.map(np.testing.assert_array_equal, _np(raw_vae),
+                 weights.load_pretrained(folder, "tiny", ("vae",))["vae"])
+    with pytest.raises(SystemExit, match="not a VAE decoder run"):  # the UNet run given as VAE run
+        export.main(["--workdir", unet_wd, "--format", "single-file", "--out", out,
+                     "--vae-workdir", unet_wd])
+
+
 def test_discriminator_switches_on_at_start_step(run):
     log = run.log
     assert sorted(log) == list(range(1, STEPS + 1))

@@ -103,6 +103,7 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
     collects (step, digest) of every local batch fed (tests compare data order across resumes)."""
     from sdxl_jax import models
     from sdxl_jax.data import make_train_iterator
+    from sdxl_jax.models.remat import build_unet_from_config
     from sdxl_jax.models.weights import frozen_params, load_pretrained
 
     os.makedirs(workdir, exist_ok=True)
@@ -122,7 +123,7 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
 
     # ---- models ---------------------------------------------------------------------------------
     preset, dtype = cfg.model.preset, cfg.model.dtype
-    unet = models.build_unet(preset, dtype)
+    unet = build_unet_from_config(cfg)  # model.remat / attention / split_head_dim
     text_l, text_g = models.build_text_encoders(preset, dtype)
     tok_l, tok_g = models.get_tokenizers(preset, cfg.model.pretrained)
     frozen_sh = {k: parallel.param_shardings(models.abstract_params(k, preset), mesh,

@@ -162,6 +162,23 @@ class CompiledStep:
         key = self.signature(batch)
         fn = self._compiled.get(key)
         if fn is None:
-            fn = self._compiled[key] = self.lower(state, frozen, batch).compile()
+            fn = self._compiled[key] = _compile_once(self.lower(state, frozen, batch), self._mesh)
             parallel.host_barrier(f"compiled_step_{len(self._compiled)}")
         return fn(state, frozen, batch)
+
+
+# Executables compiled in this process, by (program text, devices): a second `train()` in the
+# same process (a new stage list, an in-process restart, the test suite) re-lowers its step but
+# neither recompiles it nor reloads it from the persistent cache (which on XLA:CPU costs about
+# half a compile). One entry per distinct step program, so a handful in any process.
+_EXECUTABLES: dict = {}
+
+
+def _compile_once(lowered, mesh):
+    import hashlib
+    key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(),
+           tuple(int(d.id) for d in mesh.devices.flat))
+    compiled = _EXECUTABLES.get(key)
+    if compiled is None:
+        compiled = _EXECUTABLES[key] = lowered.compile()
+    return compiled
