@@ -104,7 +104,7 @@ def reference(problem):
     dict(remat="blocks", attention="memory_efficient"),
     dict(remat="dots", split_head_dim=True),
 ])
-def test_variant_loss_and_gradients_match_plain_model(problem, reference, variant):
+def test_variant_objective_and_gradients_match_plain_model(problem, reference, variant):
     loss_ref, grads_ref = reference
     loss, grads = _value_and_grad(problem, **variant)
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)

@@ -117,7 +117,7 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 class TrainSetup:
     """The loop's train step for a UNet size on a 1-device mesh: step fn, state, frozen, batch."""
 
-    def __init__(self, model: str, batch: int, latent: int):
+    def __init__(self, model: str, batch: int, latent: int, dtype: str = "float32"):
         import jax
         from sdxl_jax import models, parallel
         from sdxl_jax.models.remat import build_unet_variant
@@ -127,7 +127,7 @@ class TrainSetup:
         from sdxl_jax.train.step import StepConfig, make_train_step
 
         cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ztsnr.py") + ":tiny")
-        cfg.model.dtype = "float32"
+        cfg.model.dtype = dtype
         cfg.mesh.data, cfg.mesh.fsdp = 1, 1
         self.cfg, self.batch_size, self.latent = cfg, batch, latent
         self.mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
@@ -322,6 +322,8 @@ def main(argv=None) -> None:
     p.add_argument("--latent", type=int, default=32, help="latent side (pixels / 8)")
     p.add_argument("--mid-batch", type=int, default=2, help="batch for the mid model (CPU-sized)")
     p.add_argument("--steps", type=int, default=8, help="timed calls per measurement")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="UNet/text compute dtype of the JAX step (params stay float32)")
     p.add_argument("--devices", type=int, default=0, help="simulated CPU devices (0 = leave XLA_FLAGS)")
     a = p.parse_args(argv)
     sections = set(filter(None, a.sections.split(",")))
@@ -347,9 +349,9 @@ def main(argv=None) -> None:
         print(f"matmul peak (2048² float32, jitted): {peak / 1e9:.1f} GFLOP/s", flush=True)
     for m in models_:
         batch = a.batch if m == "tiny" else a.mid_batch
-        s = TrainSetup(m, batch, a.latent)
+        s = TrainSetup(m, batch, a.latent, a.dtype)
         print(f"\n== {m}: UNet {s.n_params / 1e6:.2f} M params, batch {batch} of {a.latent}² latents, "
-              f"float32 ==", flush=True)
+              f"{a.dtype} compute ==", flush=True)
         if "step" in sections:
             r = bench_step(s, a.steps)
             bare, loop = r["bare"], r["loop"]

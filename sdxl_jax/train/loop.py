@@ -161,7 +161,7 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
         del params
 
     sc = StepConfig.from_config(cfg, mean, std)
-    step_fn = CompiledStep(make_train_step(unet, text_l, text_g, tx, sc), shardings,
+    step_fn = CompiledStep(make_train_step(unet, text_l, text_g, tx, sc, shardings.params), shardings,
                            frozen_sh, mesh)
     meta = run_metadata(cfg, mean, std)
     cfg_json = config_json(cfg)

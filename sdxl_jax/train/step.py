@@ -88,8 +88,12 @@ def timestep_bins(t, num_steps: int):
     return jax.nn.one_hot(bins, NUM_T_BINS, dtype=jnp.float32)
 
 
-def make_train_step(unet, text_l, text_g, tx: optax.GradientTransformation, sc: StepConfig):
-    """Returns `train_step(state, frozen, batch) -> (state, metrics)`; frozen = {"text_l", "text_g"}."""
+def make_train_step(unet, text_l, text_g, tx: optax.GradientTransformation, sc: StepConfig,
+                    grad_shardings=None):
+    """Returns `train_step(state, frozen, batch) -> (state, metrics)`; frozen = {"text_l", "text_g"}.
+
+    `grad_shardings` (the params' shardings) pins each gradient to its parameter's FSDP shards,
+    so XLA reduce-scatters it as soon as it exists instead of keeping a full fp32 copy."""
     from sdxl_jax.models import unet_apply  # model layer: diffusers/transformers Flax
 
     def train_step(state: TrainState, frozen, batch):
@@ -104,6 +108,8 @@ def make_train_step(unet, text_l, text_g, tx: optax.GradientTransformation, sc: 
             return jnp.mean(losses), losses
 
         (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
