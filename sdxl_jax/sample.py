@@ -54,8 +54,13 @@ class ImageSampler:
     def __init__(self, cfg, frozen: dict, latent_mean=None, latent_std=None):
         from sdxl_jax import models
         self.cfg = cfg
-        preset, dtype = cfg["model"]["preset"], cfg["model"]["dtype"]
-        self.unet = models.build_unet(preset, dtype)
+        from sdxl_jax.models.remat import build_unet_variant
+        m = cfg["model"]
+        preset, dtype = m["preset"], m["dtype"]
+        # the run's attention options (memory-efficient attention matters most at large sizes);
+        # remat is a training-only choice
+        self.unet = build_unet_variant(preset, dtype, attention=m.get("attention", "standard"),
+                                       split_head_dim=bool(m.get("split_head_dim", False)))
         self.text_l, self.text_g = models.build_text_encoders(preset, dtype)
         self.vae = models.build_vae(preset, dtype)
         self.tok_l, self.tok_g = models.get_tokenizers(preset, cfg["model"]["pretrained"])

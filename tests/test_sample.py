@@ -85,3 +85,15 @@ def test_evaluator_writes_previews_and_deterministic_validation(saved_run, demo_
     path = ev.previews(7, state.ema_params)
     grid = np.asarray(Image.open(path))
     assert path.endswith("step_0000007.png") and grid.shape == (2 * SIDE, 2 * SIDE, 3)
+
+
+@pytest.mark.parametrize("attention,split", [("standard", False), ("memory_efficient", False),
+                                             ("standard", True)])
+def test_sampler_builds_the_runs_attention_options(attention, split):
+    from sdxl_jax.sample import ImageSampler
+    cfg = tiny_config(**{"model.attention": attention, "model.split_head_dim": split}).to_dict()
+    unet = ImageSampler(cfg, frozen={}).unet
+    assert unet.use_memory_efficient_attention == (attention == "memory_efficient")
+    assert unet.split_head_dim == split
+    del cfg["model"]["attention"], cfg["model"]["split_head_dim"]  # a run saved before the options
+    assert not ImageSampler(cfg, frozen={}).unet.use_memory_efficient_attention
