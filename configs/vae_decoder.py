@@ -20,6 +20,8 @@ Any field can be overridden with --config.a.b=value; the config is locked.
 """
 import ml_collections
 
+from sdxl_jax.config_sections import checkpoint_section, ema_section, mesh_section
+
 PRESETS = ("sdxl", "tiny")
 
 
@@ -108,24 +110,13 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     tr.max_nonfinite = 5  # consecutive non-finite steps that stop the run
 
     # ---- EMA of the trained weights (METHODS §12); export and samples use it ------------------
-    c.ema = e = ml_collections.ConfigDict()
-    e.enabled = True
-    e.decay = 0.999 if tiny else 0.9999  # d_max
-    e.inv_gamma = 1.0
-    e.power = 2.0 / 3.0
-    e.every = 1
+    c.ema = ema_section(decay=0.999 if tiny else 0.9999)
 
     # ---- device mesh --------------------------------------------------------------------------
-    c.mesh = ms = ml_collections.ConfigDict()
-    ms.data = -1  # data-parallel axis size; -1 fills the remaining devices
-    ms.fsdp = 1  # parameter-sharding axis size
-    ms.min_fsdp_size = 2**18  # parameters with fewer elements stay replicated
+    c.mesh = mesh_section()
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    c.checkpoint = ck = ml_collections.ConfigDict()
-    ck.every_steps = 100 if tiny else 2000
-    ck.keep = 3
-    ck.async_save = True
+    c.checkpoint = checkpoint_section(every_steps=100 if tiny else 2000)
 
     # ---- reconstruction samples + held-out error -----------------------------------------------
     c.sample = sp = ml_collections.ConfigDict()

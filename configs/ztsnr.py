@@ -15,6 +15,8 @@ is an error. Fields marked [ours] are choices the NAI-v3 report does not specify
 """
 import ml_collections
 
+from sdxl_jax.config_sections import checkpoint_section, ema_section, mesh_section
+
 PRESETS = ("sdxl", "tiny")
 
 
@@ -127,24 +129,13 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     tr.stages = ()
 
     # ---- EMA (METHODS §12) --------------------------------------------------------------------
-    c.ema = e = ml_collections.ConfigDict()
-    e.enabled = True
-    e.decay = 0.9999  # d_max
-    e.inv_gamma = 1.0
-    e.power = 2.0 / 3.0
-    e.every = 1
+    c.ema = ema_section(decay=0.9999)
 
     # ---- device mesh --------------------------------------------------------------------------
-    c.mesh = ms = ml_collections.ConfigDict()
-    ms.data = -1  # data-parallel axis size; -1 fills the remaining devices
-    ms.fsdp = 1  # parameter-sharding axis size
-    ms.min_fsdp_size = 2**18  # parameters with fewer elements stay replicated
+    c.mesh = mesh_section()
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    c.checkpoint = ck = ml_collections.ConfigDict()
-    ck.every_steps = 100 if tiny else 2000
-    ck.keep = 3
-    ck.async_save = True
+    c.checkpoint = checkpoint_section(every_steps=100 if tiny else 2000)
 
     # ---- samples and validation (METHODS §4, §5) ----------------------------------------------
     c.sample = sp = ml_collections.ConfigDict()

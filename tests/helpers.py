@@ -22,6 +22,11 @@ def tiny_config(**overrides):
     cfg.checkpoint.async_save = False
     cfg.mesh.data, cfg.mesh.fsdp = -1, 2  # 4×2 on the 8 test devices: data parallel and FSDP
     cfg.mesh.min_fsdp_size = 1024  # shard the tiny model's kernels for real
+    return override(cfg, overrides)
+
+
+def override(cfg, overrides: dict):
+    """Set dotted keys ("train.steps": 4, …) on a ConfigDict; returns it."""
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import override
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import models
 from sdxl_jax.config import ConfigError
@@ -42,13 +43,7 @@ def tiny_vae_config(images_dir: str, **overrides):
     cfg.checkpoint.every_steps = STEPS // 2
     cfg.checkpoint.async_save = False
     cfg.sample.every_steps = STEPS
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return override(cfg, overrides)
 
 
 def _np(tree):

@@ -1,0 +1,34 @@
+"""Config sections shared by every trainer config (configs/ztsnr.py, configs/vae_decoder.py).
+
+Plain ml_collections, no JAX: config files import this before any device is set up.
+"""
+import ml_collections
+
+
+def ema_section(decay: float) -> ml_collections.ConfigDict:
+    """EMA of the trained weights (METHODS §12); export and samples use it."""
+    e = ml_collections.ConfigDict()
+    e.enabled = True
+    e.decay = decay  # d_max
+    e.inv_gamma = 1.0
+    e.power = 2.0 / 3.0
+    e.every = 1
+    return e
+
+
+def mesh_section() -> ml_collections.ConfigDict:
+    """Device mesh: data parallel × FSDP."""
+    ms = ml_collections.ConfigDict()
+    ms.data = -1  # data-parallel axis size; -1 fills the remaining devices
+    ms.fsdp = 1  # parameter-sharding axis size
+    ms.min_fsdp_size = 2**18  # parameters with fewer elements stay replicated
+    return ms
+
+
+def checkpoint_section(every_steps: int) -> ml_collections.ConfigDict:
+    """Orbax checkpoints: every N steps and at the end, keep the newest `keep`, async saves."""
+    ck = ml_collections.ConfigDict()
+    ck.every_steps = every_steps
+    ck.keep = 3
+    ck.async_save = True
+    return ck
