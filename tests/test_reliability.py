@@ -15,7 +15,8 @@ import pytest
 
 from helpers import tiny_config
 from sdxl_jax import checkpoint as ckpt_lib
-from sdxl_jax.train.loop import NonFiniteError, train
+from sdxl_jax.train.common import NonFiniteError
+from sdxl_jax.train.loop import train
 from sdxl_jax.train.state import TrainState
 
 HERE = os.path.dirname(__file__)

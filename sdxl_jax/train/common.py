@@ -110,3 +110,58 @@ class ScalarMeans:
         out.update(nonfinite=self.skipped, _n=self.n)
         self._sums, self.n, self.skipped = {}, 0, 0
         return out
+
+
+class MetricReader:
+    """Reads one step's metrics (a step late, so the host never waits on the device it just fed):
+    records the loss, counts non-finite steps (K in a row raise NonFiniteError, pointing at the
+    last good checkpoint), advances the progress bar, and every `train.log_every` steps writes
+    the means to TensorBoard and one log line (`log_line(step, means) -> str`).
+
+    `acc` pools the metrics between log lines (add / pop, `consecutive_nonfinite`); `host`
+    converts the fetched metrics (default: as fetched)."""
+
+    def __init__(self, cfg, acc, ckpt, schedule_fn, writer, pbar, is_main: bool, stop_at: int,
+                 losses: list, log_line, lr_hint: str, host=None, metrics_log=None):
+        import time
+        self._time = time.perf_counter
+        self.cfg, self.acc, self.ckpt, self.schedule_fn = cfg, acc, ckpt, schedule_fn
+        self.writer, self.pbar, self.is_main, self.stop_at = writer, pbar, is_main, stop_at
+        self.losses, self.log_line, self.lr_hint = losses, log_line, lr_hint
+        self.host, self.metrics_log = host, metrics_log
+        self.t_last = self._time()
+
+    def __call__(self, s: int, m) -> None:
+        m = jax.device_get(m)
+        if self.host is not None:
+            m = self.host(m)
+        self.losses.append(float(m["loss"]))
+        if self.metrics_log is not None:
+            self.metrics_log.append((s, m))
+        acc = self.acc
+        acc.add(m)
+        if not m["finite"]:
+            acc.consecutive_nonfinite += 1
+            log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
+                        s, acc.consecutive_nonfinite)
+            if acc.consecutive_nonfinite >= self.cfg.train.max_nonfinite:
+                raise NonFiniteError(
+                    f"{acc.consecutive_nonfinite} consecutive non-finite steps up to step {s}: "
+                    f"stopping. The last good checkpoint ({self.ckpt.latest_step()}) is intact; "
+                    f"lower {self.lr_hint} or check the data")
+        else:
+            acc.consecutive_nonfinite = 0
+        if self.pbar is not None:
+            self.pbar.update(1)
+            self.pbar.set_postfix(loss=f"{float(m['loss']):.4f}")
+        if s % self.cfg.train.log_every == 0 or s == self.stop_at:
+            out = acc.pop()
+            now = self._time()
+            out["lr"] = float(self.schedule_fn(s))
+            out["steps_per_s"] = out.pop("_n") / max(now - self.t_last, 1e-9)
+            self.t_last = now
+            if self.writer is not None:
+                for k, v in out.items():
+                    self.writer.add_scalar(f"train/{k}", v, s)
+            if self.is_main:
+                log.info("%s", self.log_line(s, out))

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import parallel
 from sdxl_jax.train import optim
-from sdxl_jax.train.common import NonFiniteError, config_json, demo_images, package_versions
+from sdxl_jax.train.common import MetricReader, config_json, demo_images, package_versions
 from sdxl_jax.train.common import Preemption as _Preemption, progress as _progress, use_compilation_cache
 from sdxl_jax.train.state import create_state, init_state, state_shardings
 from sdxl_jax.train.step import NUM_T_BINS, CompiledStep, StepConfig, make_train_step
@@ -186,40 +184,12 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
     pending = None  # (step, metrics) of the last dispatched step, read one step late
     acc = _MetricAcc()
     pbar = _progress(is_main, step, stop_at)
-    t_last = time.perf_counter()
-
-    def read_metrics(pend):
-        nonlocal t_last
-        s, m = pend
-        m = jax.device_get(m)
-        summary["losses"].append(float(m["loss"]))
-        acc.add(m)
-        if not m["finite"]:
-            acc.consecutive_nonfinite += 1
-            log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
-                        s, acc.consecutive_nonfinite)
-            if acc.consecutive_nonfinite >= cfg.train.max_nonfinite:
-                raise NonFiniteError(
-                    f"{acc.consecutive_nonfinite} consecutive non-finite steps up to step {s}: "
-                    f"stopping. The last good checkpoint ({ckpt.latest_step()}) is intact; lower "
-                    f"train.learning_rate or check the data")
-        else:
-            acc.consecutive_nonfinite = 0
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{float(m['loss']):.4f}")
-        if s % cfg.train.log_every == 0 or s == stop_at:
-            out = acc.pop()
-            now = time.perf_counter()
-            out["lr"] = float(schedule_fn(s))
-            out["steps_per_s"] = out.pop("_n") / max(now - t_last, 1e-9)
-            t_last = now
-            if writer is not None:
-                for k, v in out.items():
-                    writer.add_scalar(f"train/{k}", v, s)
-            if is_main:
-                log.info("step %d | loss %.4f | grad_norm %.3f | lr %.2e | %.2f steps/s | skipped %d",
-                         s, out["loss"], out["grad_norm"], out["lr"], out["steps_per_s"], out["nonfinite"])
+    read_metrics = MetricReader(
+        cfg, acc, ckpt, schedule_fn, writer, pbar, is_main, stop_at, summary["losses"],
+        lambda s, out: (f"step {s} | loss {out['loss']:.4f} | grad_norm {out['grad_norm']:.3f} | "
+                        f"lr {out['lr']:.2e} | {out['steps_per_s']:.2f} steps/s | "
+                        f"skipped {out['nonfinite']}"),
+        lr_hint="train.learning_rate")
 
     def save(s, it, stage):
         ckpt.save(s, state, {"stage": stage.index, "iterator": it.get_state()}, cfg_json, meta)
@@ -245,7 +215,7 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
                 state, metrics = step_fn(state, frozen, batch)
                 step += 1
                 if pending is not None:
-                    read_metrics(pending)
+                    read_metrics(*pending)
                 pending = (step, metrics)
                 if profile and step == profile[1]:
                     jax.block_until_ready(state)
@@ -264,7 +234,7 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
     try:
         run_stages()
         if pending is not None:
-            read_metrics(pending)
+            read_metrics(*pending)
     finally:
         summary["compiles"] = step_fn.compile_count
         ckpt.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ from sdxl_jax import parallel
 from sdxl_jax.config import ConfigError, _choice, _looks_like_hub_id, _positive
 from sdxl_jax.train import optim
 from sdxl_jax.train import vae_losses as L
-from sdxl_jax.train.common import (NonFiniteError, Preemption, ScalarMeans, config_json, demo_images,
+from sdxl_jax.train.common import (MetricReader, Preemption, ScalarMeans, config_json, demo_images,
                                    package_versions, progress, use_compilation_cache)
 from sdxl_jax.train.state import TrainState, create_state, init_state, state_shardings
 from sdxl_jax.train.step import CompiledStep
@@ -424,45 +423,15 @@ def train_vae_decoder(cfg, workdir: str, max_steps: int | None = None,
         pbar = progress(is_main, step, stop_at)
         if pbar is not None:
             cleanup.callback(pbar.close)
-        t_last = time.perf_counter()
-
-        def read_metrics(pend):
-            nonlocal t_last
-            s, m = pend
-            m = {k: float(v) if k != "finite" else bool(v) for k, v in jax.device_get(m).items()}
-            summary["losses"].append(m["loss"])
-            if metrics_log is not None:
-                metrics_log.append((s, m))
-            acc.add(m)
-            if not m["finite"]:
-                acc.consecutive_nonfinite += 1
-                log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
-                            s, acc.consecutive_nonfinite)
-                if acc.consecutive_nonfinite >= cfg.train.max_nonfinite:
-                    raise NonFiniteError(
-                        f"{acc.consecutive_nonfinite} consecutive non-finite steps up to step {s}: "
-                        f"stopping. The last good checkpoint ({ckpt.latest_step()}) is intact; lower "
-                        "train.learning_rate / disc.learning_rate or check the data")
-            else:
-                acc.consecutive_nonfinite = 0
-            if pbar is not None:
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{m['loss']:.4f}")
-            if s % cfg.train.log_every == 0 or s == stop_at:
-                out = acc.pop()
-                now = time.perf_counter()
-                out["lr"] = float(schedule_fn(s))
-                out["steps_per_s"] = out.pop("_n") / max(now - t_last, 1e-9)
-                t_last = now
-                if writer is not None:
-                    for k, v in out.items():
-                        writer.add_scalar(f"train/{k}", v, s)
-                if is_main:
-                    log.info("step %d | loss %.4f | l1 %.4f | mse %.5f | gan %.4f | disc %.4f | "
-                             "grad_norm %.3f | lr %.2e | %.2f steps/s | skipped %d", s,
-                             out.get("loss", np.nan), out.get("l1", np.nan), out.get("mse", np.nan),
-                             out.get("gan_term", 0.0), out.get("disc_loss", 0.0),
-                             out.get("grad_norm", np.nan), out["lr"], out["steps_per_s"], out["nonfinite"])
+        read_metrics = MetricReader(
+            cfg, acc, ckpt, schedule_fn, writer, pbar, is_main, stop_at, summary["losses"],
+            lambda s, o: (f"step {s} | loss {o.get('loss', np.nan):.4f} | l1 {o.get('l1', np.nan):.4f} | "
+                          f"mse {o.get('mse', np.nan):.5f} | gan {o.get('gan_term', 0.0):.4f} | "
+                          f"disc {o.get('disc_loss', 0.0):.4f} | grad_norm {o.get('grad_norm', np.nan):.3f} | "
+                          f"lr {o['lr']:.2e} | {o['steps_per_s']:.2f} steps/s | skipped {o['nonfinite']}"),
+            lr_hint="train.learning_rate / disc.learning_rate",
+            host=lambda m: {k: float(v) if k != "finite" else bool(v) for k, v in m.items()},
+            metrics_log=metrics_log)
 
         def save(s):
             ckpt.save(s, state, {"iterator": it.get_state()}, cfg_json, meta)
@@ -478,7 +447,7 @@ def train_vae_decoder(cfg, workdir: str, max_steps: int | None = None,
             state, metrics = step_fn(state, frozen, batch)
             step += 1
             if pending is not None:
-                read_metrics(pending)
+                read_metrics(*pending)
             pending = (step, metrics)
             saved = step % cfg.checkpoint.every_steps == 0 or step == stop_at
             if saved:
@@ -491,7 +460,7 @@ def train_vae_decoder(cfg, workdir: str, max_steps: int | None = None,
                 summary["stopped"] = "preempted"
                 break
         if pending is not None:
-            read_metrics(pending)
+            read_metrics(*pending)
         summary.update(end_step=step, compiles=step_fn.compile_count, state=state, encoder=encoder)
         return summary
 
