@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 # Orbax splits replicated shards between their replicas to parallelise writes; each split is an
 # eager slice that compiles per shape, which costs far more than it saves for small arrays (a
-# 4×2 mesh save of the tiny model compiled ~200 slice programs: 13 s a save). Only shards of at
-# least this many bytes per replica are split.
+# 4×2 mesh save of the tiny model compiled 225 slice programs: 22.4 s a save, 6.9 s without).
+# Only shards of at least this many bytes per replica are split.
 REPLICA_PARALLEL_MIN_BYTES = 16 * 1024 ** 2
 
 

@@ -378,8 +378,9 @@ def main(argv=None) -> None:
                                    f" --xla_dump_to={dump_dir} --xla_dump_hlo_module_re=.*train_step.*").strip()
     if a.devices:
         _set_device_count(a.devices)
-        # The simulated step never runs: skip LLVM's optimisations (buffer assignment, and so
-        # every figure reported, comes from the HLO passes before them); compiles ~2× faster.
+        # The simulated step never runs: skip LLVM's optimisations. Buffer assignment, and so
+        # every figure reported, comes from the HLO passes before them (identical figures
+        # checked on the tiny step, whose compile went from 73 s to 61 s).
         os.environ["XLA_FLAGS"] += FAST_CODEGEN_FLAGS
     from sdxl_jax.models.hf import block_torch
     block_torch()

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import time
 from importlib import metadata as importlib_metadata
 
 import jax
@@ -123,13 +124,11 @@ class MetricReader:
 
     def __init__(self, cfg, acc, ckpt, schedule_fn, writer, pbar, is_main: bool, stop_at: int,
                  losses: list, log_line, lr_hint: str, host=None, metrics_log=None):
-        import time
-        self._time = time.perf_counter
         self.cfg, self.acc, self.ckpt, self.schedule_fn = cfg, acc, ckpt, schedule_fn
         self.writer, self.pbar, self.is_main, self.stop_at = writer, pbar, is_main, stop_at
         self.losses, self.log_line, self.lr_hint = losses, log_line, lr_hint
         self.host, self.metrics_log = host, metrics_log
-        self.t_last = self._time()
+        self.t_last = time.perf_counter()
 
     def __call__(self, s: int, m) -> None:
         m = jax.device_get(m)
@@ -156,7 +155,7 @@ class MetricReader:
             self.pbar.set_postfix(loss=f"{float(m['loss']):.4f}")
         if s % self.cfg.train.log_every == 0 or s == self.stop_at:
             out = acc.pop()
-            now = self._time()
+            now = time.perf_counter()
             out["lr"] = float(self.schedule_fn(s))
             out["steps_per_s"] = out.pop("_n") / max(now - self.t_last, 1e-9)
             self.t_last = now
