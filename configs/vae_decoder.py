@@ -20,23 +20,16 @@ Any field can be overridden with --config.a.b=value; the config is locked.
 """
 import ml_collections
 
-from sdxl_jax.config_sections import checkpoint_section, ema_section, mesh_section
-
-PRESETS = ("sdxl", "tiny")
+from sdxl_jax.config_sections import checkpoint_section, ema_section, mesh_section, root_config
 
 
 def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
-    preset = preset or "sdxl"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    tiny = preset == "tiny"
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    c.task = "vae_decoder"  # train.py runs sdxl_jax.train.vae_loop.train_vae_decoder
+    c = root_config(preset, task="vae_decoder")  # train.py runs the trainer of c.task
+    tiny = c.preset == "tiny"
 
     # ---- model -------------------------------------------------------------------------------
     c.model = m = ml_collections.ConfigDict()
-    m.preset = preset  # VAE sizes: "sdxl" (83.7 M params, 49.5 M in the decoder) or "tiny"
+    m.preset = c.preset  # VAE sizes: "sdxl" (83.7 M params, 49.5 M in the decoder) or "tiny"
     # Weights to start from (encoder and decoder): a diffusers folder, a single-file SGM
     # .safetensors or a Hub id. "" = the seeded random VAE of the UNet trainer (tiny only).
     m.pretrained = ""

@@ -15,23 +15,16 @@ is an error. Fields marked [ours] are choices the NAI-v3 report does not specify
 """
 import ml_collections
 
-from sdxl_jax.config_sections import checkpoint_section, ema_section, mesh_section
-
-PRESETS = ("sdxl", "tiny")
+from sdxl_jax.config_sections import checkpoint_section, ema_section, mesh_section, root_config
 
 
 def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
-    preset = preset or "sdxl"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    tiny = preset == "tiny"
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    c.task = "unet"  # which trainer train.py runs: "unet" here, "vae_decoder" in vae_decoder.py
+    c = root_config(preset, task="unet")  # train.py runs the trainer of c.task
+    tiny = c.preset == "tiny"
 
     # ---- model -------------------------------------------------------------------------------
     c.model = m = ml_collections.ConfigDict()
-    m.preset = preset  # architecture sizes: "sdxl" (2.57 B UNet) or "tiny" (same blocks, small)
+    m.preset = c.preset  # architecture sizes: "sdxl" (2.57 B UNet) or "tiny" (same blocks, small)
     # Weights to start from: a diffusers folder, a single-file SGM .safetensors, or a Hub id.
     # "" means random init (only sensible for `tiny`); the sdxl preset requires it.
     m.pretrained = ""

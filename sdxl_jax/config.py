@@ -55,32 +55,48 @@ def validate(cfg, num_devices: int | None = None) -> None:
         raise ConfigError(f"data.caption_dropout={cfg.data.caption_dropout}: must be in [0, 1]")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay={cfg.ema.decay}: must be in [0, 1)")
-    b = cfg.data.buckets
-    if b.min_side > b.max_side or b.min_side * b.min_side > b.max_area or b.step <= 0:
-        raise ConfigError(f"data.buckets (min_side={b.min_side}, max_side={b.max_side}, "
-                          f"max_area={b.max_area}, step={b.step}) produce no bucket")
+    check_buckets(cfg)
     for key in ("data.cache_dir", "data.images_dir", "data.manifest"):
         path = cfg.data[key.split(".")[1]]
         if path and key != "data.cache_dir" and not os.path.exists(path):
             raise ConfigError(f"{key}={path!r}: no such file or directory")
+    check_pretrained(cfg, "trains from real SDXL weights")
+    if cfg.latents.normalization == "per_channel" and (cfg.latents.mean is None) != (cfg.latents.std is None):
+        raise ConfigError("latents.mean and latents.std must be given together (or both left unset)")
+    check_devices(cfg, num_devices)
+
+
+# ---- checks shared with the VAE decoder trainer's config ------------------------------------
+def check_buckets(cfg) -> None:
+    b = cfg.data.buckets
+    if b.min_side > b.max_side or b.min_side * b.min_side > b.max_area or b.step <= 0:
+        raise ConfigError(f"data.buckets (min_side={b.min_side}, max_side={b.max_side}, "
+                          f"max_area={b.max_area}, step={b.step}) produce no bucket")
+
+
+def check_pretrained(cfg, sdxl_needs: str) -> None:
+    """model.pretrained: a local path must exist; the sdxl preset needs one (`sdxl_needs` says why)."""
     pre = cfg.model.pretrained
     if pre and (pre.startswith((".", "/", "~")) or os.sep in pre and not _looks_like_hub_id(pre)):
         if not os.path.exists(os.path.expanduser(pre)):
             raise ConfigError(f"model.pretrained={pre!r}: no such file or directory")
     if cfg.model.preset == "sdxl" and not pre:
-        raise ConfigError("model.pretrained is empty: the sdxl preset trains from real SDXL weights "
-                          "(a diffusers folder, a single-file .safetensors, or a Hub id when online)")
-    if cfg.latents.normalization == "per_channel" and (cfg.latents.mean is None) != (cfg.latents.std is None):
-        raise ConfigError("latents.mean and latents.std must be given together (or both left unset)")
-    if num_devices is not None:
-        from sdxl_jax.parallel import mesh_shape
-        try:
-            mesh_shape(int(cfg.mesh.data), int(cfg.mesh.fsdp), num_devices)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if cfg.train.global_batch_size % num_devices:
-            raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible "
-                              f"by the {num_devices} data-parallel devices")
+        raise ConfigError(f"model.pretrained is empty: the sdxl preset {sdxl_needs} (a diffusers "
+                          "folder, a single-file .safetensors, or a Hub id when online)")
+
+
+def check_devices(cfg, num_devices: int | None) -> None:
+    """The mesh fits `num_devices` and the global batch divides over them (None: not checked)."""
+    if num_devices is None:
+        return
+    from sdxl_jax.parallel import mesh_shape
+    try:
+        mesh_shape(int(cfg.mesh.data), int(cfg.mesh.fsdp), num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.train.global_batch_size % num_devices:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible "
+                          f"by the {num_devices} data-parallel devices")
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -4,6 +4,20 @@ Plain ml_collections, no JAX: config files import this before any device is set 
 """
 import ml_collections
 
+PRESETS = ("sdxl", "tiny")  # the sizes of sdxl_jax.models.presets, named without importing JAX
+
+
+def root_config(preset: str, task: str) -> ml_collections.ConfigDict:
+    """The top of a trainer config: `preset` ("" = "sdxl") checked, and the trainer `task`
+    train.py runs ("unet": the UNet trainer; "vae_decoder": the VAE decoder trainer)."""
+    preset = preset or "sdxl"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.task = task
+    return c
+
 
 def ema_section(decay: float) -> ml_collections.ConfigDict:
     """EMA of the trained weights (METHODS §12); export and samples use it."""

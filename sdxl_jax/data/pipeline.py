@@ -185,26 +185,18 @@ class _PlanDataset(grain.IterDataset):
         return _PlanIterator(*self._args)
 
 
-class DataIterator(grain.DatasetIterator):
-    """The loader handed to the trainer: numpy batch dicts, get_state()/set_state() as JSON dicts.
+class ReaderIterator(grain.DatasetIterator):
+    """A prefetching Grain iterator and the reader thread pool behind it, as one closable
+    iterator with JSON-able get_state()/set_state(). Live ones are closed at interpreter exit."""
 
-    For the buckets that batches can come from, `batch_sizes` maps bucket (w, h) → global batch
-    size and `latent_shapes` bucket → latent (h, w, c): the shapes to compile the step for.
-    `steps_per_epoch` counts global batches per epoch (the val iterator: batches in total).
-    """
-
-    def __init__(self, inner: grain.DatasetIterator, reader: _Reader, index: C.CacheIndex,
-                 sizes: Sequence[int], used: Sequence[int], steps: int):
+    def __init__(self, inner: grain.DatasetIterator, reader):
         super().__init__(inner)
         self._inner, self._reader = inner, reader
-        self.batch_sizes = {index.buckets[b]: sizes[b] for b in used}
-        self.latent_shapes = {index.buckets[b]: tuple(index.latent_shapes[b]) for b in used}
-        self.steps_per_epoch = steps
         _LIVE.add(self)
 
     def __next__(self) -> dict[str, Any]:
         if self._inner is None:
-            raise ValueError("this data iterator is closed")
+            raise ValueError(f"this {type(self).__name__} is closed")
         return next(self._inner)
 
     def get_state(self) -> dict[str, Any]:
@@ -223,8 +215,24 @@ class DataIterator(grain.DatasetIterator):
 
 # Grain's prefetch iterator cannot close itself once the interpreter has started tearing down
 # modules (its __del__ then fails noisily), so live iterators are closed and released at exit.
-_LIVE: "weakref.WeakSet[DataIterator]" = weakref.WeakSet()
+_LIVE: "weakref.WeakSet[ReaderIterator]" = weakref.WeakSet()
 atexit.register(lambda: [it.close() for it in list(_LIVE)])
+
+
+class DataIterator(ReaderIterator):
+    """The loader handed to the trainer: numpy batch dicts, get_state()/set_state() as JSON dicts.
+
+    For the buckets that batches can come from, `batch_sizes` maps bucket (w, h) → global batch
+    size and `latent_shapes` bucket → latent (h, w, c): the shapes to compile the step for.
+    `steps_per_epoch` counts global batches per epoch (the val iterator: batches in total).
+    """
+
+    def __init__(self, inner: grain.DatasetIterator, reader: _Reader, index: C.CacheIndex,
+                 sizes: Sequence[int], used: Sequence[int], steps: int):
+        super().__init__(inner, reader)
+        self.batch_sizes = {index.buckets[b]: sizes[b] for b in used}
+        self.latent_shapes = {index.buckets[b]: tuple(index.latent_shapes[b]) for b in used}
+        self.steps_per_epoch = steps
 
 
 def _open(config, cache_dir, process_index, process_count, global_batch_size, batch_multiple):

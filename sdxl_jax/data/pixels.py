@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-import grain
 import numpy as np
 from grain.experimental import ThreadPrefetchIterDataset
 
@@ -32,7 +31,7 @@ from sdxl_jax.data.buckets import assign_bucket, batch_sizes, buckets_from_confi
 from sdxl_jax.data.images import BadInput, list_folder, list_manifest, load_pixels, probe_size
 # The plan iterator of the latent loader: (record buckets, ids, sizes, seed, plan id) → global
 # batch specs with a checkpointable position. Generic over what a "record" is, so reused here.
-from sdxl_jax.data.pipeline import _PlanDataset, split_records
+from sdxl_jax.data.pipeline import ReaderIterator, _PlanDataset, split_records
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ class _PixelReader:
         self._pool.shutdown(wait=False)
 
 
-class PixelIterator(grain.DatasetIterator):
+class PixelIterator(ReaderIterator):
     """Infinite training batches {"images": (local, H, W, 3) float32}; JSON-able state.
 
     `batch_sizes` maps bucket (w, h) → global batch size for the buckets in use, `image_shape`
@@ -163,27 +162,9 @@ class PixelIterator(grain.DatasetIterator):
     """
 
     def __init__(self, inner, reader: _PixelReader, sizes: dict, image_shape, skipped, held_out):
-        super().__init__(inner)
-        self._inner, self._reader = inner, reader
+        super().__init__(inner, reader)
         self.batch_sizes, self.image_shape = sizes, image_shape
         self.skipped, self.held_out = skipped, held_out
-
-    def __next__(self) -> dict[str, Any]:
-        if self._inner is None:
-            raise ValueError("this pixel iterator is closed")
-        return next(self._inner)
-
-    def get_state(self) -> dict[str, Any]:
-        return self._inner.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._inner.set_state(state)
-
-    def close(self) -> None:
-        if self._inner is not None:
-            self._inner.close()
-            self._reader.close()
-            self._inner, self._reader, self._parents = None, None, ()
 
 
 def make_pixel_iterator(config, images_dir: str | None = None, manifest: str | None = None,

@@ -30,7 +30,8 @@ import optax
 
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import parallel
-from sdxl_jax.config import ConfigError, _choice, _looks_like_hub_id, _positive
+from sdxl_jax.config import (ConfigError, _choice, _positive, check_buckets, check_devices,
+                             check_pretrained)
 from sdxl_jax.train import optim
 from sdxl_jax.train import vae_losses as L
 from sdxl_jax.train.common import (MetricReader, Preemption, ScalarMeans, config_json, demo_images,
@@ -117,10 +118,8 @@ def validate_vae_config(cfg, num_devices: int | None = None) -> None:
             (cfg.loss.perceptual_weights and cfg.loss.perceptual_weight)):
         raise ConfigError("loss.l1_weight, loss.mse_weight and the perceptual loss are all off: "
                           "nothing to train the decoder on")
+    check_buckets(cfg)
     b, crop = cfg.data.buckets, int(cfg.data.crop_size)
-    if b.min_side > b.max_side or b.min_side * b.min_side > b.max_area or b.step <= 0:
-        raise ConfigError(f"data.buckets (min_side={b.min_side}, max_side={b.max_side}, "
-                          f"max_area={b.max_area}, step={b.step}) produce no bucket")
     if crop % 8 or crop > b.min_side:
         raise ConfigError(f"data.crop_size={crop}: must be a multiple of 8 (the VAE's downsampling) "
                           f"and ≤ data.buckets.min_side={b.min_side} (0 = whole buckets)")
@@ -134,22 +133,8 @@ def validate_vae_config(cfg, num_devices: int | None = None) -> None:
     if cfg.loss.perceptual_weights and not os.path.isfile(cfg.loss.perceptual_weights):
         raise ConfigError(f"loss.perceptual_weights={cfg.loss.perceptual_weights!r}: no such file "
                           "(set '' to train without the perceptual loss)")
-    pre = cfg.model.pretrained
-    if pre and (pre.startswith((".", "/", "~")) or os.sep in pre and not _looks_like_hub_id(pre)):
-        if not os.path.exists(os.path.expanduser(pre)):
-            raise ConfigError(f"model.pretrained={pre!r}: no such file or directory")
-    if cfg.model.preset == "sdxl" and not pre:
-        raise ConfigError("model.pretrained is empty: the sdxl preset finetunes a real SDXL VAE "
-                          "(a diffusers folder, a single-file .safetensors, or a Hub id)")
-    if num_devices is not None:
-        from sdxl_jax.parallel import mesh_shape
-        try:
-            mesh_shape(int(cfg.mesh.data), int(cfg.mesh.fsdp), num_devices)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if cfg.train.global_batch_size % num_devices:
-            raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not "
-                              f"divisible by the {num_devices} data-parallel devices")
+    check_pretrained(cfg, "finetunes a real SDXL VAE")
+    check_devices(cfg, num_devices)
 
 
 # ---------------------------------------------------------------------------------------------
