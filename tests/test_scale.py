@@ -248,3 +248,40 @@ def test_write_table_keeps_hand_written_findings(tmp_path):
     out.write_text(out.read_text() + memory_report.FINDINGS_MARKER + "\nremat fits.\n")
     memory_report.write_table(str(out), "# table v2\n")
     assert out.read_text() == "# table v2\n\n" + memory_report.FINDINGS_MARKER + "\nremat fits.\n"
+
+
+def test_buffer_assignment_dump_gives_the_memory_analysis_figures(tmp_path):
+    """--until-buffers reads XLA's buffer-assignment dump instead of compiled.memory_analysis():
+    on a donated update step (arguments, aliased and plain outputs, temporaries) both agree."""
+    def step(state, x):
+        h = jnp.tanh(x @ state["w"])
+        h = jnp.tanh(h @ state["w"].T)
+        return {"w": state["w"] - 0.1 * (h.T @ x)}, jnp.sum(h)
+
+    state, x = {"w": jnp.ones((64, 64))}, jnp.ones((128, 64))
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, x).compile(
+        compiler_options={"xla_dump_to": str(tmp_path), **memory_report.SIMULATION_OPTIONS})
+    mem = compiled.memory_analysis()
+    path = memory_report.wait_for_buffer_assignment(str(tmp_path), lambda: False, module="jit_step",
+                                                    poll_s=0.01)
+    assert memory_report.buffer_assignment_stats(path) == {
+        "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes, "code_bytes": 0}
+    assert mem.argument_size_in_bytes == (64 * 64 + 128 * 64) * 4  # w and x
+    assert mem.alias_size_in_bytes == 64 * 64 * 4  # the donated w is updated in place
+    with pytest.raises(RuntimeError, match="without a buffer-assignment dump"):
+        memory_report.wait_for_buffer_assignment(str(tmp_path / "empty"), lambda: False, poll_s=0.01)
+
+
+def test_table_lists_every_grid_run_and_marks_the_missing(tmp_path):
+    runs = list(memory_report.table_runs("1024x1024", str(tmp_path)))
+    assert len(runs) == 3 * 3 * 3 and len({r[-1] for r in runs}) == 27
+    assert runs[0][:4] == (8, 1, "none", "standard")
+    gib = 1024 ** 3
+    done = dict(devices=8, per_device_batch=1, remat="blocks", attention="memory_efficient",
+                argument_bytes=5 * gib, temp_bytes=8 * gib, total_bytes=13 * gib, flops_global=167.7e12)
+    missing = dict(devices=32, per_device_batch=4, remat="none", attention="standard", missing=True)
+    md = memory_report.table_markdown([done, missing], "cmd")
+    assert ("| 8 | 1 | blocks + memory-efficient attention | 5.00 | 8.00 | **13.00** | 167.7 | ✓ | ✓ | ✓ | ✓ |"
+            in md)
+    assert "| 32 | 4 | none | not run |" in md

@@ -33,14 +33,16 @@ ACCELERATORS = (("TPU v5e", 16), ("TPU v4", 32), ("H100", 80), ("TPU v5p", 95))
 FIT_MARGIN = 0.9
 TABLE_DEVICES = (8, 16, 32)
 TABLE_BATCHES = (1, 2, 4)
-TABLE_REMAT = ("none", "blocks")
-# Flags for the simulated compile. XLA:CPU's default scheduler orders for concurrency and keeps
-# forward values alive into the backward, which undoes remat (tiny UNet at 1024², one device:
-# temporaries 1087.0 MiB with remat none, 1086.5 MiB with blocks); the memory-optimised scheduler
-# orders like the TPU/GPU compilers do for memory (951.9 and 759.7 MiB). The step never runs, so
-# LLVM's optimisations are skipped too: buffer assignment comes from the HLO passes before them.
-SIMULATION_FLAGS = (" --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-                    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# (model.remat, model.attention) rows of the table: no checkpointing, per-layer checkpointing,
+# and per-layer checkpointing with chunked attention (no materialised attention probabilities)
+TABLE_VARIANTS = (("none", "standard"), ("blocks", "standard"), ("blocks", "memory_efficient"))
+# Compiler options of the simulated compile. XLA:CPU's default scheduler orders for concurrency
+# and keeps forward values alive into the backward, which undoes remat (tiny UNet at 1024², one
+# device: temporaries 1087.0 MiB with remat none, 1086.5 MiB with blocks); the memory-optimised
+# scheduler orders for memory as the TPU/GPU compilers do (951.9 and 759.7 MiB). The step never
+# runs, so LLVM's optimisations are skipped: buffer assignment happens before them.
+SIMULATION_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+                      "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 # ---- pure helpers (no JAX) -----------------------------------------------------------------------
@@ -126,6 +128,51 @@ def peak_buffers(dump_dir: str, module: str = "train_step") -> tuple[int, list[t
     return sum(r[3] for r in rows) + sum(live.values()), rows
 
 
+def buffer_assignment_stats(path: str) -> dict:
+    """argument / output / alias / temp bytes from XLA's buffer-assignment dump, counted as
+    `compiled.memory_analysis()` counts them: entry parameters are arguments (those also
+    live-out are outputs aliased to them, the donated state), the other live-out allocations
+    are outputs, the preallocated temporary buffer is the temporaries; constants and
+    thread-local scratch are not counted."""
+    stats = dict.fromkeys(("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"), 0)
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"allocation \d+: size (\d+), (.*)", line)
+            if not m:
+                continue
+            size, kind = int(m.group(1)), m.group(2)
+            live_out = "maybe-live-out" in kind
+            if kind.startswith("parameter "):
+                stats["argument_bytes"] += size
+                stats["alias_bytes"] += size if live_out else 0
+                stats["output_bytes"] += size if live_out else 0
+            elif kind.startswith("preallocated-temp"):
+                stats["temp_bytes"] += size
+            elif live_out:
+                stats["output_bytes"] += size
+    stats["code_bytes"] = 0
+    return stats
+
+
+def wait_for_buffer_assignment(dump_dir: str, compiling, module: str = "train_step",
+                               poll_s: float = 2.0) -> str:
+    """Path of the buffer-assignment dump of `module` once XLA has written it (its memory-usage
+    report, written after it, exists and no dump file grew for one poll); `compiling()` False
+    before that means the compile ended without it."""
+    import glob
+    pattern = os.path.join(dump_dir, f"*{module}*after_optimizations-")
+    last = None
+    while True:
+        files = {p: os.path.getsize(p) for p in glob.glob(pattern + "*.txt")}
+        done = any(p.endswith("memory-usage-report.txt") for p in files)
+        if done and files == last:
+            return next(p for p in files if p.endswith("-buffer-assignment.txt"))
+        if not compiling() and not done:
+            raise RuntimeError(f"the compile ended without a buffer-assignment dump in {dump_dir}")
+        last = files if done else None
+        time.sleep(poll_s)
+
+
 # ---- the analysis (imports JAX; XLA_FLAGS must already be set) ------------------------------------
 def load_config(spec: str):
     """`path/to/config.py[:arg]` → the ConfigDict of its get_config(arg)."""
@@ -164,8 +211,15 @@ def abstract_batch(cfg, global_batch: int, height: int, width: int, sharding) ->
             "input_ids_l": sds(ids, jnp.int32), "input_ids_g": sds(ids, jnp.int32)}
 
 
-def analyze(cfg, per_device_batch: int, height: int, width: int) -> dict:
-    """Lower and compile the train step for `cfg` on all visible devices; per-device figures."""
+def analyze(cfg, per_device_batch: int, height: int, width: int, *,
+            compiler_options: dict | None = None, until_buffers: bool = False) -> dict:
+    """Lower and compile the train step for `cfg` on all visible devices; per-device figures.
+
+    `until_buffers` (needs "xla_dump_to" in `compiler_options`): take the memory figures from
+    XLA's buffer-assignment dump as soon as it is written and leave the compile running in a
+    background thread (the caller exits the process): code generation, half of a large CPU
+    compile, is skipped. The figures are the same (checked against memory_analysis() in the
+    tests); only the per-device FLOPs of the compiled program are then missing."""
     import jax
     import jax.numpy as jnp
     from sdxl_jax import models, parallel
@@ -203,18 +257,29 @@ def analyze(cfg, per_device_batch: int, height: int, width: int) -> dict:
     t0 = time.perf_counter()
     lowered = step.lower(state_in, frozen_in, batch_in)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    options = dict(compiler_options or {})
+    if until_buffers:
+        import threading
+        if "xla_dump_to" not in options:
+            raise ValueError("until_buffers needs compiler_options['xla_dump_to']")
+        compile_thread = threading.Thread(target=lambda: lowered.compile(compiler_options=options),
+                                          daemon=True)
+        compile_thread.start()
+        stats = buffer_assignment_stats(wait_for_buffer_assignment(options["xla_dump_to"],
+                                                                   compile_thread.is_alive))
+        cost = None
+    else:
+        compiled = lowered.compile(compiler_options=options)
+        mem = compiled.memory_analysis()
+        stats = {"argument_bytes": int(mem.argument_size_in_bytes),
+                 "output_bytes": int(mem.output_size_in_bytes),
+                 "temp_bytes": int(mem.temp_size_in_bytes),
+                 "alias_bytes": int(mem.alias_size_in_bytes),
+                 "code_bytes": int(mem.generated_code_size_in_bytes)}
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     t2 = time.perf_counter()
-
-    mem = compiled.memory_analysis()
-    stats = {"argument_bytes": int(mem.argument_size_in_bytes),
-             "output_bytes": int(mem.output_size_in_bytes),
-             "temp_bytes": int(mem.temp_size_in_bytes),
-             "alias_bytes": int(mem.alias_size_in_bytes),
-             "code_bytes": int(mem.generated_code_size_in_bytes)}
     stats["total_bytes"] = peak_bytes(stats)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     global_cost = lowered.cost_analysis()
     global_cost = global_cost[0] if isinstance(global_cost, (list, tuple)) else global_cost
     return {
@@ -233,9 +298,11 @@ def analyze(cfg, per_device_batch: int, height: int, width: int) -> dict:
             "frozen_text": _shard_bytes(frozen_abs, frozen_sh),
             "batch": _shard_bytes(batch_in, jax.tree.map(lambda x: x.sharding, batch_in)),
         },
-        "flops_per_device": float(cost.get("flops", -1.0)) if cost else -1.0,
+        "flops_per_device": float(cost.get("flops", -1.0)) if cost else -1.0,  # -1: not compiled
         "flops_global": float(global_cost.get("flops", -1.0)) if global_cost else -1.0,
         "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
+        "until_buffers": until_buffers,
+        "scheduler": options.get("xla_cpu_scheduler_type", "default"),
     }
 
 
@@ -250,34 +317,45 @@ def print_report(r: dict) -> None:
         print(f"  {k[:-6]:<10} {fmt_gib(r[k]):>8}")
     print(f"  {'total':<10} {fmt_gib(r['total_bytes']):>8}   (argument + output − alias + temp)")
     print("  arguments by group: " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in r["breakdown"].items()))
-    print(f"FLOPs per step: {r['flops_global'] / 1e12:.2f} TFLOP global, "
-          f"{r['flops_per_device'] / 1e12:.2f} TFLOP per device")
+    per_device = (f"{r['flops_per_device'] / 1e12:.2f} TFLOP per device" if r["flops_per_device"] >= 0
+                  else "per device: not compiled to the end")
+    print(f"FLOPs per step: {r['flops_global'] / 1e12:.2f} TFLOP global, {per_device}")
     print("fits: " + ", ".join(f"{k} {v}" for k, v in fits(r["total_bytes"]).items()))
-    print(f"(lowered in {r['lower_s']} s, compiled in {r['compile_s']} s)")
+    what = "buffers assigned" if r.get("until_buffers") else "compiled"
+    print(f"(lowered in {r['lower_s']} s, {what} in {r['compile_s']} s)")
 
 
 # ---- the table -----------------------------------------------------------------------------------
 _FIT_MARK = {"yes": "✓", "tight": "~", "no": "✗"}
 
 
+def variant_label(remat: str, attention: str) -> str:
+    return remat + (" + memory-efficient attention" if attention == "memory_efficient" else "")
+
+
 def table_markdown(rows: list[dict], command: str) -> str:
     lines = [
         "# Memory plan: full-size SDXL train step",
         "",
-        f"Generated by `{command}` (per-device figures from XLA's memory analysis of the AOT-compiled",
-        "train step on simulated CPU devices: UNet 2.57 B params fp32 + AdamW moments + fp32 EMA,",
-        "frozen CLIP-L + bigG text encoders run inside the step, bfloat16 compute, 3 token chunks;",
-        "FSDP over all devices, bucket 1024×1024 unless stated).",
+        f"Generated by `{command}` (per-device figures from XLA's buffer assignment of the train",
+        "step compiled ahead of time for simulated CPU devices with the memory-optimised scheduler:",
+        "UNet 2.57 B params fp32 + AdamW moments + fp32 EMA, frozen CLIP-L + bigG text encoders run",
+        "inside the step, bfloat16 compute, 3 token chunks; FSDP over all devices, bucket 1024×1024).",
         "",
         "| devices (FSDP) | per-device batch | remat | state + frozen (args) | temp | total | "
         "TFLOP/step (global) | v5e 16G | v4 32G | H100 80G | v5p 95G |",
         "|---:|---:|:--|---:|---:|---:|---:|:-:|:-:|:-:|:-:|",
     ]
     for r in rows:
+        if "missing" in r:
+            lines.append(f"| {r['devices']} | {r['per_device_batch']} | "
+                         f"{variant_label(r['remat'], r['attention'])} | not run | | | | | | | |")
+            continue
         f = fits(r["total_bytes"])
         lines.append(
-            f"| {r['devices']} | {r['per_device_batch']} | {r['remat']} | {fmt_gib(r['argument_bytes'])} | "
-            f"{fmt_gib(r['temp_bytes'])} | **{fmt_gib(r['total_bytes'])}** | {r['flops_global'] / 1e12:.1f} | "
+            f"| {r['devices']} | {r['per_device_batch']} | {variant_label(r['remat'], r['attention'])} | "
+            f"{fmt_gib(r['argument_bytes'])} | {fmt_gib(r['temp_bytes'])} | **{fmt_gib(r['total_bytes'])}** | "
+            f"{r['flops_global'] / 1e12:.1f} | "
             + " | ".join(_FIT_MARK[f[name]] for name, _ in ACCELERATORS) + " |")
     lines += [
         "",
@@ -311,30 +389,43 @@ def write_table(out: str, markdown: str) -> None:
         f.write(markdown + kept)
 
 
-def run_table(config: str, bucket: str, out: str, workdir: str) -> None:
-    """Every (devices, per-device batch, remat) of the grid in its own process (the simulated
-    device count is fixed at JAX start-up), one after the other; finished runs (JSON in
-    `workdir`) are reused, and the markdown is rewritten after each one."""
+def table_runs(bucket: str, workdir: str):
+    """(devices, per-device batch, remat, attention, JSON path) of every run of the grid."""
+    for n in TABLE_DEVICES:
+        for b in TABLE_BATCHES:
+            for remat, attention in TABLE_VARIANTS:
+                yield n, b, remat, attention, os.path.join(
+                    workdir, f"mem_d{n}_b{b}_{remat}_{attention}_{bucket}.json")
+
+
+def run_table(config: str, bucket: str, out: str, workdir: str, collect_only: bool = False) -> None:
+    """Every run of the grid in its own process (the simulated device count is fixed at JAX
+    start-up), one after the other, each stopped once its buffers are assigned; finished runs
+    (JSON in `workdir`) are reused and the markdown is rewritten after each one. `collect_only`:
+    write the table from the finished runs, the others marked "not run"."""
     os.makedirs(workdir, exist_ok=True)
     rows = []
     command = f"python -m sdxl_jax.tools.memory_report --table --config {config} --bucket {bucket}"
-    for n in TABLE_DEVICES:
-        for b in TABLE_BATCHES:
-            for remat in TABLE_REMAT:
-                path = os.path.join(workdir, f"mem_d{n}_b{b}_{remat}_{bucket}.json")
-                if not os.path.exists(path):
-                    cmd = [sys.executable, "-m", "sdxl_jax.tools.memory_report", "--config", config,
-                           "--devices", str(n), "--mesh", f"fsdp={n}", "--per-device-batch", str(b),
-                           "--bucket", bucket, "--remat", remat, "--json", path]
-                    print("running:", " ".join(cmd), flush=True)
-                    done = subprocess.run(cmd, check=False)
-                    if done.returncode:
-                        print(f"FAILED ({done.returncode}): devices {n} batch {b} remat {remat}", flush=True)
-                        continue
-                with open(path) as f:
-                    rows.append(json.load(f))
-                write_table(out, table_markdown(rows, command))
-    print(f"wrote {out} ({len(rows)} rows)")
+    for n, b, remat, attention, path in table_runs(bucket, workdir):
+        if not os.path.exists(path) and not collect_only:
+            cmd = [sys.executable, "-m", "sdxl_jax.tools.memory_report", "--config", config,
+                   "--devices", str(n), "--mesh", f"fsdp={n}", "--per-device-batch", str(b),
+                   "--bucket", bucket, "--remat", remat, "--attention", attention,
+                   "--until-buffers", "--json", path]
+            print("running:", " ".join(cmd), flush=True)
+            done = subprocess.run(cmd, check=False)
+            if done.returncode:
+                print(f"FAILED ({done.returncode}): {n} devices, batch {b}, {remat}/{attention}", flush=True)
+        if os.path.exists(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+        else:
+            rows.append({"devices": n, "per_device_batch": b, "remat": remat, "attention": attention,
+                         "missing": True})
+        if not collect_only:
+            write_table(out, table_markdown(rows, command))
+    write_table(out, table_markdown(rows, command))
+    print(f"wrote {out} ({sum('missing' not in r for r in rows)} of {len(rows)} rows)")
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
@@ -360,12 +451,17 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="override model.dtype")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     p.add_argument("--explain", type=int, default=0, metavar="N",
-                   help="dump the compile (XLA_FLAGS --xla_dump_to) and list the N largest groups "
-                        "of buffers live at the peak (slower: XLA writes every kernel's IR)")
-    p.add_argument("--dump-dir", default="", help="where --explain dumps (default: a temporary "
-                   "directory, removed afterwards)")
+                   help="dump the compile (xla_dump_to) and list the N largest groups of buffers "
+                        "live at the peak")
+    p.add_argument("--until-buffers", action="store_true",
+                   help="stop once XLA has assigned buffers (every memory figure is final then): "
+                        "skips code generation, about half of a full-size CPU compile")
+    p.add_argument("--dump-dir", default="", help="where --explain / --until-buffers dump "
+                   "(default: a temporary directory, removed afterwards)")
     p.add_argument("--table", action="store_true", help=f"run the grid {TABLE_DEVICES} devices × "
-                   f"batch {TABLE_BATCHES} × remat {TABLE_REMAT} and write --out")
+                   f"batch {TABLE_BATCHES} × (remat, attention) {TABLE_VARIANTS} and write --out")
+    p.add_argument("--collect", action="store_true",
+                   help="with --table: write the table from the finished runs only")
     p.add_argument("--out", default="docs/memory.md", help="markdown written by --table")
     p.add_argument("--workdir", default="/tmp/sdxl_jax_memory_report", help="per-run JSON of --table")
     a = p.parse_args(argv)
@@ -373,18 +469,18 @@ def main(argv=None) -> None:
     if a.per_device_batch < 1:
         p.error("--per-device-batch must be ≥ 1")
     if a.table:
-        run_table(a.config, a.bucket, a.out, a.workdir)
+        run_table(a.config, a.bucket, a.out, a.workdir, collect_only=a.collect)
         return
     mesh_axes = parse_mesh(a.mesh) if a.mesh else {"data": 1, "fsdp": -1}
-    dump_dir = ""
-    if a.explain:
-        import tempfile
-        dump_dir = a.dump_dir or tempfile.mkdtemp(prefix="sdxl_jax_memory_dump_")
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_dump_to={dump_dir} --xla_dump_hlo_module_re=.*train_step.*").strip()
+    options = {}
     if a.devices:
         _set_device_count(a.devices)
-        os.environ["XLA_FLAGS"] += SIMULATION_FLAGS
+        options.update(SIMULATION_OPTIONS)
+    dump_dir = ""
+    if a.explain or a.until_buffers:
+        import tempfile
+        dump_dir = a.dump_dir or tempfile.mkdtemp(prefix="sdxl_jax_memory_dump_")
+        options.update(xla_dump_to=dump_dir, xla_dump_hlo_module_re=".*train_step.*")
     from sdxl_jax.models.hf import block_torch
     block_torch()
     cfg = load_config(a.config)
@@ -394,7 +490,8 @@ def main(argv=None) -> None:
             cfg.model[key] = value
     if a.split_head_dim:
         cfg.model.split_head_dim = True
-    report = analyze(cfg, a.per_device_batch, height, width)
+    report = analyze(cfg, a.per_device_batch, height, width, compiler_options=options,
+                     until_buffers=a.until_buffers)
     print_report(report)
     if a.explain:
         peak, rows = peak_buffers(dump_dir)
@@ -402,12 +499,23 @@ def main(argv=None) -> None:
         for shape, phase, n, b in rows[:a.explain]:
             print(f"  {fmt_gib(b):>7} GiB  {n:>5} × {shape:<28} {phase}")
         report["peak_buffers"] = [list(r) for r in rows[:a.explain]]
-        if not a.dump_dir:
-            import shutil
-            shutil.rmtree(dump_dir, ignore_errors=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
+    temporary = dump_dir if dump_dir and not a.dump_dir else ""
+    if a.until_buffers:
+        # The compile is still generating code (and dumping it) in a thread that cannot be
+        # stopped: end the process, and remove the temporary dump once it is gone.
+        if temporary:
+            subprocess.Popen([sys.executable, "-c", "import shutil, sys, time; time.sleep(2); "
+                              "shutil.rmtree(sys.argv[1], ignore_errors=True)", temporary],
+                             start_new_session=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    if temporary:
+        import shutil
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 if __name__ == "__main__":
