@@ -275,7 +275,7 @@ def test_buffer_assignment_dump_gives_the_memory_analysis_figures(tmp_path):
 
 def test_table_lists_every_grid_run_and_marks_the_missing(tmp_path):
     runs = list(memory_report.table_runs("1024x1024", str(tmp_path)))
-    assert len(runs) == 3 * 3 * 3 and len({r[-1] for r in runs}) == 27
+    assert len(runs) == 3 * 3 * 2 and len({r[-1] for r in runs}) == 18
     assert runs[0][:4] == (8, 1, "none", "standard")
     gib = 1024 ** 3
     done = dict(devices=8, per_device_batch=1, remat="blocks", attention="memory_efficient",
