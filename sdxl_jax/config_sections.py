@@ -4,7 +4,7 @@ Plain ml_collections, no JAX: config files import this before any device is set 
 """
 import ml_collections
 
-PRESETS = ("sdxl", "tiny")  # the sizes of sdxl_jax.models.presets, named without importing JAX
+PRESETS = ("sdxl", "tiny")  # the model sizes (sdxl_jax.models.presets), here so configs need no JAX
 
 
 def root_config(preset: str, task: str) -> ml_collections.ConfigDict:

@@ -9,9 +9,9 @@ tiny UNet widths are multiples of 32.
 """
 from __future__ import annotations
 
+from sdxl_jax.config_sections import PRESETS  # noqa: F401  (re-exported: one list of presets)
 from sdxl_jax.models.tokenizer import tiny_vocab_size
 
-PRESETS = ("sdxl", "tiny")
 
 # Both SDXL text configs carry CLIP's legacy special-token ids (eos_token_id == 2); with that
 # value transformers pools the EOS state at argmax(input_ids), i.e. at <|endoftext|>, the

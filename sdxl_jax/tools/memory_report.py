@@ -429,9 +429,7 @@ def run_table(config: str, bucket: str, out: str, workdir: str, collect_only: bo
         else:
             rows.append({"devices": n, "per_device_batch": b, "remat": remat, "attention": attention,
                          "missing": True})
-        if not collect_only:
-            write_table(out, table_markdown(rows, command))
-    write_table(out, table_markdown(rows, command))
+        write_table(out, table_markdown(rows, command))
     print(f"wrote {out} ({sum('missing' not in r for r in rows)} of {len(rows)} rows)")
 
 
@@ -475,6 +473,10 @@ def main(argv=None) -> None:
     height, width = parse_bucket(a.bucket)  # fail on bad input before any compile
     if a.per_device_batch < 1:
         p.error("--per-device-batch must be ≥ 1")
+    if a.collect and not a.table:
+        p.error("--collect only applies to --table")
+    if a.until_buffers and not a.devices:
+        p.error("--until-buffers reads XLA:CPU's buffer-assignment dump: use it with --devices N")
     if a.table:
         run_table(a.config, a.bucket, a.out, a.workdir, collect_only=a.collect)
         return
