@@ -9,9 +9,10 @@ run the same command on every worker (jax.distributed discovers the slice); else
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from sdxl_jax.models.hf import block_torch
@@ -42,21 +43,19 @@ def main(argv):
     from sdxl_jax import parallel
     parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
     import jax
-    from sdxl_jax.config import ConfigError, validate
+    from sdxl_jax.config import validate
 
     cfg = _CONFIG.value
-    try:
-        validate(cfg, num_devices=jax.device_count())
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    if cfg.task == "vae_decoder":
-        from sdxl_jax.train.vae_loop import train_vae_decoder as run
-    else:
-        from sdxl_jax.train.loop import train as run
-    summary = run(cfg, _WORKDIR.value)
+    validate(cfg, num_devices=jax.device_count())  # a ConfigError is one line (sdxl_jax.cli)
+    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+        raise NotADirectoryError(f"--workdir {_WORKDIR.value!r} is a file, not a run directory; "
+                                 "choose another path")
+    from sdxl_jax.train.loop import train
+    summary = train(cfg, _WORKDIR.value)  # the task of cfg.task (unet | vae_decoder)
     logging.info("finished at step %d (%s); %d compiled step shape(s)", summary["end_step"],
                  summary["stopped"], summary["compiles"])
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from sdxl_jax import cli
+    cli.run_absl(main)  # user errors as one line `error: …`; --debug shows the traceback

@@ -38,6 +38,9 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # Decode z ~ N(μ, σ) of the frozen encoder instead of μ [ours]: off by default, because the
     # UNet produces (and the latent cache stores) posterior means.
     m.sample_posterior = False
+    # Train the encoder too (a VAE from scratch or for a new latent space; the posterior is then
+    # always sampled and loss.kl_weight applies). False = the NAI-v3 decoder-only recipe.
+    m.train_encoder = False
 
     # ---- data (pixels, not the latent cache) ---------------------------------------------------
     c.data = d = ml_collections.ConfigDict()
@@ -71,6 +74,9 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # perceptual loss. A path that does not exist is an error, never a silent zero.
     l.perceptual_weights = ""
     l.perceptual_weight = 1.0
+    # KL(posterior ‖ N(0, I)) per image value [ours, the LDM autoencoders' 1e-6]; only with
+    # model.train_encoder (a frozen encoder's KL is a constant)
+    l.kl_weight = 1e-6
 
     # ---- discriminator (PatchGAN, hinge loss, adaptive weight) ---------------------------------
     c.disc = g = ml_collections.ConfigDict()
@@ -98,7 +104,9 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     tr.eps = 1e-8
     tr.weight_decay = 0.0
     tr.grad_clip = 1.0  # global-norm clipping of the decoder gradient; 0 disables
-    tr.grad_accum_steps = 1  # optax.MultiSteps over decoder and discriminator together
+    # micro-batch per device; the step accumulates global / (per-device × devices) micro-batches
+    # into one update of decoder and discriminator (METHODS §13). 0 = the global batch at once.
+    tr.per_device_batch_size = 0
     tr.log_every = 10
     tr.max_nonfinite = 5  # consecutive non-finite steps that stop the run
 

@@ -31,10 +31,14 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # compute dtype of UNet/VAE/CLIP activations; params stay float32. The tiny (CPU) preset
     # uses float32: XLA:CPU has no bf16 speed-up and compiles bf16 graphs ~2× slower.
     m.dtype = "float32" if tiny else "bfloat16"
-    m.remat = "none"  # gradient checkpointing: "none" | "blocks" | "dots" (jax.checkpoint policy)
-    m.attention = "standard"  # "standard" | "memory_efficient" (diffusers Flax attention options)
+    # Memory (docs/memory.md): the sdxl defaults fit 1024², per-device batch 1 in 16 GiB per device
+    # under FSDP-8 — remat every block and chunked attention. The tiny preset needs neither.
+    m.remat = "none" if tiny else "blocks"  # gradient checkpointing: "none" | "blocks" | "dots"
+    m.attention = "standard" if tiny else "memory_efficient"  # "standard" | "memory_efficient"
     m.split_head_dim = False  # diffusers Flax option: split the head dim in attention
-    m.train_text_encoders = False  # frozen CLIP-L / bigG run inside the step (reserved: False)
+    # FSDP gathers each weight in the compute dtype: the shard is cast before the all-gather, so
+    # gathers move and hold half the bytes with bf16 (no effect with float32 compute)
+    m.gather_in_compute_dtype = True
 
     # ---- noise schedule (METHODS §1, §3) ------------------------------------------------------
     c.schedule = s = ml_collections.ConfigDict()
@@ -67,6 +71,11 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     d.cache_dir = ""  # latent cache built by data_tools.build_cache; "" = <workdir>/cache
     d.images_dir = ""  # folder of images + .txt captions; used to build a missing cache
     d.manifest = ""  # alternative to images_dir: JSONL of {"path":…, "caption":…}
+    # alternative: a prepared TFDS split NAME[:SPLIT] (array_record), read with tfds.data_source
+    d.tfds = ""
+    d.tfds_data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    d.tfds_image_key = "image"  # feature with the image: Image (encoded) or uint8 array; nested: outer/inner
+    d.tfds_caption_key = "caption"  # feature with the caption: text, bytes or a list of tags
     d.val_fraction = 0.02  # held-out share of the cache for validation loss
     d.seed = 0  # data order seed (global batch plan, caption dropout, tag shuffle)
     d.caption_dropout = 0.1  # probability of an empty caption (enables CFG)
@@ -102,8 +111,12 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
 
     # ---- training ------------------------------------------------------------------------------
     c.train = tr = ml_collections.ConfigDict()
-    tr.steps = 300 if tiny else 100_000
+    tr.steps = 300 if tiny else 100_000  # optimizer steps (one global batch each)
+    # The recipe is stated per global batch (METHODS §13). Each device holds a micro-batch of
+    # per_device_batch_size samples; the step accumulates k = global / (per-device × devices)
+    # micro-batches into one update. 0 = no accumulation (the global batch at once).
     tr.global_batch_size = 8 if tiny else 256
+    tr.per_device_batch_size = 0 if tiny else 1
     tr.seed = 0  # init / noise / timestep seed
     tr.learning_rate = 3e-4 if tiny else 1e-5
     tr.lr_schedule = "constant"  # "constant" | "cosine" (both after linear warmup)
@@ -114,7 +127,6 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     tr.eps = 1e-8
     tr.weight_decay = 0.01
     tr.grad_clip = 1.0  # global-norm clipping; 0 disables
-    tr.grad_accum_steps = 1  # optax.MultiSteps
     tr.log_every = 10
     tr.max_nonfinite = 5  # consecutive non-finite steps that stop the run
     # Progressive stages: a tuple of dicts {"steps": N, "cache_dir": DIR, "global_batch_size": B}
@@ -126,6 +138,8 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
 
     # ---- device mesh --------------------------------------------------------------------------
     c.mesh = mesh_section()
+    if not tiny:  # shard params, optimizer state and EMA over every device (ZeRO-3)
+        c.mesh.data, c.mesh.fsdp = 1, -1
 
     # ---- checkpoints ---------------------------------------------------------------------------
     c.checkpoint = checkpoint_section(every_steps=100 if tiny else 2000)

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ztsnr.py:tiny", "config file[:preset]")
@@ -143,7 +143,7 @@ def main(argv) -> None:
     cfg = _CONFIG.value
     cache = _CACHE.value
     if _SYNTHETIC.value and not os.path.exists(os.path.join(cache, "manifest.json")):
-        from data_tools.make_demo_dataset import make_demo_dataset
+        from sdxl_jax.data.demo import make_demo_dataset
         from sdxl_jax.data.build import build_cache
         images = cache.rstrip("/") + "_images"
         make_demo_dataset(images, _SYNTHETIC.value, side=_SIDE.value)
@@ -169,4 +169,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from sdxl_jax import cli
+    cli.run_absl(main)  # user errors as one line `error: …`; --debug shows the traceback

@@ -8,23 +8,24 @@ latents, e.g. for a cache copied from elsewhere or as a check.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from sdxl_jax.data.cache import (SHARD_EXT, STATS, LatentStats, decode_record, load_manifest,
-                                 write_json)
+from sdxl_jax import cli
+from sdxl_jax.data.cache import STATS, LatentStats, decode_record, read_index, write_json
+
 _READ_CHUNK = 256  # records per read: bounded memory for any shard size
 
 
 def compute_latent_stats(cache_dir: str) -> LatentStats:
     """Stream every shard of the cache once; memory is one chunk of records."""
     stats = LatentStats()
-    for shard in load_manifest(cache_dir)["shards"]:
-        reader = ArrayRecordReader(str(Path(cache_dir) / (shard["name"] + SHARD_EXT)))
+    for path in read_index(cache_dir).files:  # every shard checked first (presence, size, count)
+        reader = ArrayRecordReader(path)
         try:
             n = reader.num_records()
             for start in range(0, n, _READ_CHUNK):
@@ -35,20 +36,18 @@ def compute_latent_stats(cache_dir: str) -> LatentStats:
     return stats
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    ap = cli.ArgumentParser(prog="python -m data_tools.latent_stats",
+                            description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", required=True, help="latent cache folder (built by build_cache)")
     args = ap.parse_args(argv)
-    try:
-        stats = compute_latent_stats(args.cache)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"latent_stats: {e}") from None
-    if stats.count == 0:
-        raise SystemExit(f"cache {args.cache} holds no latents")
+    stats = compute_latent_stats(args.cache)
+    cli.check(stats.count > 0, f"cache {args.cache} holds no latents")
     result = {"count": stats.count, "mean": stats.mean.tolist(), "std": stats.std.tolist()}
     write_json(Path(args.cache) / STATS, result)
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))  # user errors as one line `error: …`; --debug shows the traceback

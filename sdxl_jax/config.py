@@ -1,102 +1,234 @@
-"""Config checks that run before anything is built or compiled.
+"""Loading configs and the one validator every task's config passes before anything is built or
+compiled.
 
-The ConfigDict is locked, so a misspelt key already fails in ml_collections; this module checks
-values and types and names the offending key in one clear message.
+The ConfigDict is locked, so a misspelt key already fails in ml_collections; `validate` checks
+values and types and names the offending key in one clear message. It knows every task
+(`task` = "unet" | "vae_decoder") but imports no trainer: plain values only.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from sdxl_jax.diffusion import NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
+
+OPTIMIZERS = ("adamw", "adafactor", "lion")  # sdxl_jax.train.optim builds them
+LR_SCHEDULES = ("constant", "cosine")
+DTYPES = ("bfloat16", "float32", "float16")
+TASKS = ("unet", "vae_decoder")
+STAGE_KEYS = ("steps", "cache_dir", "global_batch_size")
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _choice(cfg, key: str, options) -> None:
+# ---- loading ------------------------------------------------------------------------------------
+def load_config(spec: str, overrides: dict | None = None):
+    """`"configs/x.py[:preset]"` → its get_config(preset) with dotted `overrides` applied
+    ({"train.steps": 4, …}); for tools and tests (train.py uses absl's config flags)."""
+    path, _, preset = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(
+        f"_sdxl_jax_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(preset) if preset else module.get_config()
+    return apply_overrides(cfg, overrides or {})
+
+
+def apply_overrides(cfg, overrides: dict):
+    """Set dotted keys on a (locked) ConfigDict; a misspelt key is a ConfigError naming it."""
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        try:
+            for p in parents:
+                node = node[p]
+            if leaf not in node:
+                raise KeyError(leaf)
+            node[leaf] = value
+        except (KeyError, AttributeError):
+            raise ConfigError(f"{key}: no such config key") from None
+    return cfg
+
+
+# ---- checks --------------------------------------------------------------------------------------
+def _get(cfg, key: str):
     val = cfg
     for part in key.split("."):
         val = val[part]
+    return val
+
+
+def _choice(cfg, key: str, options) -> None:
+    val = _get(cfg, key)
     if val not in options:
         raise ConfigError(f"{key}={val!r}: must be one of {tuple(options)}")
 
 
-def _positive(cfg, key: str, allow_zero: bool = False) -> None:
-    val = cfg
-    for part in key.split("."):
-        val = val[part]
+def _number(cfg, key: str, allow_zero: bool = False) -> None:
+    val = _get(cfg, key)
     if not isinstance(val, (int, float)) or isinstance(val, bool) or val < 0 or (val == 0 and not allow_zero):
         raise ConfigError(f"{key}={val!r}: must be a {'non-negative' if allow_zero else 'positive'} number")
 
 
+def _fraction(cfg, key: str, upper_open: bool = True) -> None:
+    val = _get(cfg, key)
+    if not (0.0 <= val < 1.0 if upper_open else 0.0 <= val <= 1.0):
+        raise ConfigError(f"{key}={val}: must be in [0, {'1)' if upper_open else '1]'}")
+
+
 def validate(cfg, num_devices: int | None = None) -> None:
-    """Raise ConfigError naming the first bad key (dispatching on `task`)."""
-    if cfg.get("task", "unet") == "vae_decoder":
-        from sdxl_jax.train.vae_loop import validate_vae_config
-        return validate_vae_config(cfg, num_devices)
-    _choice(cfg, "schedule.ztsnr", ZTSNR_MODES)
-    _choice(cfg, "loss.weighting", WEIGHTINGS)
-    _choice(cfg, "latents.normalization", NORMALIZATIONS)
-    _choice(cfg, "model.preset", ("sdxl", "tiny"))
-    _choice(cfg, "model.dtype", ("bfloat16", "float32", "float16"))
-    _choice(cfg, "train.optimizer", ("adamw", "adafactor", "lion"))
-    _choice(cfg, "train.lr_schedule", ("constant", "cosine"))
-    _choice(cfg, "data.buckets.crop", ("random", "center"))
-    for key in ("loss.snr_gamma", "train.steps", "train.global_batch_size", "train.grad_accum_steps",
-                "checkpoint.every_steps", "checkpoint.keep", "text.max_chunks", "train.log_every",
-                "ema.inv_gamma", "ema.power", "ema.every", "train.max_nonfinite"):
-        _positive(cfg, key)
-    for key in ("train.learning_rate", "train.warmup_steps", "train.grad_clip", "sample.every_steps"):
-        _positive(cfg, key, allow_zero=True)
-    if not 0.0 <= cfg.schedule.terminal_prob < 1.0:
-        raise ConfigError(f"schedule.terminal_prob={cfg.schedule.terminal_prob}: must be in [0, 1)")
-    if not 0.0 <= cfg.data.caption_dropout <= 1.0:
-        raise ConfigError(f"data.caption_dropout={cfg.data.caption_dropout}: must be in [0, 1]")
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay={cfg.ema.decay}: must be in [0, 1)")
-    check_buckets(cfg)
-    for key in ("data.cache_dir", "data.images_dir", "data.manifest"):
-        path = cfg.data[key.split(".")[1]]
-        if path and key != "data.cache_dir" and not os.path.exists(path):
-            raise ConfigError(f"{key}={path!r}: no such file or directory")
-    check_pretrained(cfg, "trains from real SDXL weights")
-    if cfg.latents.normalization == "per_channel" and (cfg.latents.mean is None) != (cfg.latents.std is None):
-        raise ConfigError("latents.mean and latents.std must be given together (or both left unset)")
+    """Raise ConfigError naming the first bad key of any task's config."""
+    task = cfg.get("task", "unet")
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r}: must be one of {TASKS}")
+    _check_common(cfg)
+    (_check_unet if task == "unet" else _check_vae)(cfg)
     check_devices(cfg, num_devices)
 
 
-# ---- checks shared with the VAE decoder trainer's config ------------------------------------
-def check_buckets(cfg) -> None:
+def _check_common(cfg) -> None:
+    _choice(cfg, "model.preset", ("sdxl", "tiny"))
+    _choice(cfg, "model.dtype", DTYPES)
+    _choice(cfg, "train.optimizer", OPTIMIZERS)
+    _choice(cfg, "train.lr_schedule", LR_SCHEDULES)
+    _choice(cfg, "data.buckets.crop", ("random", "center"))
+    for key in ("train.steps", "train.global_batch_size", "train.log_every", "train.max_nonfinite",
+                "checkpoint.every_steps", "checkpoint.keep", "ema.inv_gamma", "ema.power",
+                "ema.every", "data.read_threads"):
+        _number(cfg, key)
+    for key in ("train.learning_rate", "train.warmup_steps", "train.grad_clip",
+                "train.per_device_batch_size", "sample.every_steps", "data.prefetch"):
+        _number(cfg, key, allow_zero=True)
+    if not isinstance(cfg.train.steps, int) or not isinstance(cfg.train.per_device_batch_size, int):
+        raise ConfigError("train.steps and train.per_device_batch_size must be integers")
+    _fraction(cfg, "ema.decay")
+    _fraction(cfg, "data.val_fraction")
     b = cfg.data.buckets
     if b.min_side > b.max_side or b.min_side * b.min_side > b.max_area or b.step <= 0:
         raise ConfigError(f"data.buckets (min_side={b.min_side}, max_side={b.max_side}, "
                           f"max_area={b.max_area}, step={b.step}) produce no bucket")
+    for key in ("images_dir", "manifest"):
+        if cfg.data[key] and not os.path.exists(cfg.data[key]):
+            raise ConfigError(f"data.{key}={cfg.data[key]!r}: no such file or directory")
+    _check_pretrained(cfg)
 
 
-def check_pretrained(cfg, sdxl_needs: str) -> None:
-    """model.pretrained: a local path must exist; the sdxl preset needs one (`sdxl_needs` says why)."""
+def _check_unet(cfg) -> None:
+    _choice(cfg, "schedule.ztsnr", ZTSNR_MODES)
+    _choice(cfg, "loss.weighting", WEIGHTINGS)
+    _choice(cfg, "latents.normalization", NORMALIZATIONS)
+    for key in ("loss.snr_gamma", "text.max_chunks", "sample.steps", "sample.width", "sample.height"):
+        _number(cfg, key)
+    _fraction(cfg, "schedule.terminal_prob")
+    _fraction(cfg, "data.caption_dropout", upper_open=False)
+    for key in ("sample.width", "sample.height"):
+        if _get(cfg, key) % 64:
+            raise ConfigError(f"{key}={_get(cfg, key)}: must be a multiple of 64 (the UNet "
+                              "downsamples the 1/8-size latent three times)")
+    if cfg.latents.normalization == "per_channel" and (cfg.latents.mean is None) != (cfg.latents.std is None):
+        raise ConfigError("latents.mean and latents.std must be given together (or both left unset)")
+    has_images = bool(cfg.data.images_dir or cfg.data.manifest or cfg.data.get("tfds"))
+    given = [k for k in ("images_dir", "manifest", "tfds") if cfg.data.get(k)]
+    if len(given) > 1:
+        raise ConfigError(f"data.{given[0]} and data.{given[1]} are both set: give one image source")
+    stages = list(cfg.train.stages)
+    for i, st in enumerate(stages):
+        if not isinstance(st, dict) or "steps" not in st or set(st) - set(STAGE_KEYS):
+            extra = sorted(set(st) - set(STAGE_KEYS)) if isinstance(st, dict) else st
+            raise ConfigError(f"train.stages[{i}]={st!r}: needs 'steps' (and optionally 'cache_dir', "
+                              f"'global_batch_size'); unknown: {extra}")
+        if not isinstance(st["steps"], int) or st["steps"] < 1:
+            raise ConfigError(f"train.stages[{i}].steps={st['steps']!r}: must be a positive integer")
+        gbs = st.get("global_batch_size", cfg.train.global_batch_size)
+        if not isinstance(gbs, int) or gbs < 1:
+            raise ConfigError(f"train.stages[{i}].global_batch_size={gbs!r}: must be a positive integer")
+        if st.get("cache_dir"):
+            _cache_exists(st["cache_dir"], f"train.stages[{i}].cache_dir", has_images)
+    if cfg.data.cache_dir:
+        _cache_exists(cfg.data.cache_dir, "data.cache_dir", has_images)
+    if cfg.model.preset == "sdxl" and not cfg.model.pretrained:
+        raise ConfigError("model.pretrained is empty: the sdxl preset trains from real SDXL weights "
+                          "(a diffusers folder, a single-file .safetensors, or a Hub id when online)")
+
+
+def _cache_exists(path: str, key: str, has_images: bool) -> None:
+    """A cache given by path must exist unless images are given to build it there: a typo
+    never silently becomes a freshly generated demo cache."""
+    if not has_images and not os.path.exists(os.path.join(path, "manifest.json")):
+        raise ConfigError(f"{key}={path!r}: no latent cache there (no manifest.json); build one "
+                          "with python -m data_tools.build_cache, or set data.images_dir / "
+                          "data.manifest to build it")
+
+
+def _check_vae(cfg) -> None:
+    for key in ("disc.channels", "disc.layers", "disc.learning_rate", "disc.max_adaptive_weight",
+                "sample.num_images", "sample.image_size"):
+        _number(cfg, key)
+    for key in ("loss.l1_weight", "loss.mse_weight", "loss.perceptual_weight", "loss.kl_weight",
+                "disc.weight", "disc.start_step", "data.crop_size"):
+        _number(cfg, key, allow_zero=True)
+    if not (cfg.loss.l1_weight or cfg.loss.mse_weight or
+            (cfg.loss.perceptual_weights and cfg.loss.perceptual_weight)):
+        raise ConfigError("loss.l1_weight, loss.mse_weight and the perceptual loss are all off: "
+                          "nothing to train the decoder on")
+    b, crop = cfg.data.buckets, int(cfg.data.crop_size)
+    if crop % 8 or crop > b.min_side:
+        raise ConfigError(f"data.crop_size={crop}: must be a multiple of 8 (the VAE's downsampling) "
+                          f"and ≤ data.buckets.min_side={b.min_side} (0 = whole buckets)")
+    if cfg.sample.image_size % 8:
+        raise ConfigError(f"sample.image_size={cfg.sample.image_size}: must be a multiple of 8")
+    if cfg.data.images_dir and cfg.data.manifest:
+        raise ConfigError("data.images_dir and data.manifest are both set: give one")
+    if cfg.loss.perceptual_weights and not os.path.isfile(cfg.loss.perceptual_weights):
+        raise ConfigError(f"loss.perceptual_weights={cfg.loss.perceptual_weights!r}: no such file "
+                          "(set '' to train without the perceptual loss)")
+    if cfg.model.preset == "sdxl" and not cfg.model.pretrained and not cfg.model.train_encoder:
+        raise ConfigError("model.pretrained is empty: the sdxl preset finetunes a real SDXL VAE "
+                          "(a diffusers folder, a single-file .safetensors, or a Hub id when online)")
+
+
+def _check_pretrained(cfg) -> None:
+    """model.pretrained: a local path must exist."""
     pre = cfg.model.pretrained
     if pre and (pre.startswith((".", "/", "~")) or os.sep in pre and not _looks_like_hub_id(pre)):
         if not os.path.exists(os.path.expanduser(pre)):
             raise ConfigError(f"model.pretrained={pre!r}: no such file or directory")
-    if cfg.model.preset == "sdxl" and not pre:
-        raise ConfigError(f"model.pretrained is empty: the sdxl preset {sdxl_needs} (a diffusers "
-                          "folder, a single-file .safetensors, or a Hub id when online)")
 
 
 def check_devices(cfg, num_devices: int | None) -> None:
-    """The mesh fits `num_devices` and the global batch divides over them (None: not checked)."""
+    """The mesh fits `num_devices`; every global batch splits into whole micro-batches over the
+    data-parallel devices (METHODS §13: global = per-device micro × data parallel × k)."""
     if num_devices is None:
         return
     from sdxl_jax.parallel import mesh_shape
     try:
-        mesh_shape(int(cfg.mesh.data), int(cfg.mesh.fsdp), num_devices)
+        data, fsdp = mesh_shape(int(cfg.mesh.data), int(cfg.mesh.fsdp), num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.train.global_batch_size % num_devices:
-        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible "
-                          f"by the {num_devices} data-parallel devices")
+    dp, micro = data * fsdp, int(cfg.train.per_device_batch_size)
+    batches = [("train.global_batch_size", cfg.train.global_batch_size)]
+    batches += [(f"train.stages[{i}].global_batch_size", st["global_batch_size"])
+                for i, st in enumerate(cfg.get("train", {}).get("stages", ()) or ())
+                if isinstance(st, dict) and "global_batch_size" in st]
+    for key, gbs in batches:
+        if gbs % dp:
+            raise ConfigError(f"{key}={gbs} is not divisible by the {dp} data-parallel devices")
+        if micro and gbs % (micro * dp):
+            raise ConfigError(
+                f"{key}={gbs} does not split into micro-batches of train.per_device_batch_size="
+                f"{micro} × {dp} devices = {micro * dp} samples; choose a per-device batch "
+                f"that divides {gbs // dp}")
+
+
+def accumulation_steps(cfg, data_parallel: int, global_batch_size: int | None = None) -> int:
+    """k = global batch / (per-device micro-batch × data-parallel devices); 1 without a micro-batch."""
+    gbs = int(global_batch_size or cfg.train.global_batch_size)
+    micro = int(cfg.train.per_device_batch_size)
+    return max(1, gbs // (micro * data_parallel)) if micro else 1
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -13,7 +13,10 @@ from the run's `model.pretrained` or, without it, the seeded random init the tra
   `v_pred` and `ztsnr` those tools look for, and modelspec metadata in the header.
 Per-channel latent statistics (METHODS §10) go into the VAE config (diffusers' latents_mean /
 latents_std with scaling_factor 1) and into the single file's metadata.
-Everything is written to a temporary name and renamed when complete. No pickle.
+Everything is written to a temporary name and renamed when complete; an existing export at
+--out is replaced only with --overwrite. A per_channel run's single file decodes wrongly in
+other tools (they know only the 0.13025 scale; METHODS §16): it needs --allow-per-channel.
+No pickle.
 """
 from __future__ import annotations
 
@@ -168,12 +171,27 @@ def _component_configs(preset: str, meta: dict) -> dict:
     return {"unet": unet, "vae": vae, **text, "scheduler": scheduler, "model_index": index}
 
 
+def check_out(out: str, fmt: str, overwrite: bool = False) -> None:
+    """Refuse to replace an existing model unless `overwrite` (--overwrite), and never replace
+    something that is not an export of the same format: fails before any work is done."""
+    out = os.path.abspath(out)
+    if not os.path.lexists(out):
+        return
+    if fmt == "diffusers":
+        if not os.path.isdir(out) or not os.path.isfile(os.path.join(out, "model_index.json")):
+            raise FileExistsError(f"{out} exists and is not a diffusers export; not overwriting "
+                                  "it: choose another --out")
+    elif os.path.isdir(out):
+        raise IsADirectoryError(f"{out} is a directory; a single-file export needs a "
+                                ".safetensors file path")
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to "
+                              "replace it, or choose another --out")
+
+
 def _atomic_dir(out: str):
     """(staging dir, commit()) — commit swaps the finished folder into place."""
     out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, "model_index.json")):
-        raise FileExistsError(f"{out} exists and is not a previous diffusers export; not "
-                              "overwriting it")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
@@ -192,14 +210,16 @@ def _atomic_dir(out: str):
 
 
 def export_diffusers(params: dict, preset: str, out: str, dtype: str = "fp16",
-                     meta: dict | None = None, tokenizers=None) -> str:
+                     meta: dict | None = None, tokenizers=None, overwrite: bool = False) -> str:
     """Write a diffusers StableDiffusionXLPipeline folder; returns its path.
 
     params: {"unet", "vae", "text_l", "text_g": Flax param trees}. tokenizers: (CLIP-L, bigG)
-    CLIPTokenizers; default `get_tokenizers(preset, meta["pretrained"])`.
+    CLIPTokenizers; default `get_tokenizers(preset, meta["pretrained"])`. An existing export at
+    `out` is replaced only with `overwrite` (swapped in once the new one is complete).
     """
     from sdxl_jax.models.tokenizer import get_tokenizers
 
+    check_out(out, "diffusers", overwrite)
     meta = dict(meta or {})
     np_dtype = _np_dtype(dtype)
     _check_params(params, preset)
@@ -292,12 +312,43 @@ def _modelspec(preset: str, meta: dict) -> dict:
     return md
 
 
+def per_channel_problem(meta: dict) -> str | None:
+    """Why a single file of this run would decode wrongly in other tools, or None (METHODS §16)."""
+    if meta.get("latent_normalization") != "per_channel":
+        return None
+    return ("this run trained with latents.normalization=per_channel (mean "
+            f"{meta.get('latents_mean')}, std {meta.get('latents_std')}); ComfyUI, A1111/Forge "
+            "and diffusers' from_single_file decode a single file's latents with the 0.13025 "
+            "scale only, so its images come out wrong there (the statistics can only travel as "
+            "metadata: sdxl_jax.latents_mean / sdxl_jax.latents_std)")
+
+
+def check_per_channel(meta: dict, allow: bool) -> str | None:
+    """ValueError for a per_channel run's single file unless `allow`; else the problem or None."""
+    problem = per_channel_problem(meta)
+    if problem and not allow:
+        raise ValueError(f"{problem}. Export --format diffusers (its VAE config carries the "
+                         "statistics), or pass --allow-per-channel (allow_per_channel=True) to "
+                         "write the single file anyway")
+    return problem
+
+
 def export_single_file(params: dict, preset: str, out: str, dtype: str = "fp16",
-                       meta: dict | None = None) -> str:
-    """Write one SGM-layout SDXL .safetensors (UNet, VAE, both text encoders); returns its path."""
+                       meta: dict | None = None, overwrite: bool = False,
+                       allow_per_channel: bool = False) -> str:
+    """Write one SGM-layout SDXL .safetensors (UNet, VAE, both text encoders); returns its path.
+
+    An existing file at `out` is replaced only with `overwrite`. A per_channel run is refused
+    unless `allow_per_channel` (then written with a warning, its statistics in the metadata).
+    """
     from sdxl_jax.models.safetensors_io import write_safetensors
 
+    check_out(out, "single-file", overwrite)
     meta = dict(meta or {})
+    problem = check_per_channel(meta, allow_per_channel)
+    if problem:
+        log.warning("WARNING: %s. Writing %s anyway (--allow-per-channel): decode it with "
+                    "sdxl_jax or the diffusers export, not with ComfyUI/A1111", problem, out)
     _check_params(params, preset)
     layout = single_file_layout(params, preset, _np_dtype(dtype), bool(meta.get("ztsnr", True)))
     producers = {spec.key: fn for spec, fn in layout}
@@ -311,46 +362,31 @@ def export_single_file(params: dict, preset: str, out: str, dtype: str = "fp16",
 # ---- checkpoint restore + CLI ------------------------------------------------------------------
 
 def restore_unet(workdir: str, step: int | None, weights: str | None):
-    """(unet params as numpy, config dict, meta dict, step, weights used) from a run's Orbax
-    checkpoints, read on the host without target shardings (any device count)."""
-    import jax
-    import orbax.checkpoint as ocp
+    """(unet params as numpy, config dict, meta dict, step, weights used) of a run
+    (`runs.open_run`: the newest readable step unless `step`), read on the host without target
+    shardings (any device count)."""
+    from sdxl_jax.runs import open_run
 
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints under {directory}")
-    mngr = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-    steps = sorted(mngr.all_steps())
-    if not steps:
-        raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {steps}")
-    config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    ema_on = bool(config.get("ema", {}).get("enabled", True))
-    if weights is None:
-        weights = "ema" if ema_on else "raw"
-    if weights == "ema" and not ema_on:
-        raise ValueError("this run trained with ema.enabled=False, so its EMA weights are the "
-                         "initial ones; export --weights raw")
-    field = {"ema": "ema_params", "raw": "params"}[weights]
-    tree = mngr.item_metadata(step)["state"].tree[field]
-    item = jax.tree.map(lambda _: np.zeros(()), tree)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={field: item}, restore_args={field: restore_args},
-                                     partial_restore=True),
-        meta=ocp.args.JsonRestore()))
-    mngr.close()
-    return out["state"][field], config, out["meta"] or {}, step, weights
+    run = open_run(workdir, step)
+    weights = weights or run.default_weights()
+    unet = run.params("unet", weights, on_host=True)
+    return unet, run.config, run.meta, run.step, weights
+
+
+def restore_vae(workdir: str, step: int | None, weights: str | None = None) -> dict:
+    """The full VAE of a decoder finetune run (--vae-workdir), as numpy: its source encoder and
+    trained decoder (`runs.Run.params("vae")`, encoder fingerprint checked)."""
+    from sdxl_jax.runs import VAE_TASK, open_run
+    run = open_run(workdir, step)
+    if run.task != VAE_TASK:  # its "vae" would be the frozen one: no substitute for a finetune
+        raise ValueError(f"--vae-workdir {workdir} is not a VAE decoder run (its config has task="
+                         f"{run.task!r}); give the workdir of configs/vae_decoder.py")
+    return run.params("vae", weights, on_host=True)
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m sdxl_jax.export", description=__doc__.split(
+    from sdxl_jax import cli
+    p = cli.ArgumentParser(prog="python -m sdxl_jax.export", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="training run directory (holds checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -359,6 +395,11 @@ def _parse(argv):
     p.add_argument("--format", required=True, choices=("diffusers", "single-file"))
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     p.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export at --out (default: refuse)")
+    p.add_argument("--allow-per-channel", action="store_true",
+                   help="write a single file of a latents.normalization=per_channel run anyway "
+                        "(other tools decode it wrongly; the statistics go into its metadata)")
     p.add_argument("--tokenizers", default="",
                    help="diffusers folder with tokenizer/ and tokenizer_2/ (diffusers format; "
                         "default: the run's model.pretrained, or the generated tiny vocabulary)")
@@ -378,29 +419,31 @@ def main(argv=None) -> int:
     from sdxl_jax.models import weights
 
     if args.format == "single-file" and not args.out.endswith(".safetensors"):
-        raise SystemExit(f"--out {args.out!r}: a single-file export must end in .safetensors")
-    try:
-        unet, config, ckpt_meta, step, which = restore_unet(args.workdir, args.step, args.weights)
-        preset = config["model"]["preset"]
-        params = {"unet": unet, **weights.frozen_params(config)}
-        if args.vae_workdir:
-            from sdxl_jax.train.vae_loop import load_finetuned_vae
-            params["vae"] = load_finetuned_vae(args.vae_workdir, args.vae_step, args.vae_weights)
-        meta = export_meta(config, step, ckpt_meta)
-        meta["weights"] = which
-        if args.format == "diffusers":
-            tokenizers = None
-            if args.tokenizers:
-                from sdxl_jax.models.tokenizer import get_tokenizers
-                tokenizers = get_tokenizers("sdxl", args.tokenizers)
-            export_diffusers(params, preset, args.out, args.dtype, meta, tokenizers)
-        else:
-            export_single_file(params, preset, args.out, args.dtype, meta)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise SystemExit(f"export failed: {e}") from e
+        raise ValueError(f"--out {args.out!r}: a single-file export must end in .safetensors")
+    check_out(args.out, args.format, args.overwrite)  # before reading the checkpoint
+    unet, config, ckpt_meta, step, which = restore_unet(args.workdir, args.step, args.weights)
+    preset = config["model"]["preset"]
+    meta = export_meta(config, step, ckpt_meta)
+    meta["weights"] = which
+    if args.format == "single-file":
+        check_per_channel(meta, args.allow_per_channel)  # before loading the frozen models
+    params = {"unet": unet, **weights.frozen_params(config)}
+    if args.vae_workdir:
+        params["vae"] = restore_vae(args.vae_workdir, args.vae_step, args.vae_weights)
+    if args.format == "diffusers":
+        tokenizers = None
+        if args.tokenizers:
+            from sdxl_jax.models.tokenizer import get_tokenizers
+            tokenizers = get_tokenizers("sdxl", args.tokenizers)
+        export_diffusers(params, preset, args.out, args.dtype, meta, tokenizers,
+                         overwrite=args.overwrite)
+    else:
+        export_single_file(params, preset, args.out, args.dtype, meta,
+                           overwrite=args.overwrite, allow_per_channel=args.allow_per_channel)
     print(f"exported step {step} ({which} weights) of {args.workdir} to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sdxl_jax import cli
+    sys.exit(cli.run(main))  # user errors as one line `error: …`; --debug shows the traceback

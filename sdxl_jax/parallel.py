@@ -7,6 +7,7 @@ FSDP ranks also take distinct examples: that is what makes FSDP data parallel.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -125,15 +126,55 @@ def spec_for(path: str, shape: Sequence[int], fsdp_size: int, min_size: int,
 
 
 def param_specs(tree, mesh: Mesh, min_size: int = 2**18, rules=DEFAULT_RULES):
-    """PartitionSpecs for a pytree of arrays or ShapeDtypeStructs."""
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: spec_for(_path_str(p), tuple(x.shape), fsdp, min_size, rules), tree)
+    """PartitionSpecs for a pytree of arrays or ShapeDtypeStructs (ShardingPlan.specs)."""
+    return ShardingPlan(mesh, min_size, rules).specs(tree)
 
 
 def param_shardings(tree, mesh: Mesh, min_size: int = 2**18, rules=DEFAULT_RULES):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(tree, mesh, min_size, rules),
-                        is_leaf=lambda x: isinstance(x, P))
+    """NamedShardings for a pytree (ShardingPlan.shardings)."""
+    return ShardingPlan(mesh, min_size, rules).shardings(tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """How every tree of a run is laid out: the mesh, the partition rules and the size below
+    which a leaf stays replicated, declared once and applied to any tree (params, optimizer
+    state, EMA, scalars, RNG keys, frozen weights, batches)."""
+    mesh: Mesh
+    min_size: int = 2**18
+    rules: tuple = DEFAULT_RULES
+
+    @classmethod
+    def from_config(cls, mesh_cfg, devices: Sequence[Any] | None = None) -> "ShardingPlan":
+        return cls(make_mesh(mesh_cfg, devices), int(mesh_cfg.min_fsdp_size))
+
+    def spec(self, path: str, x) -> P:
+        """Scalars and RNG keys (raw uint32[2] or typed keys) are replicated; arrays follow the
+        rules."""
+        shape, dtype = tuple(x.shape), getattr(x, "dtype", None)
+        if not shape or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or \
+                (shape == (2,) and dtype == np.uint32):
+            return P()
+        return spec_for(path, shape, self.mesh.shape["fsdp"], self.min_size, self.rules)
+
+    def specs(self, tree):
+        return jax.tree_util.tree_map_with_path(lambda p, x: self.spec(_path_str(p), x), tree)
+
+    def shardings(self, tree):
+        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.specs(tree),
+                            is_leaf=lambda x: isinstance(x, P))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    @property
+    def batch(self) -> NamedSharding:
+        return batch_sharding(self.mesh)
+
+    @property
+    def data_parallel(self) -> int:
+        return data_parallel_size(self.mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

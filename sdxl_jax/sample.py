@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdxl_jax import diffusion
+from sdxl_jax.grid import make_grid, save_png, to_uint8  # noqa: F401 (re-exported)
 from sdxl_jax.diffusion import samplers
 
 log = logging.getLogger("sdxl_jax.sample")
@@ -44,6 +45,31 @@ class SampleSettings:
                    cfg=float(sp["cfg"]), rescale=float(sp["rescale"]), sampler=sp["sampler"],
                    schedule=sp["schedule"], sigma_max_scaling=bool(sp["sigma_max_scaling"]),
                    negative=sp["negative"])
+
+
+def size_multiple(preset: str) -> int:
+    """Pixels an image side must be a multiple of: the VAE's and the UNet's downsamplings
+    (32 for both presets: VAE 8×, UNet 4×); other sides fail deep inside the UNet's skips."""
+    from sdxl_jax.models import presets
+    levels = lambda cfg: 2 ** (len(cfg["block_out_channels"]) - 1)
+    return levels(presets.vae_config(preset)) * levels(presets.unet_config(preset))
+
+
+def check_settings(s: SampleSettings, preset: str | None = None) -> None:
+    """ValueError naming the first setting the samplers cannot use; sizes against `preset`'s
+    multiple when given (only positivity otherwise, as before the run is loaded)."""
+    if s.steps < 1:
+        raise ValueError(f"steps {s.steps}: sampling needs at least 1 step")
+    if not np.isfinite(s.cfg) or not np.isfinite(s.rescale):
+        raise ValueError(f"cfg {s.cfg} / rescale {s.rescale}: must be finite numbers")
+    for name, v in (("width", s.width), ("height", s.height)):
+        if v <= 0:
+            raise ValueError(f"{name} {v}: must be a positive number of pixels")
+        m = size_multiple(preset) if preset else 1
+        if v % m:
+            lo = max(m, v // m * m)
+            raise ValueError(f"{name} {v}: the {preset} model needs a multiple of {m} pixels "
+                             f"(VAE and UNet downsampling); try {lo} or {lo + m}")
 
 
 class ImageSampler:
@@ -111,8 +137,7 @@ class ImageSampler:
 
     def __call__(self, unet_params, prompts: Sequence[str], seeds: Sequence[int], s: SampleSettings):
         """uint8 images (len(prompts)·len(seeds), H, W, 3), prompt-major, and the latents."""
-        if s.width % 8 or s.height % 8:
-            raise ValueError(f"width and height must be multiples of 8, got {s.width}x{s.height}")
+        check_settings(s, self.cfg["model"]["preset"])
         pairs = [(p, seed) for p in prompts for seed in seeds]
         n = len(pairs)
         h, w = s.height // 8, s.width // 8
@@ -131,60 +156,34 @@ class ImageSampler:
         return to_uint8(images), np.asarray(jax.device_get(x0))
 
 
-def to_uint8(images_m1_1: np.ndarray) -> np.ndarray:
-    return np.clip(np.round((images_m1_1 + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def make_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    n, h, w, c = images.shape
-    if n != rows * cols:
-        raise ValueError(f"{n} images do not fill a {rows}×{cols} grid")
-    return images.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
-def save_png(image: np.ndarray, path: str) -> None:
-    from PIL import Image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
-
-
 # ---- loading a run ----------------------------------------------------------------------------
 def resolve_checkpoint(workdir: str | None, checkpoint: str | None, step: int | None):
-    """(checkpoints directory, step) from --workdir [--step] or --checkpoint <dir>/<step>."""
+    """(checkpoints directory, step) from --workdir [--step] or --checkpoint <dir>/<step>; without
+    a step, the newest whose config and metadata read (`runs.open_run`; its arrays are checked,
+    and older steps fallen back to, when they are read)."""
+    run = _open(workdir, checkpoint, step)
+    return run.directory, run.step
+
+
+def _open(workdir, checkpoint, step):
+    from sdxl_jax.runs import open_run
     if checkpoint:
-        checkpoint = os.path.abspath(checkpoint.rstrip("/"))
-        base, name = os.path.split(checkpoint)
-        if not name.isdigit() or not os.path.isdir(checkpoint):
-            raise FileNotFoundError(f"--checkpoint {checkpoint!r} is not a checkpoint step directory "
+        path = os.path.abspath(checkpoint.rstrip("/"))
+        if not os.path.basename(path).isdigit() or not os.path.isdir(path):
+            raise FileNotFoundError(f"--checkpoint {path!r} is not a checkpoint step directory "
                                     f"(expected <workdir>/checkpoints/<step>)")
-        return base, int(name)
-    ckdir = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit()) if os.path.isdir(ckdir) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {ckdir}")
-    if step is not None and step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {ckdir} (have {steps})")
-    return ckdir, step if step is not None else steps[-1]
+        return open_run(path, step)
+    return open_run(workdir, step)
 
 
-def load_run(workdir=None, checkpoint=None, step=None, weights: str = "ema"):
-    """(config dict, UNet params, meta) of a saved run, reading only the chosen weights."""
-    from sdxl_jax import models
-    from sdxl_jax.checkpoint import Checkpointer
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    ckdir, step = resolve_checkpoint(workdir, checkpoint, step)
-    ck = Checkpointer(ckdir, async_save=False)
-    cfg = ck.read_json(step, "config")
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                            models.abstract_params("unet", cfg["model"]["preset"]))
-    params, cfg, meta = ck.restore_params(step, abstract, "ema_params" if weights == "ema" else "params")
-    ck.close()
-    log.info("loaded %s weights of step %d from %s", weights, step, ckdir)
-    return cfg, params, meta
+def load_run(workdir=None, checkpoint=None, step=None, weights: str | None = "ema"):
+    """(config dict, UNet params, meta) of a saved run on one device, reading only the chosen
+    weights (None: EMA when the run kept one); config and meta are those of the step read."""
+    run = _open(workdir, checkpoint, step)
+    params = run.params("unet", weights)
+    log.info("loaded %s weights of step %d from %s", weights or run.default_weights(), run.step,
+             run.directory)
+    return run.config, params, run.meta
 
 
 def sampler_for_run(cfg: dict, meta: dict) -> ImageSampler:
@@ -196,7 +195,9 @@ def sampler_for_run(cfg: dict, meta: dict) -> ImageSampler:
 def main(argv=None) -> int:
     from sdxl_jax.models.hf import block_torch
     block_torch()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sdxl_jax import cli
+    p = cli.ArgumentParser(prog="python -m sdxl_jax.sample", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="run directory (latest checkpoint unless --step)")
     src.add_argument("--checkpoint", help="a checkpoint step directory <workdir>/checkpoints/<step>")
@@ -216,14 +217,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="PNG path")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg, params, meta = load_run(a.workdir, a.checkpoint, a.step, a.weights)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    # what can be checked before loading anything (the run's own sizes are checked after)
+    check_settings(SampleSettings(width=1 if a.width is None else a.width,
+                                  height=1 if a.height is None else a.height, steps=a.steps,
+                                  cfg=a.cfg, rescale=a.rescale))
+    if os.path.isdir(a.out):
+        raise IsADirectoryError(f"--out {a.out!r} is a directory; give the PNG file to write")
+    cfg, params, meta = load_run(a.workdir, a.checkpoint, a.step, a.weights)
     settings = SampleSettings(width=a.width or int(cfg["sample"]["width"]),
                               height=a.height or int(cfg["sample"]["height"]), steps=a.steps,
                               cfg=a.cfg, rescale=a.rescale, sampler=a.sampler, schedule=a.schedule,
                               sigma_max_scaling=not a.no_sigma_max_scaling, negative=a.negative)
+    check_settings(settings, cfg["model"]["preset"])  # before any compile
     seeds = a.seed or [0]
     images, _ = sampler_for_run(cfg, meta)(params, a.prompt, seeds, settings)
     save_png(make_grid(images, len(a.prompt), len(seeds)), a.out)
@@ -232,4 +237,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sdxl_jax import cli
+    sys.exit(cli.run(main))  # user errors as one line `error: …`; --debug shows the traceback

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_images(tmp_path_factory):
     """A small generated demo dataset (images + .txt captions), shared by the whole session."""
-    from data_tools.make_demo_dataset import make_demo_dataset
+    from sdxl_jax.data.demo import make_demo_dataset
     out = tmp_path_factory.mktemp("demo_images")
     make_demo_dataset(str(out), n=48, seed=0)
     return str(out)

@@ -1,16 +1,23 @@
-"""Shared test helpers: the tiny config the engine tests train with."""
+"""Shared test helpers: the tiny configs the engine tests train with, and the UNet program."""
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+from sdxl_jax.config import apply_overrides, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(name: str, overrides: dict | None = None):
+    """configs/<name>.py[:preset] from the repository, with dotted overrides."""
+    path, _, preset = name.partition(":")
+    return load_config(os.path.join(ROOT, "configs", path + ".py") + (f":{preset}" if preset else ""),
+                       overrides)
 
 
 def tiny_config(**overrides):
     """configs/ztsnr.py:tiny reduced to one 256² bucket, float32 compute, no previews and a 4×2
     data×FSDP mesh, so the engine tests share one compiled train step (the persistent XLA cache
     of conftest.py)."""
-    import ztsnr
-    cfg = ztsnr.get_config("tiny")
+    cfg = config("ztsnr:tiny")
     cfg.model.dtype = "float32"
     cfg.data.buckets.min_side = cfg.data.buckets.max_side = 256
     cfg.data.buckets.max_ar_error = 1.0  # every demo image lands in the one bucket
@@ -27,10 +34,13 @@ def tiny_config(**overrides):
 
 def override(cfg, overrides: dict):
     """Set dotted keys ("train.steps": 4, …) on a ConfigDict; returns it."""
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return apply_overrides(cfg, overrides)
+
+
+def unet_program(cfg, devices=None, total_steps=None):
+    """The UNet task's train program for `cfg` on `devices` (default: all): what the loop runs."""
+    from sdxl_jax import parallel
+    from sdxl_jax.train.program import build_program
+    from sdxl_jax.train.unet_task import program_spec
+    plan = parallel.ShardingPlan.from_config(cfg.mesh, devices)
+    return build_program(program_spec(cfg, total_steps=total_steps), plan)

@@ -245,6 +245,38 @@ def test_single_file_loads_in_pytorch(single_file, exported_folder, torch_models
     diffs = max_diffs(flax_out, torch_outputs(loaded, inputs))
     print("max |flax - torch(single file)|:", diffs)
     assert max(diffs.values()) <= TOL
+    # the README's route: config= the exported folder gives the v-prediction ZTSNR scheduler
+    # (from_single_file itself never reads the v_pred / ztsnr markers; METHODS §16)
+    sched = pipe.scheduler.config
+    assert (sched.prediction_type, sched.rescale_betas_zero_snr, sched.timestep_spacing) == (
+        "v_prediction", True, "trailing")
+
+
+def test_readme_scheduler_line_matches_our_sampler(exported_folder):
+    """The README's other route for a single file: diffusers' default SDXL scheduler (epsilon,
+    leading; what from_single_file builds without config=) turned v-prediction ZTSNR by one
+    from_config line equals the exported folder's scheduler and our own trailing schedule."""
+    from diffusers import EulerDiscreteScheduler
+
+    from sdxl_jax import diffusion
+    from sdxl_jax.diffusion import samplers
+
+    sdxl_default = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                    "prediction_type": "epsilon", "timestep_spacing": "leading",
+                    "steps_offset": 1, "interpolation_type": "linear"}
+    readme = EulerDiscreteScheduler.from_config(
+        EulerDiscreteScheduler.from_config(sdxl_default).config, prediction_type="v_prediction",
+        rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    folder = EulerDiscreteScheduler.from_pretrained(exported_folder, subfolder="scheduler")
+    readme.set_timesteps(28)
+    folder.set_timesteps(28)
+    assert np.array_equal(readme.timesteps.numpy(), folder.timesteps.numpy())
+    assert np.array_equal(readme.sigmas.numpy(), folder.sigmas.numpy())
+    ours = samplers.sampling_sigmas(diffusion.make_schedule(1000, 0.00085, 0.012, "rescale").sigmas,
+                                    28, "trailing", sigma_max_scaling=False)
+    # diffusers' first σ is finite (ᾱ_T clamped to 2^-24, σ ≈ 4096) where ours is ∞
+    assert np.isinf(ours[0]) and readme.sigmas[0] > 4000
+    np.testing.assert_allclose(readme.sigmas.numpy()[1:], ours[1:], rtol=1e-5)
 
 
 def test_single_file_reads_back_bitwise_and_carries_markers(single_file, params, torch_models):
@@ -570,9 +602,9 @@ def test_export_cli_from_checkpoint(params, torch_folder, tmp_path):
     assert_trees_equal(weights.load_pretrained(folder, PRESET, ("unet",))["unet"], params["unet"])
     with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
         assert json.load(f)["rescale_betas_zero_snr"] is True
-    with pytest.raises(SystemExit, match="no checkpoint for step 5"):
+    with pytest.raises(Exception, match="no checkpoint for step 5"):  # one line under sdxl_jax.cli
         export.main(["--workdir", str(tmp_path / "run"), "--step", "5", "--format",
-                     "single-file", "--out", out])
+                     "single-file", "--out", out, "--overwrite"])
 
 
 def test_per_channel_statistics_are_exported(params, tmp_path):
@@ -585,7 +617,7 @@ def test_per_channel_statistics_are_exported(params, tmp_path):
     mean, std = [4.81, 0.16, 1.35, -1.78], [9.92, 6.28, 7.6, 6.0]
     meta = export.export_meta(config, 1, {"latents": {"mean": mean, "std": std}})
     path = export.export_single_file(params, PRESET, str(tmp_path / "pc.safetensors"), "fp16",
-                                     meta)
+                                     meta, allow_per_channel=True)
     md = SafetensorsFile(path).metadata
     assert json.loads(md["sdxl_jax.latents_mean"]) == mean
     assert json.loads(md["sdxl_jax.latents_std"]) == std

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import tiny_config
+from helpers import tiny_config, unet_program
 from sdxl_jax import checkpoint as ckpt_lib
-from sdxl_jax import models, parallel
-from sdxl_jax.train import optim
-from sdxl_jax.train.state import create_state, init_state, state_shardings
+from sdxl_jax import models
 
 SIDE = 64  # 8×8 latents: the sampler compiles in seconds
 
@@ -24,13 +22,11 @@ def saved_run(tmp_path_factory, demo_cache):
     cfg = tiny_config(**{"data.cache_dir": demo_cache, "sample.width": SIDE, "sample.height": SIDE,
                          "sample.steps": 4, "sample.prompts": ("completely black", "red circle"),
                          "sample.seeds": (0, 1), "sample.val_batches": 1})
-    mesh = parallel.make_mesh(cfg.mesh)
-    tx = optim.make_optimizer(cfg.train)
+    prog = unet_program(cfg)
+    mesh = prog.plan.mesh
     params = models.init_params("unet", "tiny", 0)
     params["conv_out"]["kernel"] = params["conv_out"]["kernel"] + 0.05  # non-zero output
-    abstract = jax.eval_shape(lambda p: create_state(p, tx, jax.random.PRNGKey(0)), params)
-    sh = state_shardings(abstract, mesh, cfg.mesh.min_fsdp_size)
-    state = init_state(params, tx, jax.random.PRNGKey(0), sh)
+    state = prog.init_state(params, jax.random.PRNGKey(0))
     state = state.replace(ema_params=jax.tree.map(lambda x: x * 0.5, state.ema_params))
     ck = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), async_save=False)
     meta = {"latents": {"normalization": "scale", "mean": None, "std": None}}

@@ -9,13 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import tiny_config, unet_program
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import models, parallel
-from sdxl_jax.train import optim
 from sdxl_jax.train.loop import train
-from sdxl_jax.train.state import create_state, state_shardings
-from sdxl_jax.train.step import CompiledStep, StepConfig, make_train_step
 
 STEPS = 8  # conftest.REFERENCE_STEPS
 
@@ -63,13 +60,9 @@ def test_resume_gives_identical_params_and_batch_order(straight_run, tmp_path):
 
 def test_checkpoint_from_8_devices_restores_on_4(straight_run):
     cfg, wd, summary, _ = straight_run
-    mesh4 = parallel.make_mesh(cfg.mesh, jax.devices()[:4])
-    tx = optim.make_optimizer(cfg.train, STEPS)
-    abstract = jax.eval_shape(lambda p: create_state(p, tx, jax.random.PRNGKey(0)),
-                              models.abstract_params("unet", "tiny"))
-    sh4 = state_shardings(abstract, mesh4, 1024)  # small threshold: really sharded over 4
+    prog4 = unet_program(tiny_config(**{"mesh.fsdp": 4}), jax.devices()[:4], STEPS)  # really sharded
     ck = ckpt_lib.Checkpointer(f"{wd}/checkpoints")
-    restored = ck.restore(STEPS, ckpt_lib.abstract_with_shardings(abstract, sh4))
+    restored = ck.restore(STEPS, ckpt_lib.abstract_with_shardings(prog4.abstract_state, prog4.shardings))
     ck.close()
     kernel = restored.state.params["down_blocks_1"]["attentions_0"]["proj_in"]["kernel"]
     assert len(kernel.sharding.device_set) == 4
@@ -86,22 +79,14 @@ def test_sharded_step_equals_single_device(demo_cache):
     it = make_train_iterator(cfg, demo_cache, tokenize, 0, 1, 8, 8)
     batch = next(it)
     it.close()
-    unet = models.build_unet("tiny", "float32")
-    text_l, text_g = models.build_text_encoders("tiny", "float32")
-    tx = optim.make_optimizer(cfg.train, cfg.train.steps)
     params = models.init_params("unet", "tiny", jax.random.PRNGKey(0))
     frozen = {k: models.init_params(k, "tiny", jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
     results = []
-    for devices in (jax.devices()[:8], jax.devices()[:1]):
-        mesh = parallel.make_mesh(cfg.mesh if len(devices) == 8 else tiny_config(**{"mesh.fsdp": 1}).mesh,
-                                  devices)
-        abstract = jax.eval_shape(lambda p: create_state(p, tx, jax.random.PRNGKey(1)), params)
-        sh = state_shardings(abstract, mesh, cfg.mesh.min_fsdp_size)
-        state = jax.jit(lambda p: create_state(p, tx, jax.random.PRNGKey(1)), out_shardings=sh)(params)
-        fsh = {k: parallel.param_shardings(v, mesh, cfg.mesh.min_fsdp_size) for k, v in frozen.items()}
-        step_fn = make_train_step(unet, text_l, text_g, tx, StepConfig.from_config(cfg), sh.params)
-        compiled = CompiledStep(step_fn, sh, fsh, mesh)
-        new_state, metrics = compiled(state, jax.device_put(frozen, fsh), parallel.global_batch(batch, mesh))
+    for devices, fsdp in ((jax.devices()[:8], 2), (jax.devices()[:1], 1)):
+        prog = unet_program(tiny_config(**{"mesh.fsdp": fsdp}), devices)
+        state = prog.init_state(params, jax.random.PRNGKey(1))
+        new_state, metrics = prog.step(state, jax.device_put(frozen, prog.frozen_shardings),
+                                       parallel.global_batch(batch, prog.plan.mesh))
         results.append((float(metrics["loss"]), _params_np(new_state)))
     (loss8, p8), (loss1, p1) = results
     assert np.isfinite(loss8)

@@ -7,7 +7,6 @@ the only compiled programs are the trainer's own (train step, reconstruction eva
 """
 import os
 import shutil
-import sys
 from types import SimpleNamespace
 
 import jax
@@ -15,16 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import override
+from helpers import config, override
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import models
 from sdxl_jax.config import ConfigError
 from sdxl_jax.data import pixels
 from sdxl_jax.train import vae_losses as L
-from sdxl_jax.train import vae_loop as V
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
-import vae_decoder  # noqa: E402
+from sdxl_jax.config import validate
+from sdxl_jax.models.vae_parts import split_vae_params
+from sdxl_jax.models.weights import frozen_params
+from sdxl_jax.runs import open_run
+from sdxl_jax.train.loop import train
 
 STEPS = 16
 DISC_START = 8  # GAN terms exactly 0 for steps 1…8, on from step 9
@@ -32,7 +32,7 @@ CROP = 32  # training crops (held-out samples stay 64²)
 
 
 def tiny_vae_config(images_dir: str, **overrides):
-    cfg = vae_decoder.get_config("tiny")
+    cfg = config("vae_decoder:tiny")
     cfg.data.images_dir = images_dir
     cfg.data.val_fraction = 0.1  # 5 of the 48 demo images held out
     cfg.data.crop_size = CROP
@@ -58,17 +58,17 @@ def run(demo_images, tmp_path_factory):
     cfg = tiny_vae_config(demo_images, **{"loss.perceptual_weights": weights})
     wd = str(tmp / "straight")
     log = []
-    summary = V.train_vae_decoder(cfg, wd, metrics_log=log)
+    summary = train(cfg, wd, metrics_log=log)
     # resume: the mid-way checkpoint alone in a fresh workdir, continued to the end (no
     # samples: they do not touch the training state)
     wd2 = str(tmp / "resumed")
     half = str(STEPS // 2)
     shutil.copytree(os.path.join(wd, "checkpoints", half), os.path.join(wd2, "checkpoints", half))
-    resumed = V.train_vae_decoder(tiny_vae_config(demo_images, **{"loss.perceptual_weights": weights,
+    resumed = train(tiny_vae_config(demo_images, **{"loss.perceptual_weights": weights,
                                                                   "sample.every_steps": 0}), wd2)
     vae = models.build_vae("tiny", "float32")
     held, _ = pixels.held_out_images(cfg, demo_images, None, 4, 64)
-    source, finetuned = V.source_vae_params(cfg), V.load_finetuned_vae(wd)
+    source, finetuned = frozen_params(cfg, components=("vae",))["vae"], open_run(wd).params("vae")
 
     @jax.jit
     def autoencode(params, x):  # latents (mean, std) and reconstruction, independent of the trainer
@@ -84,8 +84,8 @@ def test_only_the_decoder_trains_and_the_encoder_is_bit_identical(run):
     assert s["end_step"] == STEPS and s["stopped"] == "done" and s["compiles"] == 1
     assert set(s["state"].params) == {"generator", "discriminator"}
     assert set(s["state"].params["generator"]) == {"post_quant_conv", "decoder"}
-    enc_src, dec_src = V.split_vae_params(_np(run.source))
-    enc_fine, dec_fine = V.split_vae_params(_np(run.finetuned))
+    enc_src, dec_src = split_vae_params(_np(run.source))
+    enc_fine, dec_fine = split_vae_params(_np(run.finetuned))
     jax.tree.map(np.testing.assert_array_equal, enc_src, enc_fine)
     jax.tree.map(np.testing.assert_array_equal, enc_src, _np(s["encoder"]))
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), dec_src, dec_fine))
@@ -148,15 +148,15 @@ def test_export_puts_the_finetuned_decoder_into_both_formats(run, tmp_path):
                         "--out", out, "--vae-workdir", run.wd]) == 0
     got = weights.load_pretrained(out, "tiny", ("unet", "vae"))
     jax.tree.map(np.testing.assert_array_equal, _np(run.finetuned), got["vae"])
-    enc_src, dec_src = V.split_vae_params(_np(run.source))
-    _, dec_got = V.split_vae_params(got["vae"])
+    enc_src, dec_src = split_vae_params(_np(run.source))
+    _, dec_got = split_vae_params(got["vae"])
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(dec_src), jax.tree.leaves(dec_got)))
     jax.tree.map(np.testing.assert_array_equal, unet_ema, got["unet"])
 
     folder = str(tmp_path / "with_vae_diffusers")
     assert export.main(["--workdir", unet_wd, "--format", "diffusers", "--dtype", "fp32",
                         "--out", folder, "--vae-workdir", run.wd, "--vae-weights", "raw"]) == 0
-    raw_vae = V.load_finetuned_vae(run.wd, weights="raw")
+    raw_vae = open_run(run.wd).params("vae", "raw")
     jax.tree.map(np.testing.assert_array_equal, _np(raw_vae),
                  weights.load_pretrained(folder, "tiny", ("vae",))["vae"])
     with pytest.raises(SystemExit, match="not a VAE decoder run"):  # the UNet run given as VAE run
@@ -271,7 +271,7 @@ def test_perceptual_loss_file_roundtrip_formula_and_clear_errors(tmp_path, demo_
         L.load_perceptual(missing)
     cfg = tiny_vae_config(demo_images, **{"loss.perceptual_weights": missing})
     with pytest.raises(ConfigError, match="loss.perceptual_weights"):
-        V.validate_vae_config(cfg)
+        validate(cfg)
     params["conv_1"]["kernel"] = np.zeros((3, 3, 5, 6), np.float32)  # does not chain from 4
     L.save_perceptual(path, params)
     with pytest.raises(L.PerceptualWeightsError, match="conv_1.kernel"):
@@ -279,15 +279,15 @@ def test_perceptual_loss_file_roundtrip_formula_and_clear_errors(tmp_path, demo_
 
 
 def test_config_and_validation(demo_images):
-    cfg = vae_decoder.get_config("tiny")
+    cfg = config("vae_decoder:tiny")
     assert cfg.task == "vae_decoder"
-    V.validate_vae_config(cfg, num_devices=8)
+    validate(cfg, num_devices=8)
     with pytest.raises(ConfigError, match="data.crop_size"):
-        V.validate_vae_config(tiny_vae_config(demo_images, **{"data.crop_size": 100}))
+        validate(tiny_vae_config(demo_images, **{"data.crop_size": 100}))
     with pytest.raises(ConfigError, match="model.pretrained"):
-        V.validate_vae_config(vae_decoder.get_config("sdxl"))
+        validate(config("vae_decoder:sdxl"))
     with pytest.raises(ValueError, match="unknown preset"):
-        vae_decoder.get_config("big")
+        config("vae_decoder:big")
 
 
 def test_pixel_iterator_is_deterministic_and_resumes(demo_images):
@@ -330,7 +330,7 @@ def test_latent_stats_equal_numpy_and_normalisation_roundtrip(demo_images, tmp_p
     from sdxl_jax.data import build_cache, decode_record, read_index
     from sdxl_jax.data.cache import RecordSource, read_json
     from sdxl_jax.diffusion import denormalize_latents, normalize_latents
-    from sdxl_jax.train.loop import latent_stats
+    from sdxl_jax.train.unet_task import latent_stats
 
     cache = str(tmp_path / "cache")
     cfg = tiny_config(**{"latents.normalization": "per_channel"})

@@ -74,10 +74,13 @@ def cache_settings(config, vae_fingerprint: str, source: str) -> dict[str, Any]:
     }
 
 
-def _source_desc(images_dir: str | None, manifest: str | None) -> str:
-    if bool(images_dir) == bool(manifest):
-        raise ValueError("give exactly one input: images_dir (folder of images + .txt) or "
-                         "manifest (JSONL of {\"path\", \"caption\"})")
+def _source_desc(images_dir: str | None, manifest: str | None, tfds=None) -> str:
+    if bool(images_dir) + bool(manifest) + (tfds is not None) != 1:
+        raise ValueError("give exactly one input: images_dir (folder of images + .txt), "
+                         "manifest (JSONL of {\"path\", \"caption\"}) or tfds (a prepared TFDS "
+                         "dataset, NAME[:SPLIT])")
+    if tfds is not None:
+        return tfds.description
     return f"images:{os.path.abspath(images_dir)}" if images_dir else f"manifest:{os.path.abspath(manifest)}"
 
 
@@ -120,7 +123,8 @@ def _scan_one(src: Source, config, buckets: Sequence[Bucket]) -> Item | tuple[st
     """An Item, or (key, reason) when the input cannot be used."""
     d = config.data
     try:
-        w, h = probe_size(src.path, d.max_image_pixels)
+        image, caption = src.read() if src.read else (src.path, None)  # a TFDS record, or a file
+        w, h = probe_size(image, d.max_image_pixels)
         if w * h < d.min_image_pixels:
             raise BadInput(f"too small: {w}x{h} = {w * h} < data.min_image_pixels = {d.min_image_pixels}")
         idx, err = assign_bucket(w, h, buckets)
@@ -128,7 +132,7 @@ def _scan_one(src: Source, config, buckets: Sequence[Bucket]) -> Item | tuple[st
             raise BadInput(f"aspect ratio too extreme: {w}x{h}, |log ar error| {err:.3f} to the nearest "
                            f"bucket {buckets[idx][0]}x{buckets[idx][1]} > data.buckets.max_ar_error "
                            f"= {d.buckets.max_ar_error}")
-        caption = read_caption(src)
+        caption = read_caption(src) if caption is None else caption
     except BadInput as e:
         return src.key, str(e)
     rng = np.random.default_rng([d.buckets.crop_seed, int(C.key_fraction(src.key) * 2**53)])
@@ -141,7 +145,8 @@ def _decoded(items: Sequence[Item], pool: ThreadPoolExecutor, config, buckets,
     """Batches of (item, pixels or skip reason), decoded by `pool` up to three batches ahead."""
     def load(it: Item):
         try:
-            return load_pixels(it.src.path, config.data.max_image_pixels, it.fit, buckets[it.bucket])
+            image = it.src.read()[0] if it.src.read else it.src.path
+            return load_pixels(image, config.data.max_image_pixels, it.fit, buckets[it.bucket])
         except BadInput as e:
             return str(e)
     pending: deque = deque()
@@ -201,6 +206,7 @@ def _write_shard(out: Path, name: str, items: Sequence[Item], encode: EncodeFn, 
         writer.close()
     os.replace(tmp, out / (name + C.SHARD_EXT))
     summary = {"name": name, "bucket": list(bucket), "latent_shape": shape,
+               "bytes": os.path.getsize(out / (name + C.SHARD_EXT)),  # checked on resume/open
                "settings_id": settings_id, "sources": [it.src.key for it in items],
                "records": records, "skipped": skipped, "latent_stats": stats.to_dict()}
     C.write_json(out / (name + ".json"), summary)
@@ -219,10 +225,15 @@ def _chunks(items: Sequence[Item], buckets, size: int, process_index: int,
     return chunks
 
 
-def _existing_summary(out: Path, name: str, items: Sequence[Item], sid: str) -> dict | None:
-    """The summary of an already complete shard with exactly these sources, else None."""
+def _existing_summary(out: Path, name: str, items: Sequence[Item], sid: str,
+                      verify: bool = False) -> dict | None:
+    """The summary of an already complete, intact shard with exactly these sources, else None.
+
+    Intact: the file has the size and record count the summary recorded (C.shard_problem);
+    with `verify` every record is also read back (Riegeli's chunk hashes catch flipped bytes).
+    """
     path = out / (name + ".json")
-    if not (path.exists() and (out / (name + C.SHARD_EXT)).exists()):
+    if not path.exists():
         return None
     try:
         summary = C.read_json(path)
@@ -230,7 +241,27 @@ def _existing_summary(out: Path, name: str, items: Sequence[Item], sid: str) -> 
         return None
     if summary.get("settings_id") != sid or summary.get("sources") != [it.src.key for it in items]:
         return None
+    shard = out / (name + C.SHARD_EXT)
+    problem = C.shard_problem(shard, len(summary["records"]), summary.get("bytes"))
+    if problem is None and verify:
+        problem = _read_problem(shard, len(summary["records"]))
+    if problem:
+        log.warning("build_cache: shard %s is damaged (%s); rebuilding it", shard, problem)
+        return None
     return summary
+
+
+def _read_problem(shard: Path, count: int) -> str | None:
+    """Read back and decode every record of `shard`; the first error, or None."""
+    reader = C.RecordSource([str(shard)], [count])
+    try:
+        for i in range(count):
+            C.decode_record(reader[i])
+    except Exception as e:  # Riegeli's RuntimeError (wrapped in CacheError), or a bad record
+        return str(e.__cause__ or e)
+    finally:
+        reader.close()
+    return None
 
 
 def _finalize(out: Path, settings: dict, process_count: int) -> dict:
@@ -284,22 +315,32 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
                 out: str | None = None, rebuild: bool = False, encode_fn: EncodeFn | None = None,
                 encoder_fingerprint: str | None = None, vae_params=None,
                 process_index: int | None = None, process_count: int | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, tfds=None, verify: bool = False) -> dict:
     """Build (or finish, or check) the latent cache in `out` and return its manifest.
 
     `encode_fn` maps images (B, H, W, 3) in [−1, 1] to (mean, std) latents and must come with an
     `encoder_fingerprint`; by default the VAE of `config.model` is used (sdxl_jax.models) with
     `vae_params` (default: `model.pretrained`, or the seeded random VAE when that is empty).
+    `tfds` (instead of images_dir/manifest): a prepared TFDS split, "NAME[:SPLIT]" or a
+    sdxl_jax.data.tfds_source.TfdsInput (data dir, image and caption feature names).
     On several hosts every process calls this (default: the JAX process index/count) with `out`
     on a filesystem they all share; process 0 writes the manifest once all shards exist.
-    Resume trusts that files keep their content under the same name; use rebuild after edits.
+    Resume keeps a finished shard whose file still has its recorded size and record count and
+    rebuilds any other; `verify` also reads every kept record back. Resume trusts that input
+    files keep their content under the same name; use rebuild after edits.
+    A build that ends with 0 records raises CacheError pointing at skipped.jsonl.
     """
     out = Path(out or config.data.cache_dir or "")
     if not str(out) or str(out) == ".":
         raise ValueError("no cache folder: pass out= (--out) or set data.cache_dir")
-    source = _source_desc(images_dir, manifest)
+    tfds = tfds or None  # "": an unset data.tfds
+    if tfds is not None and not (images_dir or manifest):
+        from sdxl_jax.data.tfds_source import open_tfds  # imports tensorflow_datasets: only here
+        tfds = open_tfds(tfds)  # fails now, naming the `tfds build` command, if not prepared
+    source = _source_desc(images_dir, manifest, tfds)
     _check_config(config.data)
-    sources, scan_skipped = list_folder(images_dir) if images_dir else list_manifest(manifest)
+    sources, scan_skipped = (tfds.sources() if tfds is not None else list_folder(images_dir) if images_dir
+                             else list_manifest(manifest))
     if not sources and not scan_skipped:
         raise ValueError(f"no input images in {images_dir or manifest} "
                          "(looked for .jpg/.jpeg/.png/.webp files, recursively)")
@@ -329,7 +370,7 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
             else:
                 scan_skipped.append({"key": res[0], "path": src.path, "reason": res[1]})
         chunks = _chunks(items, buckets, int(config.data.shard_size), process_index, process_count)
-        todo = [(n, its) for n, its in chunks if _existing_summary(out, n, its, sid) is None]
+        todo = [(n, its) for n, its in chunks if _existing_summary(out, n, its, sid, verify) is None]
         done = len(items) - sum(len(its) for _, its in todo)
         if done:
             log.info("build_cache: resuming, %d of %d images already cached", done, len(items))
@@ -352,4 +393,7 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
         log.warning("build_cache: %d inputs skipped (%s); every one with its reason in %s",
                     result["num_skipped"], ", ".join(f"{k}: {n}" for k, n in kinds.most_common()),
                     out / C.SKIPPED)
+    if not result["num_records"]:  # after the barriers: every process raises, none waits
+        raise C.CacheError(f"build_cache: 0 images cached in {out}: all {result['num_skipped']} "
+                           f"inputs were skipped; the reason for each is in {out / C.SKIPPED}")
     return result

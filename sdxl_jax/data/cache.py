@@ -5,8 +5,9 @@ Layout of a cache folder:
     settings.json            what the content depends on (VAE fingerprint, buckets, crop, dtype);
                              a build with other settings refuses to add to this folder
     <shard>.array_record     records of one bucket (ArrayRecord, group_size 1 for random access)
-    <shard>.json             its summary: per-record key + tags, skipped inputs, latent stats;
-                             written last, so its presence marks the shard complete (resume)
+    <shard>.json             its summary: per-record key + tags, skipped inputs, latent stats,
+                             the shard's size in bytes; written last, so its presence marks the
+                             shard complete (resume checks the size and record count again)
     parts/part-PofN.json     which shards process P of N wrote (multi-host builds)
     manifest.json            bucket table and counts, shard list, statistics; the cache is
                              usable once this exists
@@ -163,6 +164,46 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+class CacheError(ValueError):
+    """A cache that cannot be read as it is; the message names the file and the fix."""
+
+
+def rebuild_hint(cache_dir: str, source: str | None = None, verify: bool = False) -> str:
+    """How to repair `cache_dir`: rerun build_cache on the same inputs (it rebuilds bad shards)."""
+    kind, _, path = (source or "").partition(":")
+    inputs = f"--{kind} {path}" if kind in ("images", "manifest") else "<the same inputs>"
+    return (f"rerun build_cache (`python -m data_tools.build_cache {inputs} --out {cache_dir} "
+            f"--config <the same config>{' --verify' if verify else ''}`), which rebuilds damaged "
+            "shards")
+
+
+def shard_problem(path: str | Path, count: int, nbytes: int | None = None) -> str | None:
+    """Why the shard file at `path` is not the one its summary describes, or None.
+
+    Checks presence, size (when the summary recorded it) and the record count in the file's
+    own index, all without reading records: a truncated file fails the size check, and
+    ArrayRecord reports 0 records for a file whose footer is gone.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "file missing"
+    size = path.stat().st_size
+    if nbytes is not None and size != nbytes:
+        return f"{size} bytes, {nbytes} when written (truncated or overwritten)"
+    from array_record.python.array_record_module import ArrayRecordReader
+    try:
+        reader = ArrayRecordReader(str(path), options=RecordSource._OPTIONS)
+        try:
+            found = reader.num_records()
+        finally:
+            reader.close()
+    except (RuntimeError, OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    if found != count:
+        return f"{found} records in the file, {count} expected"
+    return None
+
+
 def load_manifest(cache_dir: str) -> dict[str, Any]:
     """The manifest of a finished cache, or a clear error saying how to build one."""
     path = Path(cache_dir) / MANIFEST
@@ -197,25 +238,52 @@ class CacheIndex:
 
 
 def read_index(cache_dir: str, manifest: dict[str, Any] | None = None) -> CacheIndex:
-    """Build the record index from the manifest and the shard summaries."""
+    """Build the record index from the manifest and the shard summaries.
+
+    Every shard is checked against them first (presence, size, record count: `shard_problem`),
+    so a damaged cache fails here, naming the shard, rather than deep inside a training step.
+    """
     manifest = manifest or load_manifest(cache_dir)
+    source = manifest.get("settings", {}).get("source")
+    if not manifest.get("num_records"):
+        raise CacheError(f"the cache {cache_dir} holds 0 records: every input was skipped; the "
+                         f"reason for each is in {Path(cache_dir) / SKIPPED}")
     buckets = [tuple(b) for b in manifest["buckets"]]
     shapes: dict[tuple[int, int], tuple[int, int, int]] = {}
     files, counts, bucket_ids, keys, tags = [], [], [], [], []
     for shard in manifest["shards"]:
-        summary = read_json(Path(cache_dir) / (shard["name"] + ".json"))
+        try:
+            summary = read_json(Path(cache_dir) / (shard["name"] + ".json"))
+        except (OSError, ValueError) as e:
+            raise CacheError(f"cache shard summary {shard['name']}.json of {cache_dir} is "
+                             f"unreadable ({e}); {rebuild_hint(cache_dir, source)}") from None
         if len(summary["records"]) != shard["count"]:
-            raise ValueError(f"shard {shard['name']} of {cache_dir} holds "
-                             f"{len(summary['records'])} records, manifest says {shard['count']}")
+            raise CacheError(f"shard {shard['name']} of {cache_dir} holds "
+                             f"{len(summary['records'])} records, manifest says {shard['count']}; "
+                             f"{rebuild_hint(cache_dir, source)}")
+        path = Path(cache_dir) / (shard["name"] + SHARD_EXT)
+        problem = shard_problem(path, shard["count"], summary.get("bytes"))
+        if problem:
+            raise CacheError(f"cache shard {path}: {problem}; {rebuild_hint(cache_dir, source)}")
         bucket = tuple(shard["bucket"])
         shapes[bucket] = tuple(shard["latent_shape"])
-        files.append(str(Path(cache_dir) / (shard["name"] + SHARD_EXT)))
+        files.append(str(path))
         counts.append(shard["count"])
         bucket_ids += [buckets.index(bucket)] * shard["count"]
         keys += [r["key"] for r in summary["records"]]
         tags += [r["tags"] for r in summary["records"]]
     latent_shapes = [shapes.get(b, (0, 0, 0)) for b in buckets]
     return CacheIndex(files, counts, np.asarray(bucket_ids, np.int32), buckets, latent_shapes, keys, tags)
+
+
+def _hint_for(cache_dir: Path) -> str:
+    """rebuild_hint with the cache's inputs when its manifest says them (--verify: the shard
+    has its recorded size and count, so only reading it back finds the damage)."""
+    try:
+        source = read_json(cache_dir / MANIFEST)["settings"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = None
+    return rebuild_hint(str(cache_dir), source, verify=True)
 
 
 class RecordSource:
@@ -240,11 +308,16 @@ class RecordSource:
         shard = int(np.searchsorted(self._ends, record_id, side="right"))
         if not 0 <= record_id < len(self):
             raise IndexError(f"record {record_id} out of range [0, {len(self)})")
-        if self._readers[shard] is None:
-            from array_record.python.array_record_module import ArrayRecordReader
-            self._readers[shard] = ArrayRecordReader(self._files[shard], options=self._OPTIONS)
         start = int(self._ends[shard - 1]) if shard else 0
-        return self._readers[shard].read([record_id - start])[0]
+        try:
+            if self._readers[shard] is None:
+                from array_record.python.array_record_module import ArrayRecordReader
+                self._readers[shard] = ArrayRecordReader(self._files[shard], options=self._OPTIONS)
+            return self._readers[shard].read([record_id - start])[0]
+        except (RuntimeError, OSError) as e:  # Riegeli: "chunk hash mismatch", "open() failed"
+            path = self._files[shard]
+            raise CacheError(f"cache shard {path}: record {record_id - start} is unreadable "
+                             f"({e}); {_hint_for(Path(path).parent)}") from e
 
     def close(self) -> None:
         for r in self._readers:

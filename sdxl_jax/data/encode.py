@@ -5,37 +5,19 @@ batch split over a one-axis mesh of `jax.local_devices()`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-
-def params_fingerprint(params, extra: dict | None = None) -> str:
-    """sha256 over every leaf's path, shape, dtype and bytes (plus `extra` settings)."""
-    h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        arr = np.asarray(leaf)
-        h.update(f"{jax.tree_util.keystr(path)}:{arr.shape}:{arr.dtype}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()[:32]
+from sdxl_jax.models.vae_parts import params_fingerprint
 
 
 def _vae_params(config):
-    """The VAE the trainer uses: `model.pretrained`, else the seeded random init.
-
-    Same contract as sdxl_jax.models.weights.frozen_params (which builds all three frozen models;
-    only the VAE is needed here): init_params("vae", preset, fold_in(PRNGKey(train.seed), 1)).
-    """
-    from sdxl_jax.models import init_params
-    from sdxl_jax.models.weights import load_pretrained
-    preset = config.model.preset
-    if config.model.pretrained:
-        return load_pretrained(config.model.pretrained, preset, ("vae",))["vae"]
-    return init_params("vae", preset, jax.random.fold_in(jax.random.PRNGKey(int(config.train.seed)), 1))
+    """The VAE the trainer uses: `weights.frozen_params`, the one source of frozen weights
+    (model.pretrained, else the seeded random init)."""
+    from sdxl_jax.models.weights import frozen_params
+    return frozen_params(config, components=("vae",))["vae"]
 
 
 def make_vae_encoder(config, params=None):

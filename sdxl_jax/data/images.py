@@ -6,11 +6,13 @@ alpha, 16-bit, EXIF-rotated, animated) are converted, not skipped.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,6 +22,10 @@ from sdxl_jax.data.buckets import Bucket, Fit
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
+
+# What probe_size/load_pixels read: a file path, the bytes of an encoded image file, or a
+# uint8 pixel array (h, w) / (h, w, 1|3|4), as records of a TFDS dataset hold them.
+ImageInput = Union[str, bytes, np.ndarray]
 
 
 class BadInput(Exception):
@@ -32,6 +38,9 @@ class Source:
     path: str
     key: str
     caption: str | None  # None: read from the .txt next to the image
+    # records that are not files (sdxl_jax.data.tfds_source): returns (image, caption) on
+    # demand, raising BadInput; `path` then only names the record in the skip report
+    read: Callable[[], tuple[ImageInput, str]] | None = None
 
 
 def list_folder(images_dir: str) -> tuple[list[Source], list[tuple[str, str]]]:
@@ -112,15 +121,38 @@ def read_caption(src: Source) -> str:
         raise BadInput(f"caption not UTF-8: {txt.name} ({e.reason} at byte {e.start})") from None
 
 
-def _open(path: str, max_pixels: int) -> Image.Image:
-    """Open lazily (header only) and reject empty, non-image and oversized files."""
-    try:
-        if os.path.getsize(path) == 0:
-            raise BadInput("empty file (0 bytes)")
-    except FileNotFoundError:
-        raise BadInput("file not found") from None
-    except OSError as e:
-        raise BadInput(f"unreadable file: {e}") from None
+def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
+    """A uint8 pixel array as a Pillow image, checked like a file header."""
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise BadInput(f"image array of shape {arr.shape} and dtype {arr.dtype}: "
+                       "expected uint8 (h, w) or (h, w, 1|3|4)")
+    h, w = arr.shape[:2]
+    if w * h == 0:
+        raise BadInput(f"empty image array of shape {arr.shape}")
+    if w * h > max_pixels:
+        raise BadInput(f"too many pixels: {w}x{h} = {w * h} > data.max_image_pixels = {max_pixels}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return Image.fromarray(np.ascontiguousarray(arr))  # uint8 (h, w) → L, (h, w, 3|4) → RGB|RGBA
+
+
+def _open(image: ImageInput, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and reject empty, non-image and oversized inputs."""
+    if isinstance(image, np.ndarray):
+        return _from_array(image, max_pixels)
+    if isinstance(image, bytes):
+        if not image:
+            raise BadInput("empty image (0 bytes)")
+        path = io.BytesIO(image)
+    else:
+        path = image
+        try:
+            if os.path.getsize(path) == 0:
+                raise BadInput("empty file (0 bytes)")
+        except FileNotFoundError:
+            raise BadInput("file not found") from None
+        except OSError as e:
+            raise BadInput(f"unreadable file: {e}") from None
     # Our limit (data.max_image_pixels) is checked from the header below; Pillow's own guard
     # (a warning above MAX_IMAGE_PIXELS) is raised to the same limit and treated as an error.
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
@@ -150,9 +182,9 @@ def _rotated(img: Image.Image) -> bool:
         return False
 
 
-def probe_size(path: str, max_pixels: int) -> tuple[int, int]:
+def probe_size(image: ImageInput, max_pixels: int) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after the EXIF orientation, from the header only."""
-    with _open(path, max_pixels) as img:
+    with _open(image, max_pixels) as img:
         w, h = img.size
         return (h, w) if _rotated(img) else (w, h)
 
@@ -176,7 +208,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_pixels(path: str, max_pixels: int, fit: Fit, bucket: Bucket) -> np.ndarray:
+def load_pixels(image: ImageInput, max_pixels: int, fit: Fit, bucket: Bucket) -> np.ndarray:
     """The image fitted to `bucket` as float32 (h, w, 3) in [−1, 1].
 
     Decodes fully (so truncated or corrupt data raises BadInput here), applies the EXIF
@@ -184,7 +216,7 @@ def load_pixels(path: str, max_pixels: int, fit: Fit, bucket: Bucket) -> np.ndar
     are decoded at a reduced DCT scale that still leaves at least 2× for Lanczos to shrink.
     """
     try:
-        with _open(path, max_pixels) as img:
+        with _open(image, max_pixels) as img:
             img.seek(0)  # first frame of animated files
             if img.format == "JPEG":
                 rw, rh = fit.resized[::-1] if _rotated(img) else fit.resized

@@ -9,7 +9,8 @@ from sdxl_jax.diffusion.sigmas import (karras_sigmas, sigma_max_for_resolution, 
                                        t_to_sigma, trailing_sigmas, trailing_timesteps)
 from sdxl_jax.diffusion.vpred import (add_noise, predict_eps, predict_x0, snr, v_target,
                                       vp_coefficients)
-from sdxl_jax.diffusion.weighting import (WEIGHTINGS, per_sample_mse, snr_loss_weight,
-                                          weighted_v_loss)
+from sdxl_jax.diffusion.weighting import (HUBER_SCHEDULES, LOSS_TYPES, WEIGHTINGS,
+                                          elementwise_loss, huber_threshold, per_sample_mse,
+                                          pseudo_huber, snr_loss_weight, weighted_v_loss)
 from sdxl_jax.diffusion.samplers import (SAMPLERS, SCHEDULE_KINDS, make_cfg_model,
                                          make_v_denoiser, sample, sampling_sigmas)

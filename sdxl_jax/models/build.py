@@ -8,6 +8,7 @@ drawn per leaf on the host (`init_params`), optionally straight into a sharded l
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import zlib
 
@@ -45,9 +46,28 @@ def build_unet(preset: str, dtype="bfloat16", *, use_memory_efficient_attention:
         split_head_dim=split_head_dim)
 
 
+def vae_dtype(model_dtype) -> jnp.dtype:
+    """The VAE's compute dtype for a `model.dtype`: float16 becomes bfloat16.
+
+    The SDXL VAE's activations exceed float16's range (65504) in its decoder (the known black /
+    NaN decodes of the original SDXL VAE in fp16); bfloat16 has float32's exponent range, so it
+    cannot overflow there, and it is the TPU/GPU tensor-core dtype. Logged once per process."""
+    dt = _dtype(model_dtype)
+    if dt == jnp.float16:
+        _log_vae_dtype_once()
+        return jnp.dtype(jnp.bfloat16)
+    return dt
+
+
+@functools.lru_cache(maxsize=None)
+def _log_vae_dtype_once() -> None:
+    logging.getLogger("sdxl_jax.models").warning(
+        "model.dtype='float16': the VAE runs in bfloat16 instead (the SDXL VAE overflows float16)")
+
+
 def build_vae(preset: str, dtype="bfloat16"):
-    """FlaxAutoencoderKL; compute in `dtype`, params float32."""
-    return hf.FlaxAutoencoderKL(**presets.vae_config(preset), dtype=_dtype(dtype))
+    """FlaxAutoencoderKL; compute in `vae_dtype(dtype)` (never float16), params float32."""
+    return hf.FlaxAutoencoderKL(**presets.vae_config(preset), dtype=vae_dtype(dtype))
 
 
 def build_text_encoders(preset: str, dtype="bfloat16"):

@@ -16,8 +16,11 @@ checkpoints and converted SDXL weights load unchanged: Flax's lifted `nn.remat` 
 level, and the rematerialised classes are subclasses of diffusers' own, built with the same
 fields under the same attribute names.
 
-`model.attention` / `model.split_head_dim` are passed to diffusers' modules as
-`use_memory_efficient_attention` (chunked attention, arXiv 2112.05682) / `split_head_dim`.
+`model.attention`: "standard" / "memory_efficient" are passed to diffusers' modules as
+`use_memory_efficient_attention` (chunked attention, arXiv 2112.05682), `model.split_head_dim`
+as `split_head_dim`; "dot_product" / "splash" / "auto" swap every FlaxAttention of the
+transformer layers for a subclass running a fused kernel (`models.attention`), by the same
+setup-interception plan as "blocks", so they combine with every remat mode and keep the tree.
 """
 from __future__ import annotations
 
@@ -27,26 +30,43 @@ import functools
 import flax.linen as nn
 import jax
 
+from sdxl_jax.models import attention as attention_kernels
 from sdxl_jax.models import build, hf, presets
 
 REMAT_MODES = ("none", "blocks", "dots")
-ATTENTION_MODES = ("standard", "memory_efficient")
+ATTENTION_MODES = attention_kernels.ATTENTION_MODES  # diffusers' two, the kernels, "auto"
 
 _POLICIES = {
     "blocks": None,  # jax.checkpoint's default: save nothing inside the checkpointed module
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# Where "blocks" checkpoints, as (attribute, rule) pairs per level of diffusers' module tree:
-# the rule is CHECKPOINT (run the module assigned to that attribute under nn.remat) or a
-# nested plan for the children of that module. The checkpointed units are each resnet and each
-# transformer layer, the units of diffusers' PyTorch gradient checkpointing: a whole UNet block
-# is too coarse for SDXL, whose first up block alone holds 30 transformer layers at 1024 tokens
-# (checkpointing whole blocks left the peak at ~43 GiB per device on 8-way FSDP at 1024²).
-CHECKPOINT = "checkpoint"
-_TRANSFORMER_PLAN = (("transformer_blocks", CHECKPOINT),)  # inside FlaxTransformer2DModel
-_BLOCK_PLAN = (("resnets", CHECKPOINT), ("attentions", _TRANSFORMER_PLAN))  # down/mid/up blocks
-_UNET_PLAN = (("down_blocks", _BLOCK_PLAN), ("mid_block", _BLOCK_PLAN), ("up_blocks", _BLOCK_PLAN))
+# What a plan does to the module assigned to one attribute of diffusers' module tree: run it
+# under nn.remat (`checkpoint`), swap its FlaxAttention product for a fused kernel (`kernel`),
+# and/or apply a nested plan to its own children (`plan`: (attribute, Rule) pairs).
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    checkpoint: bool = False
+    kernel: str = ""
+    plan: tuple = ()
+
+
+# "blocks" checkpoints each resnet and each transformer layer, the units of diffusers' PyTorch
+# gradient checkpointing: a whole UNet block is too coarse for SDXL, whose first up block alone
+# holds 30 transformer layers at 1024 tokens (checkpointing whole blocks left the peak at
+# ~43 GiB per device on 8-way FSDP at 1024²). A kernel replaces attn1 (self) and attn2 (cross)
+# of every transformer layer (FlaxBasicTransformerBlock).
+def unet_plan(remat: str, kernel: str = "") -> tuple:
+    """The plan of the UNet for a remat mode ("dots" is applied to the whole UNet instead) and
+    an attention kernel ("" = diffusers' own attention); () when nothing is swapped."""
+    blocks = remat == "blocks"
+    attn = tuple((name, Rule(kernel=kernel)) for name in ("attn1", "attn2")) if kernel else ()
+    if not (blocks or attn):
+        return ()
+    layers = (("transformer_blocks", Rule(checkpoint=blocks, plan=attn)),)  # FlaxTransformer2DModel
+    block = ((("resnets", Rule(checkpoint=True)),) if blocks else ()) + (
+        ("attentions", Rule(plan=layers)),)  # down / mid / up blocks
+    return tuple((name, Rule(plan=block)) for name in ("down_blocks", "mid_block", "up_blocks"))
 
 
 def _is_static(value) -> bool:
@@ -80,7 +100,7 @@ def checkpointed_class(base: type, mode: str) -> type:
 
 @functools.lru_cache(maxsize=None)
 def planned_class(base: type, plan: tuple) -> type:
-    """A subclass of `base` whose setup swaps the submodules named in `plan` (see _UNET_PLAN).
+    """A subclass of `base` whose setup swaps the submodules named in `plan` (see unet_plan).
 
     diffusers' setups build submodules and assign them (singly or as lists) to attributes;
     Flax names a submodule when it is assigned, so intercepting exactly those assignments
@@ -100,10 +120,15 @@ def planned_class(base: type, plan: tuple) -> type:
     return type(f"Planned{base.__name__}", (base,), {"__setattr__": __setattr__})
 
 
-def _swap(module: nn.Module, rule) -> nn.Module:
+def _swap(module: nn.Module, rule: Rule) -> nn.Module:
     """The same module (same fields, same parent) as an instance of the class `rule` names."""
-    cls = (checkpointed_class(type(module), "blocks") if rule == CHECKPOINT
-           else planned_class(type(module), rule))
+    cls = type(module)
+    if rule.kernel:
+        cls = attention_kernels.kernel_class(cls, rule.kernel)
+    if rule.plan:
+        cls = planned_class(cls, rule.plan)
+    if rule.checkpoint:
+        cls = checkpointed_class(cls, "blocks")
     fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
               if f.init and f.name not in ("parent", "name")}
     return cls(parent=module.parent, **fields)
@@ -117,34 +142,40 @@ def _register_config(cls: type) -> type:
 
 
 @functools.lru_cache(maxsize=None)
-def unet_class(remat: str) -> type:
-    """The UNet module class for a `model.remat` value."""
+def unet_class(remat: str, kernel: str = "") -> type:
+    """The UNet module class for a `model.remat` value and an attention kernel
+    (`attention.KERNELS` name; "" = diffusers' own attention)."""
     if remat not in REMAT_MODES:
         raise ValueError(f"model.remat={remat!r}: must be one of {REMAT_MODES}")
-    if remat == "none":
-        return hf.FlaxUNet2DConditionModel
-    if remat == "blocks":
-        return _register_config(planned_class(hf.FlaxUNet2DConditionModel, _UNET_PLAN))
-    return _register_config(checkpointed_class(hf.FlaxUNet2DConditionModel, "dots"))
+    cls = hf.FlaxUNet2DConditionModel
+    plan = unet_plan(remat, kernel)
+    if plan:
+        cls = planned_class(cls, plan)
+    if remat == "dots":
+        cls = checkpointed_class(cls, "dots")
+    return cls if cls is hf.FlaxUNet2DConditionModel else _register_config(cls)
 
 
 def build_unet_variant(preset: str | dict, dtype="bfloat16", *, remat: str = "none",
                        attention: str = "standard", split_head_dim: bool = False):
     """The SDXL UNet of `preset` (a preset name, or FlaxUNet2DConditionModel kwargs such as
     `presets.unet_config` returns) with a remat mode and attention options. The parameters are
-    those of `build.build_unet(preset, dtype)` for every choice."""
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"model.attention={attention!r}: must be one of {ATTENTION_MODES}")
-    if attention == "memory_efficient" and split_head_dim:
+    those of `build.build_unet(preset, dtype)` for every choice. "auto" attention is resolved
+    for the backend of this process (`attention.resolve`)."""
+    if remat not in REMAT_MODES:  # before resolving attention: one bad key at a time, this first
+        raise ValueError(f"model.remat={remat!r}: must be one of {REMAT_MODES}")
+    mode = attention_kernels.resolve(attention)
+    if mode == "memory_efficient" and split_head_dim:
         # diffusers' chunked attention transposes 3-D (batch·heads, L, d) states; with
         # split_head_dim they are 4-D and its FlaxAttention fails deep inside tracing.
         raise ValueError("model.attention='memory_efficient' cannot be combined with "
                          "model.split_head_dim=True (diffusers' chunked attention needs the "
                          "heads folded into the batch); set one of them back")
     sizes = presets.unet_config(preset) if isinstance(preset, str) else dict(preset)
-    return unet_class(remat)(
+    kernel = mode if mode in attention_kernels.KERNEL_MODES else ""
+    return unet_class(remat, kernel)(
         **sizes, dtype=build._dtype(dtype),
-        use_memory_efficient_attention=attention == "memory_efficient",
+        use_memory_efficient_attention=mode == "memory_efficient",
         split_head_dim=bool(split_head_dim))
 
 

@@ -6,6 +6,10 @@ symbols (plain and word-final "</w>"), merges that make each demo word a single 
 <|startoftext|> and <|endoftext|> as the two highest ids, exactly as in CLIP's real vocabulary
 (SDXL's configs pool the EOS state at argmax(ids), which relies on EOS being the highest id).
 Any other text still tokenizes, into byte-level pieces.
+
+The tokenizers are transformers' `CLIPTokenizerFast` (Rust `tokenizers`), rebuilt so the ids equal
+those of the Python `CLIPTokenizer` this project used before (and still builds with `fast=False`):
+the Python one ran ~950 captions/s per tower in the loader, the Rust one many times that.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import unicodedata
 
 import numpy as np
 
@@ -140,8 +145,100 @@ def tiny_tokenizer_dir() -> str:
     return target
 
 
-def _load_pretrained(pretrained: str):
-    from sdxl_jax.models.hf import CLIPTokenizer
+# ---- the Rust tokenizer, made to give the Python CLIPTokenizer's ids ------------------------
+# transformers' CLIPTokenizer without ftfy (not installed here) normalises with BERT's
+# BasicTokenizer: drop NUL, U+FFFD and every "C*" category character (tab/newline/CR become
+# spaces), put spaces around CJK ideographs, NFC, split on whitespace, Python's str.lower() (with
+# its final-sigma rule); then CLIP's regex (IGNORECASE) and byte-level BPE. The converted
+# CLIPTokenizerFast instead does NFC, whitespace, a per-character lowercase, so it differs on CJK,
+# control and zero-width characters, final sigma and U+0345. Measured before the fix: 271 of the
+# 145,854 assigned code points differ; after it: none (tests/test_tokenizer_fast.py).
+
+# The CJK blocks BasicTokenizer._is_chinese_char pads with spaces (BERT's ranges).
+_CJK_CLASS = (r"[\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}"
+              r"\x{2B740}-\x{2B81F}\x{2B820}-\x{2CEAF}\x{F900}-\x{FAFF}\x{2F800}-\x{2FA1F}]")
+# CLIP's pre-tokenizer pattern (as in CLIPTokenizer and the converted fast tokenizer).
+_CLIP_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+# Word_Break MidLetter, MidNumLet and Single_Quote: with Mn, Me, Cf, Lm, Sk, Case_Ignorable.
+_WB_CASE_IGNORABLE = (0x27, 0x2E, 0x3A, 0xB7, 0x387, 0x55F, 0x5F4, 0x2018, 0x2019, 0x2024, 0x2027,
+                      0xFE13, 0xFE52, 0xFE55, 0xFF07, 0xFF0E, 0xFF1A)
+
+
+def _char_class(codepoints) -> str:
+    """A regex class of sorted code points, as ranges."""
+    ranges: list[list[int]] = []
+    for cp in codepoints:
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    return "[" + "".join(f"\\x{{{a:X}}}" if a == b else f"\\x{{{a:X}}}-\\x{{{b:X}}}"
+                         for a, b in ranges) + "]"
+
+
+@functools.lru_cache(maxsize=None)
+def _unicode_classes() -> dict[str, str]:
+    """Regex classes from this Python's unicodedata, so a newer Unicode in the Rust regex engine
+    cannot make the two tokenizers disagree: what BasicTokenizer._clean_text drops; Cased minus
+    Case_Ignorable; Case_Ignorable (str.lower()'s final-sigma test skips the latter)."""
+    dropped, cased, ignorable = [], [], []
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue  # surrogates never reach a Rust string
+        ch = chr(cp)
+        cat = unicodedata.category(ch)
+        if cp in (0, 0xFFFD) or (cat[0] == "C" and cp not in (9, 10, 13)):
+            dropped.append(cp)
+        is_ignorable = cat in ("Mn", "Me", "Cf", "Lm", "Sk") or cp in _WB_CASE_IGNORABLE
+        if is_ignorable:
+            ignorable.append(cp)
+        elif ch.islower() or ch.isupper() or ch.istitle():
+            cased.append(cp)
+    return {"dropped": _char_class(dropped), "cased": _char_class(cased),
+            "ignorable": _char_class(ignorable)}
+
+
+def _final_sigma_pattern() -> str:
+    """Σ in Python's Final_Sigma context: after a cased letter and case-ignorables, not before
+    case-ignorables and a cased letter (Objects/unicodeobject.c handle_capital_sigma)."""
+    u = _unicode_classes()
+    # Σ first, so the engine looks for Σ rather than trying the look-behind at every position
+    return (f"\\x{{3A3}}(?<={u['cased']}{u['ignorable']}*\\x{{3A3}})"
+            f"(?!{u['ignorable']}*{u['cased']})")
+
+
+def match_python_clip(tokenizer):
+    """Give a CLIPTokenizerFast the Python CLIPTokenizer's normaliser and pre-tokeniser, in place."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([
+        normalizers.Replace(Regex(_unicode_classes()["dropped"]), ""),
+        normalizers.NFC(),
+        normalizers.Replace(Regex(_final_sigma_pattern()), "\u03c2"),
+        normalizers.Lowercase(),
+        # CLIP's IGNORECASE regex matches U+0345 with neither [\p{L}] nor its complement (it
+        # case-folds to iota), so the Python tokenizer skips it like a space.
+        normalizers.Replace("\u0345", " "),
+    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CJK_CLASS), behavior="isolated"),
+        pre_tokenizers.Split(Regex(_CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    return tokenizer
+
+
+def _tokenizer_classes(fast: bool):
+    from sdxl_jax.models.hf import CLIPTokenizer  # installs the log filters first
+    if not fast:
+        return CLIPTokenizer, lambda tok: tok
+    from transformers import CLIPTokenizerFast
+    return CLIPTokenizerFast, match_python_clip
+
+
+def _load_pretrained(pretrained: str, fast: bool = True):
+    cls, finish = _tokenizer_classes(fast)
 
     if os.path.isdir(pretrained):
         folders = [os.path.join(pretrained, sub) for sub in ("tokenizer", "tokenizer_2")]
@@ -150,14 +247,14 @@ def _load_pretrained(pretrained: str):
             raise FileNotFoundError(
                 f"model.pretrained={pretrained!r} is a folder but lacks {missing}; point it at a "
                 "diffusers SDXL folder (with tokenizer/ and tokenizer_2/)")
-        return tuple(CLIPTokenizer.from_pretrained(f) for f in folders)
+        return tuple(finish(cls.from_pretrained(f)) for f in folders)
     source = pretrained
     if os.path.isfile(pretrained):
         # Single-file checkpoints carry no tokenizer; SDXL's are the stock CLIP ones.
         log.info("%s holds no tokenizer; using %s's tokenizers", pretrained, SDXL_HUB_ID)
         source = SDXL_HUB_ID
     try:
-        return tuple(CLIPTokenizer.from_pretrained(source, subfolder=sub)
+        return tuple(finish(cls.from_pretrained(source, subfolder=sub))
                      for sub in ("tokenizer", "tokenizer_2"))
     except OSError as e:
         raise OSError(
@@ -165,21 +262,26 @@ def _load_pretrained(pretrained: str):
             ": give a local diffusers folder, or be online for a Hub id") from e
 
 
-def get_tokenizers(preset: str, pretrained: str = ""):
+def tokenizers_from_files(vocab_file: str, merges_file: str, fast: bool = True):
+    """(CLIP-L, bigG) tokenizers of one CLIP vocabulary: CLIP-L pads with EOS, bigG with "!"."""
+    cls, finish = _tokenizer_classes(fast)
+    files = dict(vocab_file=vocab_file, merges_file=merges_file, model_max_length=SEQ_LEN)
+    return finish(cls(**files, pad_token=EOS)), finish(cls(**files, pad_token=PAD_G))
+
+
+def get_tokenizers(preset: str, pretrained: str = "", fast: bool = True):
     """(tokenizer for CLIP-L, tokenizer for bigG).
 
     pretrained "" (or preset "tiny"): the generated offline vocabulary; CLIP-L's pads with EOS,
     bigG's with "!" (id 0) like SDXL's tokenizer / tokenizer_2. Otherwise a diffusers folder's
-    tokenizer/ and tokenizer_2/ (a Hub id when online).
+    tokenizer/ and tokenizer_2/ (a Hub id when online). `fast` (default): the Rust tokenizers,
+    same ids as the Python ones (`fast=False`).
     """
     if preset == "tiny" or not pretrained:
-        from sdxl_jax.models.hf import CLIPTokenizer
-
         folder = tiny_tokenizer_dir()
-        files = dict(vocab_file=os.path.join(folder, "vocab.json"),
-                     merges_file=os.path.join(folder, "merges.txt"), model_max_length=SEQ_LEN)
-        return CLIPTokenizer(**files, pad_token=EOS), CLIPTokenizer(**files, pad_token=PAD_G)
-    return _load_pretrained(pretrained)
+        return tokenizers_from_files(os.path.join(folder, "vocab.json"),
+                                     os.path.join(folder, "merges.txt"), fast)
+    return _load_pretrained(pretrained, fast)
 
 
 def tokenize(tokenizer, captions: list[str], max_chunks: int) -> np.ndarray:
@@ -197,12 +299,27 @@ def tokenize(tokenizer, captions: list[str], max_chunks: int) -> np.ndarray:
     out[:, :, 0] = bos
     if not captions:
         return out.reshape(0, max_chunks * SEQ_LEN)
-    # verbose=False: long captions are expected here, not worth the "too long" warning.
-    ids = tokenizer(list(captions), add_special_tokens=False, verbose=False)["input_ids"]
+    out[:, :, 1] = eos  # chunks no token reaches stay empty captions
+    ids = _token_ids(tokenizer, list(captions))
     for b, caption_ids in enumerate(ids):
-        caption_ids = caption_ids[:max_chunks * CHUNK_TOKENS]
-        for c in range(max_chunks):
-            chunk = caption_ids[c * CHUNK_TOKENS:(c + 1) * CHUNK_TOKENS]
-            out[b, c, 1:1 + len(chunk)] = chunk
-            out[b, c, 1 + len(chunk)] = eos
+        n = min(len(caption_ids), max_chunks * CHUNK_TOKENS)
+        if not n:
+            continue
+        # token k goes to chunk k // 75, position 1 + k % 75; each used chunk's EOS follows it
+        k = np.arange(n)
+        out[b, k // CHUNK_TOKENS, 1 + k % CHUNK_TOKENS] = caption_ids[:n]
+        last = np.arange((n - 1) // CHUNK_TOKENS + 1)
+        fill = np.minimum(n - last * CHUNK_TOKENS, CHUNK_TOKENS)
+        out[b, last, 1 + fill] = eos
     return out.reshape(len(captions), max_chunks * SEQ_LEN)
+
+
+def _token_ids(tokenizer, captions: list[str]) -> list[list[int]]:
+    """Token ids of each caption without BOS/EOS; the Rust batch call when the tokenizer has one."""
+    if getattr(tokenizer, "is_fast", False):
+        # straight to the Rust batch encoder (parallel, GIL released): the transformers
+        # wrapper's BatchEncoding bookkeeping would cost as much as the BPE for short captions.
+        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(captions,
+                                                                        add_special_tokens=False)]
+    # verbose=False: long captions are expected here, not worth the "too long" warning.
+    return tokenizer(captions, add_special_tokens=False, verbose=False)["input_ids"]

@@ -2,17 +2,27 @@
 
 Calls the encoder/decoder submodules directly (diffusers' `encode`/`decode` take and return
 NCHW) and forms the posterior from float32 moments, so a bf16 compute dtype never rounds
-the latent mean/std that the cache stores.
+the latent mean/std that the cache stores. A VAE module built in float16 (outside
+`build.build_vae`, which never does) is run in bfloat16 here: the SDXL VAE overflows float16.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from sdxl_jax.models import hf
+from sdxl_jax.models.build import vae_dtype
+
+
+def _never_fp16(vae):
+    """`vae` itself, or a copy computing in bfloat16 when it was built in float16."""
+    dt = vae_dtype(vae.dtype)
+    return vae if dt == vae.dtype else vae.clone(dtype=dt)
 
 
 def vae_encode(vae, params, images_NHWC):
     """Images in [-1, 1] → (mean_NHWC, std_NHWC) of the raw (unscaled) latents, float32."""
+    vae = _never_fp16(vae)
+
     def encode(module, x):
         return module.quant_conv(module.encoder(x, deterministic=True))
 
@@ -23,6 +33,8 @@ def vae_encode(vae, params, images_NHWC):
 
 def vae_decode(vae, params, latents_NHWC):
     """Raw (unscaled) latents → images_NHWC, about [-1, 1], float32."""
+    vae = _never_fp16(vae)
+
     def decode(module, z):
         return module.decoder(module.post_quant_conv(z), deterministic=True)
 

@@ -356,21 +356,32 @@ def load_pretrained(path_or_id: str, preset: str, components=MODEL_NAMES, shardi
     return out
 
 
-def frozen_params(config, shardings=None) -> dict:
-    """Parameters of the frozen models (VAE, CLIP-L, bigG) for a run config.
+FROZEN = ("vae", "text_l", "text_g")
+# fold_in index of each frozen model's random init: fixed per name, so asking for a subset (the
+# cache builder needs only the VAE) gives the same numbers as asking for all three
+_SEED_INDEX = {"vae": 1, "text_l": 2, "text_g": 3}
 
-    `model.pretrained` set: loaded from it. Otherwise a random init from the run seed, the
-    contract shared by trainer and export: init_params(name, preset,
-    fold_in(PRNGKey(train.seed), i)) with i = 1 (vae), 2 (text_l), 3 (text_g).
-    `config` is a ConfigDict or the plain dict saved in a checkpoint.
+
+def frozen_params(config, shardings=None, components=FROZEN) -> dict:
+    """{name: params} of the frozen models (a subset of "vae", "text_l", "text_g") of a run:
+    the one source of frozen weights for the trainers, the cache builder, sample and export.
+
+    `model.pretrained` set: loaded from it. Otherwise the seeded random init, the contract every
+    user shares: init_params(name, preset, fold_in(PRNGKey(train.seed), i)) with i = 1 (vae),
+    2 (text_l), 3 (text_g). `config` is a ConfigDict or the plain dict saved in a checkpoint;
+    `shardings` ({name: pytree of shardings}) places each leaf as it is made or loaded (second,
+    so the trainers' positional `frozen_params(cfg, shardings)` calls keep working).
     """
+    components = tuple(components)
+    unknown = [c for c in components if c not in _SEED_INDEX]
+    if unknown:
+        raise ValueError(f"frozen_params: unknown components {unknown}; choose from {FROZEN}")
     preset = config["model"]["preset"]
-    names = ("vae", "text_l", "text_g")
     shardings = shardings or {}
     pretrained = config["model"]["pretrained"]
     if pretrained:
-        return load_pretrained(pretrained, preset, names, shardings)
+        return load_pretrained(pretrained, preset, components, shardings)
     base = jax.random.PRNGKey(int(config["train"]["seed"]))
-    return {name: build.init_params(name, preset, jax.random.fold_in(base, i),
+    return {name: build.init_params(name, preset, jax.random.fold_in(base, _SEED_INDEX[name]),
                                     out_shardings=shardings.get(name))
-            for i, name in enumerate(names, start=1)}
+            for name in components}

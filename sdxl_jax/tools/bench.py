@@ -120,32 +120,29 @@ class TrainSetup:
     def __init__(self, model: str, batch: int, latent: int, dtype: str = "float32"):
         import jax
         from sdxl_jax import models, parallel
+        from sdxl_jax.config import load_config
         from sdxl_jax.models.remat import build_unet_variant
-        from sdxl_jax.tools.memory_report import load_config
-        from sdxl_jax.train import optim
-        from sdxl_jax.train.state import create_state, state_shardings
-        from sdxl_jax.train.step import StepConfig, make_train_step
+        from sdxl_jax.train.program import build_program
+        from sdxl_jax.train.unet_task import program_spec
 
         cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ztsnr.py") + ":tiny")
         cfg.model.dtype = dtype
         cfg.mesh.data, cfg.mesh.fsdp = 1, 1
         self.cfg, self.batch_size, self.latent = cfg, batch, latent
-        self.mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
         self.sizes = unet_sizes(model)
         self.unet = build_unet_variant(self.sizes, cfg.model.dtype)
-        text_l, text_g = models.build_text_encoders("tiny", cfg.model.dtype)
-        self.tx = optim.make_optimizer(cfg.train)
         params = unet_params(self.unet, self.sizes)
         self.n_params = models.count_params(params)
-        min_size = int(cfg.mesh.min_fsdp_size)
-        rng = jax.random.PRNGKey(0)
-        abstract = jax.eval_shape(lambda p, r: create_state(p, self.tx, r), params, rng)
-        self.state_sh = state_shardings(abstract, self.mesh, min_size)
-        self.state = jax.jit(lambda p, r: create_state(p, self.tx, r), out_shardings=self.state_sh)(params, rng)
+        # the trainer's program with this UNet size: same update, shardings and batch contract
+        self.spec = program_spec(cfg, unet=self.unet, abstract_unet=jax.eval_shape(lambda: params))
+        self.program = build_program(self.spec, parallel.ShardingPlan.from_config(cfg.mesh, jax.devices()[:1]))
+        self.mesh = self.program.plan.mesh
+        self.tx = self.spec.tx
+        self.state_sh, self.frozen_sh = self.program.shardings, self.program.frozen_shardings
+        self.state = self.program.init_state(params, jax.random.PRNGKey(0))
         frozen = {k: models.init_params(k, "tiny", 1) for k in ("text_l", "text_g")}
-        self.frozen_sh = {k: parallel.param_shardings(v, self.mesh, min_size) for k, v in frozen.items()}
         self.frozen = jax.device_put(frozen, self.frozen_sh)
-        self.step_fn = make_train_step(self.unet, text_l, text_g, self.tx, StepConfig.from_config(cfg))
+        self.step_fn = self.program.update
         self.host_batch = host_batch(batch, latent, int(cfg.text.max_chunks))
 
 
@@ -153,15 +150,14 @@ def bench_step(s: TrainSetup, n: int) -> dict:
     """Bare compiled step vs the loop's way of feeding it; FLOPs; compile count."""
     import jax
     from sdxl_jax import parallel
-    from sdxl_jax.train.step import CompiledStep
 
-    step = CompiledStep(s.step_fn, s.state_sh, s.frozen_sh, s.mesh)
+    step = s.program.step
     batch = parallel.global_batch(s.host_batch, s.mesh)
     t0 = time.perf_counter()
     state, metrics = step(s.state, s.frozen, batch)  # compiles (once per batch signature)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
-    compiled = step._compiled[CompiledStep.signature(batch)]
+    compiled = step.compiled_for(state, s.frozen, batch)
 
     def bare():
         nonlocal state
@@ -233,20 +229,19 @@ def unet_only_runner(s: TrainSetup, sharding):
     return run
 
 
-def train_step_runner(s: TrainSetup, state_sh, frozen_sh, batch_sh, mesh=None):
+def train_step_runner(s: TrainSetup, state_sh, frozen_sh, batch_sh, program=None):
     """A no-argument callable running one train step: plain jax.jit with inputs placed on the
-    given shardings (mesh=None), or the loop's CompiledStep on `mesh`."""
+    given shardings (program=None), or a train program's CompiledStep on its mesh."""
     import jax
     from sdxl_jax import parallel
-    from sdxl_jax.train.step import CompiledStep
     state = jax.device_put(s.state, state_sh, may_alias=False)
     frozen = jax.device_put(s.frozen, frozen_sh)
-    if mesh is None:
+    if program is None:
         batch = jax.device_put(s.host_batch, batch_sh)
         fn = jax.jit(s.step_fn, donate_argnums=(0,))
     else:
-        batch = parallel.global_batch(s.host_batch, mesh)
-        fn = CompiledStep(s.step_fn, state_sh, frozen_sh, mesh)
+        batch = parallel.global_batch(s.host_batch, program.plan.mesh)
+        fn = program.step
     compiled = fn.lower(state, frozen, batch).compile()
 
     def run():
@@ -265,23 +260,22 @@ def bench_spmd(s: TrainSetup, n: int) -> dict:
     from jax.sharding import SingleDeviceSharding
     from ml_collections import ConfigDict
     from sdxl_jax import parallel
-    from sdxl_jax.train.state import state_shardings
+    from sdxl_jax.train.program import build_program
     single = SingleDeviceSharding(s.mesh.devices.flat[0])
     named = parallel.replicated(s.mesh)
     runners = {
         "train: jit, SingleDeviceSharding": train_step_runner(s, single, single, single),
         "train: jit, NamedSharding (1 device)": train_step_runner(s, named, named, named),
-        "train: CompiledStep, 1-device mesh": train_step_runner(s, s.state_sh, s.frozen_sh, None, s.mesh),
+        "train: CompiledStep, 1-device mesh": train_step_runner(s, s.state_sh, s.frozen_sh, None, s.program),
         "UNet-only: jit, SingleDeviceSharding": unet_only_runner(s, single),
         "UNet-only: jit, NamedSharding (1 device)": unet_only_runner(s, named),
     }
     if jax.device_count() > 1:
-        mesh = parallel.make_mesh(ConfigDict({"data": -1, "fsdp": 1}))
-        min_size = int(s.cfg.mesh.min_fsdp_size)
-        st_sh = state_shardings(s.state, mesh, min_size)
-        fr_sh = {k: parallel.param_shardings(v, mesh, min_size) for k, v in s.frozen.items()}
+        plan = parallel.ShardingPlan.from_config(ConfigDict({"data": -1, "fsdp": 1,
+                                                             "min_fsdp_size": s.cfg.mesh.min_fsdp_size}))
+        prog = build_program(s.spec, plan)
         runners[f"train: CompiledStep, {jax.device_count()}-device data mesh"] = \
-            train_step_runner(s, st_sh, fr_sh, None, mesh)
+            train_step_runner(s, prog.shardings, prog.frozen_shardings, None, prog)
     for run in runners.values():
         run()  # warm-up
     samples = {k: [] for k in runners}

@@ -40,7 +40,8 @@ def run_config(ztsnr: str, steps: int, cache_dir: str):
 def main(argv=None) -> int:
     from sdxl_jax.models.hf import block_torch
     block_torch()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sdxl_jax import cli
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--workdir", default="runs/black_check")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
 
     from sdxl_jax import diffusion
     from sdxl_jax.sample import SampleSettings, load_run, sampler_for_run
-    from sdxl_jax.train.loop import ensure_cache, train
+    from sdxl_jax.train.loop import train
+    from sdxl_jax.train.unet_task import ensure_cache
 
     cache = os.path.join(a.workdir, "cache")
     rows = []
@@ -101,4 +103,5 @@ def sampler_vae_decode(sampler, latents) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sdxl_jax import cli
+    sys.exit(cli.run(main))  # user errors as one line `error: …`; --debug shows the traceback

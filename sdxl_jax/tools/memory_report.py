@@ -181,14 +181,8 @@ def wait_for_buffer_assignment(dump_dir: str, compiling, module: str = "train_st
 # ---- the analysis (imports JAX; XLA_FLAGS must already be set) ------------------------------------
 def load_config(spec: str):
     """`path/to/config.py[:arg]` → the ConfigDict of its get_config(arg)."""
-    import importlib.util
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--config {path!r}: no such file")
-    module_spec = importlib.util.spec_from_file_location("_memory_report_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    from sdxl_jax.config import load_config as load
+    return load(spec)
 
 
 def _shard_bytes(abstract, shardings) -> int:
@@ -201,24 +195,12 @@ def _shard_bytes(abstract, shardings) -> int:
     return total
 
 
-def abstract_batch(cfg, global_batch: int, height: int, width: int, sharding) -> dict:
-    """ShapeDtypeStructs of one global batch (the trainer's batch contract) for a pixel bucket."""
-    import jax
-    import jax.numpy as jnp
-    from sdxl_jax.models import SEQ_LEN
-    ids = (global_batch, int(cfg.text.max_chunks) * SEQ_LEN)
-
-    def sds(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-    return {"latents": sds((global_batch, height // 8, width // 8, 4), jnp.float32),
-            "time_ids": sds((global_batch, 6), jnp.float32),
-            "loss_weight": sds((global_batch,), jnp.float32),
-            "input_ids_l": sds(ids, jnp.int32), "input_ids_g": sds(ids, jnp.int32)}
-
-
-def analyze(cfg, per_device_batch: int, height: int, width: int, *,
+def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int = 1,
             compiler_options: dict | None = None, until_buffers: bool = False) -> dict:
     """Lower and compile the train step for `cfg` on all visible devices; per-device figures.
+
+    `per_device_batch` is the micro-batch (train.per_device_batch_size); `accum` > 1 compiles the
+    step over that many micro-batches (the accumulation loop and its float32 gradient sum).
 
     `until_buffers` (needs "xla_dump_to" in `compiler_options`): take the memory figures from
     XLA's buffer-assignment dump as soon as it is written and leave the compile running in a
@@ -226,38 +208,21 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *,
     compile, is skipped. The figures are the same (checked against memory_analysis() in the
     tests); only the per-device FLOPs of the compiled program are then missing."""
     import jax
-    import jax.numpy as jnp
     from sdxl_jax import models, parallel
-    from sdxl_jax.models.remat import build_unet_from_config
-    from sdxl_jax.train import optim
-    from sdxl_jax.train.state import create_state, state_shardings
-    from sdxl_jax.train.step import CompiledStep, StepConfig, make_train_step
+    from sdxl_jax.train.program import build_program
+    from sdxl_jax.train.unet_task import program_spec
 
-    mesh = parallel.make_mesh(cfg.mesh)
+    # the trainer's own program: same spec, shardings and batch contract as train.py runs
+    cfg.train.per_device_batch_size = int(per_device_batch)
+    prog = build_program(program_spec(cfg), parallel.ShardingPlan.from_config(cfg.mesh))
+    mesh, preset = prog.plan.mesh, cfg.model.preset
     n_dev = mesh.devices.size
-    preset, min_size = cfg.model.preset, int(cfg.mesh.min_fsdp_size)
-    unet = build_unet_from_config(cfg)
-    text_l, text_g = models.build_text_encoders(preset, cfg.model.dtype)
-    tx = optim.make_optimizer(cfg.train)
-
-    abstract_params = models.abstract_params("unet", preset)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    abstract_state = jax.eval_shape(lambda p, r: create_state(p, tx, r), abstract_params, rng)
-    st_sh = state_shardings(abstract_state, mesh, min_size)
-    state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract_state, st_sh)
-    frozen_abs = {k: models.abstract_params(k, preset) for k in ("text_l", "text_g")}
-    frozen_sh = {k: parallel.param_shardings(v, mesh, min_size) for k, v in frozen_abs.items()}
-    frozen_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             frozen_abs, frozen_sh)
-    global_batch = per_device_batch * parallel.data_parallel_size(mesh)
-    batch_in = abstract_batch(cfg, global_batch, height, width, parallel.batch_sharding(mesh))
-
-    stats_kw = {}
-    if cfg.latents.normalization == "per_channel":  # values do not change memory or FLOPs
-        stats_kw = dict(latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)
-    sc = StepConfig.from_config(cfg, **stats_kw)
-    step = CompiledStep(make_train_step(unet, text_l, text_g, tx, sc, st_sh.params), st_sh, frozen_sh, mesh)
+    global_batch = per_device_batch * prog.plan.data_parallel * int(accum)
+    state_in, frozen_in, batch_in = prog.abstract_inputs(global_batch, height, width)
+    abstract_state, st_sh = prog.abstract_state, prog.shardings
+    frozen_abs, frozen_sh = prog.spec.abstract_frozen, prog.frozen_shardings
+    abstract_params = prog.spec.abstract_params
+    step = prog.step
 
     t0 = time.perf_counter()
     lowered = step.lower(state_in, frozen_in, batch_in)
@@ -289,6 +254,7 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *,
     global_cost = global_cost[0] if isinstance(global_cost, (list, tuple)) else global_cost
     return {
         "preset": preset, "devices": n_dev, "mesh": dict(mesh.shape), "per_device_batch": per_device_batch,
+        "accum": int(accum),
         "global_batch": global_batch, "bucket": f"{width}x{height}", "dtype": cfg.model.dtype,
         "remat": cfg.model.remat, "attention": cfg.model.attention,
         "split_head_dim": bool(cfg.model.split_head_dim), "optimizer": cfg.train.optimizer,
@@ -448,7 +414,9 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="configs/ztsnr.py", help="config file[:preset] (default: the sdxl preset)")
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (0 = use the real backend)")
     p.add_argument("--mesh", default="", help="e.g. fsdp=8 or data=2,fsdp=4 (default: FSDP over all devices)")
-    p.add_argument("--per-device-batch", type=int, default=1)
+    p.add_argument("--per-device-batch", type=int, default=1, help="the micro-batch per device")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient "
+                   "accumulation inside the step; memory adds the float32 gradient sum)")
     p.add_argument("--bucket", default="1024x1024", help="WIDTHxHEIGHT in pixels")
     p.add_argument("--remat", choices=("none", "blocks", "dots"), help="override model.remat")
     p.add_argument("--attention", choices=("standard", "memory_efficient"), help="override model.attention")
@@ -499,7 +467,7 @@ def main(argv=None) -> None:
             cfg.model[key] = value
     if a.split_head_dim:
         cfg.model.split_head_dim = True
-    report = analyze(cfg, a.per_device_batch, height, width, compiler_options=options,
+    report = analyze(cfg, a.per_device_batch, height, width, accum=a.accum, compiler_options=options,
                      until_buffers=a.until_buffers)
     print_report(report)
     if a.explain:

@@ -1,5 +1,5 @@
-"""Pieces shared by the trainers (UNet loop.py, VAE decoder vae_loop.py): run metadata,
-preemption handling, the progress bar, the demo dataset fallback, metric averaging."""
+"""Pieces of the one training loop (loop.py) kept apart for reading: run metadata, preemption
+handling, the progress bar, metric pooling and the one-step-late metric reader."""
 from __future__ import annotations
 
 import json
@@ -44,8 +44,8 @@ def use_compilation_cache(workdir: str) -> None:
 
 def demo_images(cfg, workdir: str) -> str:
     """The generated demo dataset in <workdir>/demo_data (made once): the tiny preset's fallback
-    when no data is configured, so a demo runs on a fresh machine with no network."""
-    from data_tools.make_demo_dataset import make_demo_dataset
+    when no data is configured at all, so a demo runs on a fresh machine with no network."""
+    from sdxl_jax.data.demo import make_demo_dataset
     images = os.path.join(workdir, "demo_data")
     if not os.path.isdir(images) or not os.listdir(images):
         log.info("generating the demo dataset (%d images) in %s", cfg.data.demo_size, images)
@@ -87,13 +87,19 @@ def progress(is_main, start, total):
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
 
-class ScalarMeans:
-    """Means of scalar metrics over the finite steps between two log lines (skipped steps are
-    counted, not averaged in)."""
+class MetricMeans:
+    """Pools the metrics between two log lines: scalars are averaged over the finite steps
+    (skipped steps are counted, not averaged in); a pair of arrays `<name>_sum` / `<name>_count`
+    (e.g. the loss per timestep range) is pooled as Σsum/Σcount and reported under the labels
+    `bin_labels[name]` gives (entries with no samples are left out)."""
 
-    def __init__(self):
+    def __init__(self, bin_labels: dict | None = None):
+        self.bin_labels = dict(bin_labels or {})
         self.consecutive_nonfinite = 0
-        self._sums: dict[str, float] = {}
+        self._reset()
+
+    def _reset(self):
+        self._sums: dict = {}
         self.n = self.skipped = 0
 
     def add(self, metrics: dict) -> None:
@@ -103,14 +109,31 @@ class ScalarMeans:
             return
         for k, v in metrics.items():
             if k != "finite":
-                self._sums[k] = self._sums.get(k, 0.0) + float(v)
+                v = np.asarray(v, np.float64)
+                self._sums[k] = self._sums.get(k, 0.0) + v
 
     def pop(self) -> dict:
         good = max(self.n - self.skipped, 1)
-        out = {k: v / good for k, v in self._sums.items()}
+        out = {}
+        for k, v in self._sums.items():
+            base = k[:-4] if k.endswith("_sum") else k[:-6] if k.endswith("_count") else None
+            if base in self.bin_labels:
+                if k.endswith("_sum"):
+                    counts = self._sums.get(base + "_count")
+                    for label, total, c in zip(self.bin_labels[base], v, counts):
+                        if c:
+                            out[label] = float(total / c)
+            elif np.ndim(v) == 0:
+                out[k] = float(v) / good
         out.update(nonfinite=self.skipped, _n=self.n)
-        self._sums, self.n, self.skipped = {}, 0, 0
+        self._reset()
         return out
+
+
+def host_metrics(m: dict) -> dict:
+    """Fetched metrics as host numbers: scalars → float (finite → bool), arrays → numpy."""
+    return {k: bool(v) if k == "finite" else float(v) if np.ndim(v) == 0 else np.asarray(v)
+            for k, v in m.items()}
 
 
 class MetricReader:
@@ -119,21 +142,19 @@ class MetricReader:
     last good checkpoint), advances the progress bar, and every `train.log_every` steps writes
     the means to TensorBoard and one log line (`log_line(step, means) -> str`).
 
-    `acc` pools the metrics between log lines (add / pop, `consecutive_nonfinite`); `host`
-    converts the fetched metrics (default: as fetched)."""
+    `acc` pools the metrics between log lines (MetricMeans); `metrics_log`, when given, collects
+    (step, host metrics) of every step."""
 
     def __init__(self, cfg, acc, ckpt, schedule_fn, writer, pbar, is_main: bool, stop_at: int,
-                 losses: list, log_line, lr_hint: str, host=None, metrics_log=None):
+                 losses: list, log_line, lr_hint: str, metrics_log=None):
         self.cfg, self.acc, self.ckpt, self.schedule_fn = cfg, acc, ckpt, schedule_fn
         self.writer, self.pbar, self.is_main, self.stop_at = writer, pbar, is_main, stop_at
         self.losses, self.log_line, self.lr_hint = losses, log_line, lr_hint
-        self.host, self.metrics_log = host, metrics_log
+        self.metrics_log = metrics_log
         self.t_last = time.perf_counter()
 
     def __call__(self, s: int, m) -> None:
-        m = jax.device_get(m)
-        if self.host is not None:
-            m = self.host(m)
+        m = host_metrics(jax.device_get(m))
         self.losses.append(float(m["loss"]))
         if self.metrics_log is not None:
             self.metrics_log.append((s, m))

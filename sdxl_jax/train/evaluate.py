@@ -91,7 +91,7 @@ class Evaluator:
         return out
 
     def previews(self, step: int, ema_params) -> str:
-        from sdxl_jax.sample import make_grid, save_png
+        from sdxl_jax.grid import make_grid, save_png
         prompts, seeds = list(self.cfg.sample.prompts), list(self.cfg.sample.seeds)
         images, _ = self.sampler(ema_params, prompts, seeds, self.settings)
         grid = make_grid(images, len(prompts), len(seeds))
@@ -102,7 +102,9 @@ class Evaluator:
                 self.writer.add_image("samples/ema", grid, step, dataformats="HWC")
         return path
 
-    def __call__(self, step: int, state) -> None:
+    def __call__(self, step: int, state, writer=None) -> None:
+        if writer is not None:
+            self.writer = writer
         metrics = self.validation(step, {"ema": state.ema_params, "raw": state.params})
         if self.writer is not None:
             for k, v in metrics.items():

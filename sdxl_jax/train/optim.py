@@ -26,7 +26,9 @@ def learning_rate_schedule(train_cfg, total_steps: int | None = None) -> optax.S
 
 
 def make_optimizer(train_cfg, total_steps: int | None = None) -> optax.GradientTransformation:
-    """Clip → optimizer, wrapped in optax.MultiSteps for gradient accumulation."""
+    """Clip → optimizer. Gradient accumulation is not an optimizer wrapper: the update
+    (train/update.py) sums the micro-batch gradients inside the step and calls this once per
+    optimizer step, so the schedule, weight decay and clipping all count optimizer steps."""
     sched = learning_rate_schedule(train_cfg, total_steps)
     name = train_cfg.optimizer
     if name == "adamw":
@@ -39,10 +41,7 @@ def make_optimizer(train_cfg, total_steps: int | None = None) -> optax.GradientT
     else:
         raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {name!r}")
     chain = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
-    tx = optax.chain(*chain, opt)
-    if int(train_cfg.grad_accum_steps) > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=int(train_cfg.grad_accum_steps))
-    return tx
+    return optax.chain(*chain, opt)
 
 
 def ema_decay(step, ema_cfg):

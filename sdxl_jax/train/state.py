@@ -6,9 +6,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from sdxl_jax import parallel
 
 
 @struct.dataclass
@@ -27,17 +24,6 @@ def create_state(params, tx, rng) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=jax.tree.map(jnp.copy, params), rng=rng,
                       nonfinite=jnp.zeros((), jnp.int32))
-
-
-def state_shardings(abstract_state: TrainState, mesh, min_size: int) -> TrainState:
-    """Shardings for every leaf: param-shaped leaves (params, EMA, Adam moments) follow the
-    partition rules; scalars (step, counts, rng) are replicated."""
-    def one(path, x):
-        if x.ndim == 0 or x.shape == (2,) and x.dtype == jnp.uint32:
-            return NamedSharding(mesh, P())
-        return NamedSharding(mesh, parallel.spec_for(parallel._path_str(path), tuple(x.shape),
-                                                     mesh.shape["fsdp"], min_size))
-    return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
 def init_state(params, tx, rng, shardings: TrainState) -> TrainState:

@@ -1,22 +1,19 @@
-"""The NAI-v3 train step: ZTSNR v-prediction loss with MinSNR and tag weights (METHODS §2–§9).
+"""The NAI-v3 UNet loss: ZTSNR v-prediction with MinSNR and tag weights (METHODS §2–§9), as the
+UNet task's per-micro-batch `grad_fn` (train/update.py turns it into the optimizer step).
 
-Pure function of (state, frozen text-encoder params, batch); `jit_train_step` adds shardings
-and donation. Everything numerically delicate is in VP form and float32; only the UNet and
-text encoders run in the compute dtype (bfloat16 by default).
+Everything numerically delicate is in VP form and float32; only the UNet and text encoders run
+in the compute dtype (bfloat16 by default).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sdxl_jax import diffusion, parallel
-from sdxl_jax.train.optim import ema_update
-from sdxl_jax.train.state import TrainState
+from sdxl_jax import diffusion
 
 NUM_T_BINS = 10  # loss per timestep range: t in [0,100), [100,200), … [900,1000)
 
@@ -34,8 +31,6 @@ class StepConfig:
     latent_std: tuple | None
     max_chunks: int
     tag_weighting: bool
-    ema: Any  # ConfigDict section (static numbers)
-    ema_enabled: bool
 
     @classmethod
     def from_config(cls, cfg, latent_mean=None, latent_std=None):
@@ -45,23 +40,21 @@ class StepConfig:
                    normalization=cfg.latents.normalization, scale_factor=float(cfg.latents.scale_factor),
                    latent_mean=None if latent_mean is None else tuple(latent_mean),
                    latent_std=None if latent_std is None else tuple(latent_std),
-                   max_chunks=int(cfg.text.max_chunks), tag_weighting=bool(cfg.loss.tag_weighting),
-                   ema=cfg.ema, ema_enabled=bool(cfg.ema.enabled))
+                   max_chunks=int(cfg.text.max_chunks), tag_weighting=bool(cfg.loss.tag_weighting))
 
 
-def sample_timesteps(rng, batch: int, num_steps: int, terminal_prob: float):
-    """Uniform over the T indices, with optional extra mass on the terminal (pure-noise) step."""
-    k_t, k_term = jax.random.split(rng)
-    t = jax.random.randint(k_t, (batch,), 0, num_steps)
-    if terminal_prob > 0:
-        t = jnp.where(jax.random.uniform(k_term, (batch,)) < terminal_prob, num_steps - 1, t)
-    return t
+def draw_t_and_noise(keys, sc: StepConfig, latents):
+    """Timestep and noise per sample from that sample's own key (update.per_sample_keys): uniform
+    over the T indices, with optional extra mass `terminal_prob` on the pure-noise step T−1."""
+    num_steps = sc.alphas_cumprod.shape[0]
 
-
-def draw_t_and_noise(rng, sc: StepConfig, latents):
-    k_t, k_eps = jax.random.split(rng)
-    t = sample_timesteps(k_t, latents.shape[0], sc.alphas_cumprod.shape[0], sc.terminal_prob)
-    return t, jax.random.normal(k_eps, latents.shape, jnp.float32)
+    def one(key):
+        k_t, k_term, k_eps = jax.random.split(key, 3)
+        t = jax.random.randint(k_t, (), 0, num_steps)
+        if sc.terminal_prob > 0:
+            t = jnp.where(jax.random.uniform(k_term) < sc.terminal_prob, num_steps - 1, t)
+        return t, jax.random.normal(k_eps, latents.shape[1:], jnp.float32)
+    return jax.vmap(one)(keys)
 
 
 def per_sample_loss(predict_v: Callable, sc: StepConfig, batch, t, eps):
@@ -88,103 +81,38 @@ def timestep_bins(t, num_steps: int):
     return jax.nn.one_hot(bins, NUM_T_BINS, dtype=jnp.float32)
 
 
-def make_train_step(unet, text_l, text_g, tx: optax.GradientTransformation, sc: StepConfig,
-                    grad_shardings=None):
-    """Returns `train_step(state, frozen, batch) -> (state, metrics)`; frozen = {"text_l", "text_g"}.
+def cast_for_compute(params, dtype, shardings=None):
+    """The sharded float32 params cast to the compute dtype BEFORE FSDP gathers them, so the
+    all-gathers move and hold half the bytes (the cast runs on each device's shard; the
+    constraint keeps XLA from moving it after the gather). No-op for float32 compute."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return params
+    cast = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    return cast if shardings is None else jax.lax.with_sharding_constraint(cast, shardings)
 
-    `grad_shardings` (the params' shardings) pins each gradient to its parameter's FSDP shards,
-    so XLA reduce-scatters it as soon as it exists instead of keeping a full fp32 copy."""
+
+def unet_grad_fn(unet, text_l, text_g, sc: StepConfig, gather_dtype=jnp.float32, param_shardings=None):
+    """The UNet task's `grad_fn(params, frozen, micro_batch, ctx) -> (loss, grads, metrics)`
+    (train/update.py); frozen = {"text_l", "text_g"}."""
     from sdxl_jax.models import unet_apply  # model layer: diffusers/transformers Flax
+    from sdxl_jax.train.update import per_sample_keys
 
-    def train_step(state: TrainState, frozen, batch):
-        rng, step_rng = jax.random.split(state.rng)
+    def grad_fn(params, frozen, batch, ctx):
         context, pooled = text_conditioning(text_l, text_g, frozen, batch, sc.max_chunks)
-        t, eps = draw_t_and_noise(step_rng, sc, batch["latents"])
+        t, eps = draw_t_and_noise(per_sample_keys(ctx), sc, batch["latents"])
 
         def loss_fn(params):
+            p = cast_for_compute(params, gather_dtype, param_shardings)
+
             def predict_v(z, tt):
-                return unet_apply(unet, params, z, tt, context, pooled, batch["time_ids"])
+                return unet_apply(unet, p, z, tt, context, pooled, batch["time_ids"])
             losses = per_sample_loss(predict_v, sc, batch, t, eps)
             return jnp.mean(losses), losses
 
-        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        if grad_shardings is not None:
-            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        ema = ema_update(state.ema_params, params, step, sc.ema) if sc.ema_enabled else state.ema_params
-
-        # Non-finite guard: a NaN/Inf loss or gradient leaves params, EMA and optimizer state
-        # untouched (the RNG still advances so the next step draws fresh noise).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = TrainState(
-            step=jnp.where(finite, step, state.step),
-            params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-            ema_params=keep(ema, state.ema_params), rng=rng,
-            nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32))
-
+        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         onehot = timestep_bins(t, sc.alphas_cumprod.shape[0])
-        metrics = {
-            "loss": loss, "grad_norm": grad_norm, "finite": finite,
-            "loss_bin_sum": jnp.where(jnp.isfinite(losses), losses, 0.0) @ onehot,
-            "loss_bin_count": jnp.sum(onehot, axis=0),
-        }
-        return new_state, metrics
+        metrics = {"loss_bin_sum": jnp.where(jnp.isfinite(losses), losses, 0.0) @ onehot,
+                   "loss_bin_count": jnp.sum(onehot, axis=0)}
+        return loss, grads, metrics
 
-    return train_step
-
-
-class CompiledStep:
-    """AOT-compiles the step once per batch-shape signature (one per bucket) and counts it.
-
-    Shardings are explicit and the state is donated. The cache key is the batch's shapes, so
-    a new bucket compiles exactly once and nothing else can trigger a recompile.
-    """
-
-    def __init__(self, step_fn, state_shardings, frozen_shardings, mesh):
-        self._mesh = mesh
-        self._jitted = jax.jit(
-            step_fn,
-            in_shardings=(state_shardings, frozen_shardings, parallel.batch_sharding(mesh)),
-            out_shardings=(state_shardings, parallel.replicated(mesh)),
-            donate_argnums=(0,))
-        self._compiled: dict = {}
-
-    @staticmethod
-    def signature(batch) -> tuple:
-        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
-
-    @property
-    def compile_count(self) -> int:
-        return len(self._compiled)
-
-    def lower(self, state, frozen, batch):
-        return self._jitted.lower(state, frozen, batch)
-
-    def __call__(self, state, frozen, batch):
-        key = self.signature(batch)
-        fn = self._compiled.get(key)
-        if fn is None:
-            fn = self._compiled[key] = _compile_once(self.lower(state, frozen, batch), self._mesh)
-            parallel.host_barrier(f"compiled_step_{len(self._compiled)}")
-        return fn(state, frozen, batch)
-
-
-# Executables compiled in this process, by (program text, devices): a second `train()` in the
-# same process (a new stage list, an in-process restart, the test suite) re-lowers its step but
-# neither recompiles it nor reloads it from the persistent cache (which on XLA:CPU costs about
-# half a compile). One entry per distinct step program, so a handful in any process.
-_EXECUTABLES: dict = {}
-
-
-def _compile_once(lowered, mesh):
-    import hashlib
-    key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(),
-           tuple(int(d.id) for d in mesh.devices.flat))
-    compiled = _EXECUTABLES.get(key)
-    if compiled is None:
-        compiled = _EXECUTABLES[key] = lowered.compile()
-    return compiled
+    return grad_fn

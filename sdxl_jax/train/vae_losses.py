@@ -48,6 +48,31 @@ def pixel_losses(x_BHWC, y_BHWC):
     return jnp.mean(jnp.abs(d), axis=1), jnp.mean(d * d, axis=1)
 
 
+# ---- KL of the posterior (training a VAE from scratch) -------------------------------------------
+
+KL_WEIGHT = 1e-6  # [ours] the LDM / SD autoencoder weight, on the normalisation of kl_loss
+
+
+def kl_loss(mean_BHWC, std_BHWC, image_values: int):
+    """(B,) KL(N(μ, σ²) ‖ N(0, I)) of each image's diagonal Gaussian posterior, float32:
+    ½ Σ (μ² + σ² − 1 − log σ²) over the latent's h·w·c elements, divided by `image_values`
+    (H·W·3 of the encoded image).
+
+    The division puts the term on the scale of `pixel_losses`, which are per-pixel means:
+    `KL_WEIGHT · kl_loss` then stands to the mean L1/MSE exactly as latent-diffusion's KL
+    weight 10⁻⁶ stands to its per-image *summed* reconstruction loss, so the usual weight
+    keeps its usual meaning at any image size. Only the encoder-training mode uses it: with a
+    frozen encoder the term is a constant.
+    """
+    mean = mean_BHWC.astype(jnp.float32).reshape(mean_BHWC.shape[0], -1)
+    std = std_BHWC.astype(jnp.float32).reshape(std_BHWC.shape[0], -1)
+    var = std * std
+    # log σ² from σ (not log of the product): the encoder clips log σ² at −30, where σ² ≈ 1e-13
+    # is still a normal float32 but its log loses nothing this way
+    kl = 0.5 * jnp.sum(mean * mean + var - 1.0 - 2.0 * jnp.log(std), axis=1)
+    return kl / float(image_values)
+
+
 # ---- perceptual ----------------------------------------------------------------------------------
 
 class PerceptualWeightsError(ValueError):

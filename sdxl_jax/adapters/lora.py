@@ -1,0 +1,307 @@
+"""LoRA / LoCon / LoKr adapters as a pure function of (frozen base params, adapter params).
+
+METHODS §14. Nothing intercepts the Flax modules: `apply_adapters(base, adapters, plan)`
+returns a params tree in which every targeted kernel is replaced by W + s·ΔW, computed inside
+the jitted step, and the unchanged model runs on it. So
+- the base tree is never modified or extended (checkpoints of the base load unchanged) and
+  any Flax module works, remat'd or not (UNet, both CLIP text encoders);
+- jax.grad with respect to `adapters` alone gives the adapter gradients; the optimizer state
+  and EMA exist only for the adapter tree;
+- a zero-initialised adapter (B = 0) leaves every kernel bit-identical: W → f32 → + 0 → W.
+
+Why not qwix (Google's LoraProvider, which intercepts dot_general / conv): qwix 0.1.8
+installs with jax 0.10.2 / flax 0.12.8, but `apply_lora_to_model(FlaxUNet2DConditionModel)`
+fails (its module copy drops diffusers' `config`: AttributeError in setup); through a wrapper
+module it works, but then the adapter leaves live inside the base tree (`kernel_lora_a` next
+to `kernel`) under an extra path level, it has no LoKr, and the kohya/PEFT files need our own
+names anyway. The cost of merging instead: the backward pass forms dL/dW for each targeted
+kernel (as full fine-tuning of those layers does) before projecting onto A and B.
+
+Layout of the adapter params: a nested dict mirroring each model's module path, holding the
+tensors exactly as the kohya file stores them (PyTorch orientation), so export is a rename:
+  LoRA   {"lora_down": (r, in) | conv (r, in, kh, kw), "lora_up": (out, r) | (out, r, 1, 1)}
+  LoKr   {"lokr_w1": (a, b), "lokr_w2_a": (c, r), "lokr_w2_b": (r, d)}, out = a·c, in = b·d
+ΔW (PyTorch (out, in[, kh, kw])) = (α/r)·up·down (LoCon: down is the k×k conv to r channels,
+up the 1×1 conv), or (α/r)·(w1 ⊗ (w2_a·w2_b)) for LoKr (ComfyUI's and LyCORIS's scale: alpha
+over w2_b's rank). α and r are static (the `Plan`), never trained.
+
+Dropout: input dropout cannot be expressed on merged weights. `rank_dropout` (LyCORIS's
+rank_dropout) drops whole rank components of ΔW, one Bernoulli mask per targeted layer per
+step, shared by the batch, rescaled by 1/(1-p). No module dropout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import zlib
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdxl_jax.models.convert import flat_leaves, unflatten
+
+MODELS = ("unet", "text_l", "text_g")
+# METHODS §14 defaults, matched (re.search) against the module path joined by "/", e.g.
+# "down_blocks_1/attentions_0/transformer_blocks_0/attn1/to_q".
+DEFAULT_TARGETS = {
+    "unet": (r"/attn[12]/to_(q|k|v|out_0)$", r"/ff/net_0/proj$", r"/ff/net_2$",
+             r"attentions_\d+/proj_(in|out)$"),
+    "text_l": (r"/self_attn/(q|k|v|out)_proj$", r"/mlp/fc[12]$"),
+    "text_g": (r"/self_attn/(q|k|v|out)_proj$", r"/mlp/fc[12]$"),
+}
+# LoCon: what kohya's LoRA adds with conv_dim: every Conv2d / Linear of the resnets and the
+# down/up samplers (3×3 convs get conv_rank / conv_alpha, 1×1 convs and Linears rank / alpha).
+CONV_TARGETS = (r"resnets_\d+/(conv1|conv2|conv_shortcut|time_emb_proj)$",
+                r"(down|up)samplers_0/conv$")
+ALGOS = ("lora", "lokr")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """What to adapt and how (the `lora.*` config section, see the report / README)."""
+    algo: str = "lora"  # "lora" (incl. LoCon convs) | "lokr"
+    rank: int = 16
+    alpha: float = 16.0
+    conv: bool = False  # LoCon: also the resnet / sampler convs (UNet only)
+    conv_rank: int = 8  # for the k×k convs (1×1 convs and resnet Linears use rank)
+    conv_alpha: float = 8.0
+    models: tuple = ("unet",)  # any of MODELS
+    targets: tuple = ()  # extra patterns, added to DEFAULT_TARGETS of each model
+    lokr_factor: int = -1  # LoKr: w1 side; -1 = the most square split
+    rank_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"lora.algo={self.algo!r}: choose one of {ALGOS}")
+        bad = [m for m in self.models if m not in MODELS]
+        if bad:
+            raise ValueError(f"lora.models: unknown {bad}; choose from {MODELS}")
+        if self.rank < 1 or self.conv_rank < 1:
+            raise ValueError(f"lora.rank={self.rank}, lora.conv_rank={self.conv_rank}: need >= 1")
+        if not 0.0 <= self.rank_dropout < 1.0:
+            raise ValueError(f"lora.rank_dropout={self.rank_dropout}: need 0 <= p < 1")
+        if self.algo == "lokr" and self.conv:
+            raise ValueError("lora.algo=lokr adapts Linear layers only; set lora.conv=False or "
+                             "use lora.algo=lora for LoCon convolutions")
+
+
+class Target(NamedTuple):
+    """One adapted kernel. Static: hashable, part of the plan, never traced."""
+    algo: str  # "lora" | "lokr"
+    kind: str  # "linear" | "conv"
+    shape: tuple  # Flax kernel shape: (in, out) or (kh, kw, in, out)
+    rank: int
+    alpha: float
+    factors: tuple = ()  # LoKr: (a, b, c, d) with out = a·c, in = b·d
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# Plan: {model name: {module path tuple: Target}}, sorted by path.
+Plan = dict
+
+
+def _factor(dim: int, factor: int) -> tuple[int, int]:
+    """(m, n), m·n = dim, m <= n: m = factor when it divides dim, else the most square split
+    (LyCORIS's factorization)."""
+    if factor > 0 and dim % factor == 0:
+        return tuple(sorted((factor, dim // factor)))
+    m = max(d for d in range(1, int(math.isqrt(dim)) + 1) if dim % d == 0)
+    return m, dim // m
+
+
+def _target(cfg: AdapterConfig, shape: tuple) -> Target:
+    if len(shape) == 2:
+        kind, (cin, cout) = "linear", shape
+        rank, alpha = cfg.rank, cfg.alpha
+    else:
+        kind, (kh, kw, cin, cout) = "conv", shape
+        big = kh * kw > 1
+        rank, alpha = (cfg.conv_rank, cfg.conv_alpha) if big else (cfg.rank, cfg.alpha)
+    if cfg.algo == "lokr":
+        a, c = _factor(cout, cfg.lokr_factor)
+        b, d = _factor(cin, cfg.lokr_factor)
+        rank = min(rank, c, d)
+        return Target("lokr", kind, tuple(shape), rank, float(alpha), (a, b, c, d))
+    fan_in = int(np.prod(shape[:-1]))
+    return Target("lora", kind, tuple(shape), min(rank, fan_in, cout), float(alpha))
+
+
+def make_plan(abstract_params: dict, cfg: AdapterConfig) -> Plan:
+    """Targets of every model in `cfg.models`, from {name: (abstract) param tree}.
+
+    A pattern that matches no kernel of a model it applies to is an error (a typo would
+    otherwise train nothing)."""
+    plan: Plan = {}
+    extra_hits = {p: 0 for p in cfg.targets}
+    for name in cfg.models:
+        if name not in abstract_params:
+            raise ValueError(f"lora.models has {name!r} but no {name} params were given")
+        patterns = list(DEFAULT_TARGETS[name]) + list(cfg.targets)
+        if cfg.conv and name == "unet":
+            patterns += list(CONV_TARGETS)
+        compiled = [re.compile(p) for p in patterns]
+        targets = {}
+        for path, leaf in flat_leaves(abstract_params[name]):
+            if path[-1] != "kernel":
+                continue
+            module = "/".join(path[:-1])
+            matched = [p.pattern for p in compiled if p.search(module)]
+            for p in matched:
+                if p in extra_hits:
+                    extra_hits[p] += 1
+            if matched:
+                targets[path[:-1]] = _target(cfg, tuple(leaf.shape))
+        if not targets:
+            raise ValueError(f"lora: no kernel of {name} matches {patterns}")
+        plan[name] = dict(sorted(targets.items()))
+    unused = [p for p, n in extra_hits.items() if n == 0]
+    if unused:
+        raise ValueError(f"lora.targets {unused} match no kernel of {list(cfg.models)}; module "
+                         "paths look like down_blocks_1/attentions_0/proj_in or "
+                         "text_model/encoder/layers/0/mlp/fc1")
+    return plan
+
+
+def adapter_shapes(t: Target) -> dict[str, tuple]:
+    """Leaf name -> shape (PyTorch orientation, as stored in the kohya file)."""
+    if t.algo == "lokr":
+        a, b, c, d = t.factors
+        return {"lokr_w1": (a, b), "lokr_w2_a": (c, t.rank), "lokr_w2_b": (t.rank, d)}
+    if t.kind == "linear":
+        cin, cout = t.shape
+        return {"lora_down": (t.rank, cin), "lora_up": (cout, t.rank)}
+    kh, kw, cin, cout = t.shape
+    return {"lora_down": (t.rank, cin, kh, kw), "lora_up": (cout, t.rank, 1, 1)}
+
+
+def abstract_adapters(plan: Plan, dtype=jnp.float32) -> dict:
+    """Adapter tree of ShapeDtypeStruct (for AOT compiles and the memory report)."""
+    return {name: unflatten([(path + (leaf,), jax.ShapeDtypeStruct(shape, dtype))
+                             for path, t in targets.items()
+                             for leaf, shape in adapter_shapes(t).items()])
+            for name, targets in plan.items()}
+
+
+def _init_leaf(seed: int, name: str, path: tuple, leaf: str, shape: tuple) -> np.ndarray:
+    # kaiming-uniform with a=√5 like torch.nn.Linear / kohya: U(±1/√fan_in); "up" factors zero
+    if leaf in ("lora_up", "lokr_w2_b"):
+        return np.zeros(shape, np.float32)
+    fan_in = int(np.prod(shape[1:]))
+    gen = np.random.default_rng(np.random.SeedSequence(
+        [seed & 0xFFFFFFFF, zlib.crc32("/".join((name,) + path + (leaf,)).encode())]))
+    bound = 1.0 / math.sqrt(fan_in)
+    return gen.uniform(-bound, bound, shape).astype(np.float32)
+
+
+def init_adapters(plan: Plan, seed: int = 0, out_shardings=None) -> dict:
+    """Float32 adapter params (ΔW = 0 at init), drawn per leaf on the host like
+    `models.build.init_params` (seeded by path: independent of the other leaves); placed by
+    `out_shardings` (a matching pytree or one sharding) when given."""
+    tree = {name: unflatten([(path + (leaf,), _init_leaf(seed, name, path, leaf, shape))
+                             for path, t in targets.items()
+                             for leaf, shape in adapter_shapes(t).items()])
+            for name, targets in plan.items()}
+    if out_shardings is None:
+        return jax.tree.map(jnp.asarray, tree)
+    if isinstance(out_shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.device_put(x, out_shardings), tree)
+    return jax.tree.map(jax.device_put, tree, out_shardings)
+
+
+def _get(tree: dict, path: tuple):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def delta_torch(t: Target, p: dict, xp=jnp, mask=None):
+    """ΔW (without the user's scale) in PyTorch orientation (out, in[, kh, kw]), float32.
+    `xp` is jnp (traced, in the step) or np (float64 references, merges on the host); `mask`
+    (rank,) multiplies the rank components (rank dropout)."""
+    f32 = xp.float64 if xp is np else xp.float32
+    if t.algo == "lokr":
+        w2_a = p["lokr_w2_a"].astype(f32)
+        if mask is not None:
+            w2_a = w2_a * mask
+        w2 = w2_a @ p["lokr_w2_b"].astype(f32)
+        return t.scale * xp.kron(p["lokr_w1"].astype(f32), w2)
+    down = p["lora_down"].astype(f32)
+    up = p["lora_up"].astype(f32).reshape(p["lora_up"].shape[0], t.rank)
+    if mask is not None:
+        up = up * mask
+    d = t.scale * (up @ down.reshape(t.rank, -1))
+    return d.reshape((up.shape[0],) + tuple(down.shape[1:]))
+
+
+def delta_flax(t: Target, p: dict, xp=jnp, mask=None):
+    """ΔW in the Flax kernel layout: Dense (in, out), Conv (kh, kw, in, out)."""
+    d = delta_torch(t, p, xp, mask)
+    return xp.transpose(d, (2, 3, 1, 0)) if d.ndim == 4 else d.T
+
+
+def apply_adapters(base: dict, adapters: dict, plan: Plan, scale=1.0, *, rng=None,
+                   rank_dropout: float = 0.0) -> dict:
+    """{name: params} with each targeted kernel W replaced by (W_f32 + scale·ΔW) cast back to
+    W's dtype (what the module would cast it to anyway). Models without adapters pass through.
+
+    Call it inside the jitted loss, with `adapters` the differentiated argument. `rng` and
+    `rank_dropout` > 0: rank dropout (training only).
+    """
+    out = dict(base)
+    for name, targets in plan.items():
+        kernels = {path[:-1]: x for path, x in flat_leaves(base[name]) if path[-1] == "kernel"}
+        new = {}
+        for i, (path, t) in enumerate(targets.items()):
+            w = kernels[path]
+            mask = None
+            if rank_dropout > 0.0:
+                if rng is None:
+                    raise ValueError("rank_dropout > 0 needs an rng")
+                key = jax.random.fold_in(jax.random.fold_in(rng, MODELS.index(name)), i)
+                keep = jax.random.bernoulli(key, 1.0 - rank_dropout, (t.rank,))
+                mask = keep.astype(jnp.float32) / (1.0 - rank_dropout)
+            d = delta_flax(t, _get(adapters[name], path), jnp, mask)
+            new[path + ("kernel",)] = (w.astype(jnp.float32) + scale * d).astype(w.dtype)
+        out[name] = unflatten([(path, new.get(path, x)) for path, x in flat_leaves(base[name])])
+    return out
+
+
+def merge_params(base: dict, adapters: dict, plan: Plan, scale=1.0) -> dict:
+    """Host-side merge for exports and sampling: numpy W + scale·ΔW in float32, then cast to
+    W's dtype (METHODS §14). Models without adapters are returned as given."""
+    out = dict(base)
+    for name, targets in plan.items():
+        new = {}
+        for path, x in flat_leaves(base[name]):
+            t = targets.get(path[:-1]) if path[-1] == "kernel" else None
+            if t is None:
+                new[path] = x
+                continue
+            host = {k: np.asarray(jax.device_get(v), np.float32)
+                    for k, v in _get(adapters[name], path[:-1]).items()}
+            w = np.asarray(jax.device_get(x))
+            d = delta_flax(t, host, _F32, None)
+            new[path] = (w.astype(np.float32) + np.float32(scale) * d).astype(w.dtype)
+        out[name] = unflatten(list(new.items()))
+    return out
+
+
+class _NumpyF32:
+    """numpy with float32 as the working precision (delta_torch picks float64 for plain np)."""
+    float32 = np.float32
+    kron = staticmethod(np.kron)
+    transpose = staticmethod(np.transpose)
+
+
+_F32 = _NumpyF32()
+
+
+def count_adapter_params(plan: Plan) -> int:
+    return sum(int(np.prod(s)) for targets in plan.values() for t in targets.values()
+               for s in adapter_shapes(t).values())

@@ -1,0 +1,191 @@
+"""The UNet task (NAI-v3 recipe): the trained UNet, the frozen text encoders, the latent-cache
+stages, previews and validation, as a `loop.Task`."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+from sdxl_jax import parallel
+from sdxl_jax.train import optim
+from sdxl_jax.train.common import demo_images, package_versions
+from sdxl_jax.train.loop import Stage, Task
+from sdxl_jax.train.program import ProgramSpec, build_program
+from sdxl_jax.train.state import init_state
+from sdxl_jax.train.step import NUM_T_BINS, StepConfig, unet_grad_fn
+
+log = logging.getLogger("sdxl_jax.train")
+
+FROZEN = ("text_l", "text_g")  # what the step reads besides the UNet (the VAE is for previews)
+
+
+# ---------------------------------------------------------------------------------------------
+# The program (config only: the trainer, memory_report, bench and the tests build it here)
+# ---------------------------------------------------------------------------------------------
+def batch_spec(cfg):
+    """The loader's batch contract for a (rows, height, width) pixel bucket."""
+    from sdxl_jax.models import SEQ_LEN
+    chunks = int(cfg.text.max_chunks)
+
+    def spec(rows: int, height: int, width: int) -> dict:
+        ids = jax.ShapeDtypeStruct((rows, chunks * SEQ_LEN), jnp.int32)
+        return {"latents": jax.ShapeDtypeStruct((rows, height // 8, width // 8, 4), jnp.float32),
+                "time_ids": jax.ShapeDtypeStruct((rows, 6), jnp.float32),
+                "loss_weight": jax.ShapeDtypeStruct((rows,), jnp.float32),
+                "input_ids_l": ids, "input_ids_g": ids}
+    return spec
+
+
+def program_spec(cfg, latent_mean=None, latent_std=None, total_steps: int | None = None,
+                 unet=None, abstract_unet=None) -> ProgramSpec:
+    """The UNet task's step. `unet` / `abstract_unet` replace the preset's UNet (bench sizes)."""
+    from sdxl_jax import models
+    from sdxl_jax.models.remat import build_unet_from_config
+    preset, dtype = cfg.model.preset, cfg.model.dtype
+    unet = unet if unet is not None else build_unet_from_config(cfg)
+    text_l, text_g = models.build_text_encoders(preset, dtype)
+    if cfg.latents.normalization == "per_channel" and latent_mean is None:
+        latent_mean, latent_std = (0.0,) * 4, (1.0,) * 4  # shapes only: values do not change the program
+    sc = StepConfig.from_config(cfg, latent_mean, latent_std)
+    gather = jnp.dtype(dtype) if cfg.model.gather_in_compute_dtype else jnp.float32
+    return ProgramSpec(
+        name="unet",
+        abstract_params=abstract_unet if abstract_unet is not None else models.abstract_params("unet", preset),
+        abstract_frozen={k: models.abstract_params(k, preset) for k in FROZEN},
+        tx=optim.make_optimizer(cfg.train, total_steps),
+        make_grad_fn=lambda param_sh: unet_grad_fn(unet, text_l, text_g, sc, gather, param_sh),
+        ema=cfg.ema, per_device_batch=int(cfg.train.per_device_batch_size),
+        batch_spec=batch_spec(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def resolve_stages(cfg, workdir: str) -> list[dict]:
+    """[{index, end_step, cache_dir, global_batch_size}] (config.validate checked the keys)."""
+    default_cache = cfg.data.cache_dir or os.path.join(workdir, "cache")
+    raw = list(cfg.train.stages) or [{"steps": cfg.train.steps}]
+    out, end = [], 0
+    for i, st in enumerate(raw):
+        st = dict(st)
+        end += int(st["steps"])
+        out.append({"index": i, "end_step": end, "cache_dir": st.get("cache_dir") or default_cache,
+                    "global_batch_size": int(st.get("global_batch_size") or cfg.train.global_batch_size)})
+    return out
+
+
+def ensure_cache(cfg, cache_dir: str, workdir: str) -> None:
+    """Build a missing cache from data.images_dir / data.manifest; with neither given (and no
+    data.cache_dir) the tiny preset falls back to the generated demo dataset so the demo runs
+    on a fresh machine with no network. A configured cache_dir that does not exist is an error
+    (config.validate), never silently replaced."""
+    if os.path.exists(os.path.join(cache_dir, "manifest.json")):
+        return
+    from sdxl_jax.data import build_cache
+    from sdxl_jax.data.tfds_source import tfds_from_config
+    images, manifest, tfds = cfg.data.images_dir, cfg.data.manifest, tfds_from_config(cfg.data)
+    if not images and not manifest and not tfds:
+        if cfg.model.preset != "tiny":
+            raise FileNotFoundError(
+                f"no latent cache at {cache_dir}: set data.cache_dir to a built cache, or "
+                f"data.images_dir / data.manifest to build one (python -m data_tools.build_cache)")
+        images = demo_images(cfg, workdir)
+    log.info("building the latent cache in %s", cache_dir)
+    build_cache(cfg, images_dir=images or None, manifest=manifest or None, out=cache_dir, tfds=tfds)
+
+
+def latent_stats(cfg, cache_dir: str):
+    """Per-channel mean/std for `per_channel` normalisation: config first, else the manifest."""
+    if cfg.latents.normalization != "per_channel":
+        return None, None
+    if cfg.latents.mean is not None and cfg.latents.std is not None:
+        return tuple(cfg.latents.mean), tuple(cfg.latents.std)
+    from sdxl_jax.data import load_manifest
+    stats = load_manifest(cache_dir)["latent_stats"]
+    return tuple(stats["mean"]), tuple(stats["std"])
+
+
+def run_metadata(cfg, mean, std) -> dict:
+    return {"task": "unet", "versions": package_versions(),
+            "schedule": {k: cfg.schedule[k] for k in cfg.schedule},
+            "prediction_type": "v_prediction",
+            "latents": {"normalization": cfg.latents.normalization,
+                        "scale_factor": cfg.latents.scale_factor,
+                        "mean": None if mean is None else list(mean),
+                        "std": None if std is None else list(std)},
+            "model_preset": cfg.model.preset}
+
+
+def _log_line(s: int, out: dict) -> str:
+    return (f"step {s} | loss {out['loss']:.4f} | grad_norm {out['grad_norm']:.3f} | "
+            f"lr {out['lr']:.2e} | {out['steps_per_s']:.2f} steps/s | skipped {out['nonfinite']}")
+
+
+def bin_labels(num_steps: int = 1000) -> list[str]:
+    width = num_steps // NUM_T_BINS
+    return [f"loss_t{i * width:03d}-{(i + 1) * width - 1:03d}" for i in range(NUM_T_BINS)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------------
+def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
+    from sdxl_jax import models
+    from sdxl_jax.data import make_train_iterator
+    from sdxl_jax.models.weights import frozen_params, load_pretrained
+
+    plan = parallel.ShardingPlan.from_config(cfg.mesh)
+    stages = resolve_stages(cfg, workdir)
+    for st in stages:
+        ensure_cache(cfg, st["cache_dir"], workdir)
+    mean, std = latent_stats(cfg, stages[0]["cache_dir"])
+    total_steps = stages[-1]["end_step"]
+    program = build_program(program_spec(cfg, mean, std, total_steps), plan)
+
+    preset = cfg.model.preset
+    frozen_all = frozen_params(cfg, {k: plan.shardings(models.abstract_params(k, preset))
+                                     for k in ("vae",) + FROZEN})  # placed straight onto the mesh
+    tok_l, tok_g = models.get_tokenizers(preset, cfg.model.pretrained)
+
+    def tokenize_fn(captions):
+        return (models.tokenize(tok_l, captions, cfg.text.max_chunks),
+                models.tokenize(tok_g, captions, cfg.text.max_chunks))
+
+    rng = jax.random.PRNGKey(cfg.train.seed)
+
+    def fresh_state():  # pretrained or seeded random UNet, each leaf placed straight onto the mesh
+        p_sh = program.shardings.params
+        if cfg.model.pretrained:
+            params = load_pretrained(cfg.model.pretrained, preset, ("unet",), {"unet": p_sh})["unet"]
+        else:
+            params = models.init_params("unet", preset, jax.random.fold_in(rng, 0), out_shardings=p_sh)
+        return init_state(params, program.spec.tx, jax.random.fold_in(rng, 99), program.shardings)
+
+    multiple = program.micro_rows or plan.data_parallel
+
+    def batches(st):
+        return lambda: make_train_iterator(cfg, st["cache_dir"], tokenize_fn, jax.process_index(),
+                                           jax.process_count(), st["global_batch_size"], multiple)
+
+    evaluate = None
+    if cfg.sample.every_steps:
+        from sdxl_jax.train.evaluate import Evaluator
+        from sdxl_jax.models.remat import build_unet_from_config
+        unet = build_unet_from_config(cfg)
+        text_l, text_g = models.build_text_encoders(preset, cfg.model.dtype)
+        ev = Evaluator(cfg, workdir, plan.mesh, unet, text_l, text_g,
+                       StepConfig.from_config(cfg, mean, std), frozen_all, tokenize_fn,
+                       stages[0]["cache_dir"], mean, std, None)
+        evaluate = ev
+
+    return Task(
+        name="unet", program=program,
+        stages=tuple(Stage(st["index"], st["end_step"], batches(st)) for st in stages),
+        frozen={k: frozen_all[k] for k in FROZEN}, fresh_state=fresh_state,
+        lr_schedule=optim.learning_rate_schedule(cfg.train, total_steps), log_line=_log_line,
+        metadata=run_metadata(cfg, mean, std), evaluate=evaluate,
+        eval_every=int(cfg.sample.every_steps), bin_labels={"loss_bin": bin_labels()})
+

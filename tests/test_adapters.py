@@ -1,0 +1,222 @@
+"""LoRA / LoCon / LoKr adapters (sdxl_jax/adapters): targets, init, the in-step merge, host
+merges and file round trips, on the tiny preset, against float64 numpy recomputations.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdxl_jax.adapters import (AdapterConfig, abstract_adapters, apply_adapters, export_lora,
+                               init_adapters, kohya_layout, make_plan, merge_params, read_lora)
+from sdxl_jax.models import init_params
+from sdxl_jax.models.convert import flat_leaves
+from sdxl_jax.models.safetensors_io import SafetensorsFile, WeightsError
+
+PRESET = "tiny"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return {n: init_params(n, PRESET, 0) for n in ("unet", "text_l", "text_g")}
+
+
+def randomised(adapters, seed, std=0.05):
+    """Every adapter leaf random (the zero-initialised up factors too), so ΔW ≠ 0."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * std),
+                        adapters)
+
+
+def kernels(tree):
+    return {p[:-1]: np.asarray(x) for p, x in flat_leaves(tree) if p[-1] == "kernel"}
+
+
+def get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+# ---- targets ----------------------------------------------------------------------------------
+
+def test_default_targets_tiny(base):
+    plan = make_plan(base, AdapterConfig(models=("unet", "text_l", "text_g")))
+    # tiny UNet: 11 transformer blocks × (attn1, attn2: q/k/v/out + ff: 2) + 7 attentions × proj
+    # in/out = 124; each 2-layer CLIP: 2 × (q, k, v, out, fc1, fc2) = 12
+    assert {n: len(t) for n, t in plan.items()} == {"unet": 124, "text_l": 12, "text_g": 12}
+    names = {"/".join(p) for p in plan["unet"]}
+    assert "down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k" in names
+    assert "up_blocks_0/attentions_1/proj_out" in names
+    assert not any("resnets" in n or "time_emb" in n for n in names)
+    conv = make_plan(base, AdapterConfig(conv=True, rank=4, conv_rank=2))
+    extra = {"/".join(p): t for p, t in conv["unet"].items() if p not in plan["unet"]}
+    # tiny: 11 resnets (down 3, mid 2, up 6) × (conv1, conv2, time_emb_proj), 7 conv_shortcuts
+    # (down_blocks_2/resnets_0 and every up resnet, whose skip-concat input width differs),
+    # 2 downsamplers + 2 upsamplers
+    assert len(extra) == 11 * 3 + 7 + 4
+    assert extra["down_blocks_0/resnets_0/conv1"].rank == 2  # 3×3: conv_rank
+    assert extra["down_blocks_2/resnets_0/conv_shortcut"].rank == 4  # 1×1: rank
+    assert extra["mid_block/resnets_0/time_emb_proj"].kind == "linear"
+
+
+def test_bad_config_is_one_clear_error(base):
+    with pytest.raises(ValueError, match="match no kernel"):
+        make_plan(base, AdapterConfig(targets=("attn3/to_q$",)))
+    with pytest.raises(ValueError, match="lora.algo"):
+        AdapterConfig(algo="loha")
+    with pytest.raises(ValueError, match="Linear layers only"):
+        AdapterConfig(algo="lokr", conv=True)
+
+
+# ---- the in-step merge ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def conv_plan(base):
+    return make_plan(base, AdapterConfig(rank=4, alpha=2.0, conv=True, conv_rank=3,
+                                         conv_alpha=6.0))
+
+
+def expected_delta_flax(t, p):
+    """float64 ΔW in Flax layout, written from the formulas (not from lora.py)."""
+    if t.algo == "lokr":
+        a, b, c, d = t.factors
+        w2 = np.float64(p["lokr_w2_a"]) @ np.float64(p["lokr_w2_b"])
+        # PyTorch W[i·c + k, j·d + l] = w1[i, j]·w2[k, l]
+        w = np.einsum("ij,kl->ikjl", np.float64(p["lokr_w1"]), w2).reshape(a * c, b * d)
+        return t.alpha / t.rank * w.T
+    down, up = np.float64(p["lora_down"]), np.float64(p["lora_up"])
+    if t.kind == "linear":  # W = B·A (out, in); Flax kernel (in, out)
+        return t.alpha / t.rank * (up @ down).T
+    # conv: A (r, in, kh, kw), B (out, r, 1, 1): ΔW[o, i, h, w] = Σ_r B[o, r]·A[r, i, h, w]
+    w = np.einsum("or,rihw->oihw", up[:, :, 0, 0], down)
+    return t.alpha / t.rank * np.transpose(w, (2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("algo", ["lora", "lokr"])
+def test_merge_equals_base_plus_scaled_delta(base, conv_plan, algo):
+    plan = conv_plan if algo == "lora" else make_plan(
+        base, AdapterConfig(algo="lokr", rank=2, alpha=3.0, models=("unet", "text_l")))
+    adapters = randomised(init_adapters(plan, seed=0), seed=1)
+    merged = merge_params(base, adapters, plan, scale=0.7)
+    assert merged["text_g"] is base["text_g"]  # no adapter: passed through
+    for name, targets in plan.items():
+        got, want = kernels(merged[name]), kernels(base[name])
+        assert got.keys() == want.keys()
+        for path, w in want.items():
+            if path not in targets:
+                assert np.array_equal(got[path], w), path  # untouched, bitwise
+                continue
+            t = targets[path]
+            p = {k: np.asarray(v) for k, v in get(adapters[name], path).items()}
+            expect = np.float64(w) + 0.7 * expected_delta_flax(t, p)
+            assert got[path].dtype == np.float32
+            np.testing.assert_allclose(got[path], expect, rtol=1e-5, atol=1e-6, err_msg=str(path))
+            assert np.max(np.abs(expect - w)) > 1e-4  # the adapter really moved this kernel
+        for (p1, x1), (p2, x2) in zip(flat_leaves(merged[name]), flat_leaves(base[name])):
+            if p1[-1] != "kernel":
+                assert np.array_equal(np.asarray(x1), np.asarray(x2)), p1
+
+
+def test_in_step_merge_matches_host_merge_and_keeps_dtype(base, conv_plan):
+    # a few targets of each kind under jit (compiling all ~170 merges costs ~20 s on CPU)
+    keep = [p for p in conv_plan["unet"] if p[0] == "mid_block"]
+    plan = {"unet": {p: conv_plan["unet"][p] for p in keep}}
+    assert {t.kind for t in plan["unet"].values()} == {"linear", "conv"}
+    adapters = randomised(init_adapters(plan, seed=0), seed=2)
+    host = merge_params(base, adapters, plan, scale=1.3)
+    traced = jax.jit(lambda b, a: apply_adapters(b, a, plan, 1.3))(base, adapters)
+    for (p, x), (_, y) in zip(flat_leaves(traced["unet"]), flat_leaves(host["unet"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base["unet"])
+    out = apply_adapters({"unet": bf16}, adapters, plan)
+    assert {x.dtype for x in jax.tree.leaves(out["unet"])} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_gradients_reach_only_the_adapter(base, conv_plan):
+    """d loss / d adapters through the merged kernels: with B = 0 only B gets a gradient
+    (∂ΔW/∂A = B·… = 0), which is what makes LoRA start as the base and still learn."""
+    plan = {"unet": {p: t for p, t in conv_plan["unet"].items()
+                     if p[:2] == ("mid_block", "attentions_0") and p[-1] in ("proj_in", "proj_out")}}
+    adapters = init_adapters(plan, seed=0)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 64)), jnp.float32)
+
+    def loss(ad):
+        k = apply_adapters({"unet": base["unet"]}, ad, plan)["unet"]
+        w = k["mid_block"]["attentions_0"]["proj_in"]["kernel"]
+        return jnp.sum(jnp.tanh(x @ w) ** 2)
+    grads = jax.grad(loss)(adapters)
+    g = grads["unet"]["mid_block"]["attentions_0"]["proj_in"]
+    assert float(jnp.abs(g["lora_up"]).max()) > 0
+    assert float(jnp.abs(g["lora_down"]).max()) == 0.0
+    other = grads["unet"]["mid_block"]["attentions_0"]["proj_out"]
+    assert all(float(jnp.abs(v).max()) == 0.0 for v in other.values())  # unused layer
+
+
+def test_rank_dropout_drops_whole_rank_components(base):
+    plan = make_plan(base, AdapterConfig(rank=8, alpha=8.0, targets=(), models=("text_l",)))
+    path = next(iter(plan["text_l"]))
+    t = plan["text_l"][path]
+    adapters = randomised(init_adapters(plan, seed=0), seed=5)
+    p = {k: np.float64(v) for k, v in get(adapters["text_l"], path).items()}
+    w0 = np.float64(get(base["text_l"], path)["kernel"])
+    fn = jax.jit(lambda a, key: apply_adapters(base, a, plan, rng=key, rank_dropout=0.5))
+    kept_sets = set()
+    for seed in range(4):
+        w = np.float64(get(fn(adapters, jax.random.key(seed))["text_l"], path)["kernel"])
+        # ΔW = Σ_k c_k · up[:, k] ⊗ down[k, :]: solve for the coefficients c_k
+        basis = np.stack([np.outer(p["lora_down"][k], p["lora_up"][:, k]).ravel()
+                          for k in range(t.rank)], axis=1)
+        c, *_ = np.linalg.lstsq(basis, (w - w0).ravel(), rcond=None)
+        c /= t.alpha / t.rank
+        assert np.allclose(c, np.round(c), atol=1e-3) and set(np.round(c)) <= {0.0, 2.0}, c
+        kept_sets.add(tuple(np.round(c)))
+    assert len(kept_sets) > 1  # a fresh mask per step
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algo", ["lora", "lokr"])
+def test_kohya_round_trip_is_exact(base, conv_plan, tmp_path, algo):
+    plan = conv_plan if algo == "lora" else make_plan(
+        base, AdapterConfig(algo="lokr", rank=2, alpha=3.0, models=("unet", "text_g")))
+    if algo == "lora":
+        plan = {**plan, **make_plan(base, AdapterConfig(rank=4, alpha=1.0,
+                                                        models=("text_l", "text_g")))}
+    adapters = randomised(init_adapters(plan, seed=0), seed=3)
+    out = export_lora(str(tmp_path / "x.safetensors"), adapters, plan, PRESET, "kohya",
+                      np.float32, {"title": "t", "ztsnr": True})
+    st = SafetensorsFile(out)
+    assert [s.key for s, _ in kohya_layout(abstract_adapters(plan), plan, PRESET)] == list(
+        st.tensors)
+    md = st.metadata
+    assert md["modelspec.prediction_type"] == "v" and md["ss_v_parameterization"] == "True"
+    assert md["modelspec.architecture"].endswith("/lora") and md["ss_zero_terminal_snr"] == "True"
+    back, plan_back = read_lora(out, PRESET)
+    assert plan_back == plan
+    assert [p for p, _ in flat_leaves(back)] == [p for p, _ in flat_leaves(adapters)]
+    for (p, x), (_, y) in zip(flat_leaves(back), flat_leaves(adapters)):
+        assert np.array_equal(x, np.asarray(y)), p
+
+
+def test_peft_round_trip_keeps_delta(base, conv_plan, tmp_path):
+    adapters = randomised(init_adapters(conv_plan, seed=0), seed=4)
+    out = export_lora(str(tmp_path / "p.safetensors"), adapters, conv_plan, PRESET, "peft",
+                      np.float32)
+    keys = list(SafetensorsFile(out).tensors)
+    assert "unet.mid_block.attentions_0.proj_in.lora_A.weight".replace("_0", ".0") in keys
+    back, plan_back = read_lora(out, PRESET)
+    assert all(t.alpha == t.rank for t in plan_back["unet"].values())  # α/r folded into B
+    a, b = merge_params(base, adapters, conv_plan), merge_params(base, back, plan_back)
+    for (p, x), (_, y) in zip(flat_leaves(a["unet"]), flat_leaves(b["unet"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7,
+                                   err_msg=str(p))
+
+
+def test_foreign_file_is_one_clear_error(tmp_path):
+    from sdxl_jax.models.safetensors_io import TensorSpec, write_safetensors
+    path = str(tmp_path / "sd15.safetensors")
+    key = "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"
+    write_safetensors(path, [TensorSpec(key, np.float32, (2, 2))],
+                      lambda k: np.zeros((2, 2), np.float32))
+    with pytest.raises(WeightsError, match="names no layer"):
+        read_lora(path, PRESET)

@@ -1,0 +1,216 @@
+"""Attention kernels (`model.attention` dot_product / splash / auto): the same parameters, the same
+outputs and gradients as diffusers' standard attention, per backend choice and with every remat
+mode. CPU: the splash kernel runs in the Pallas interpreter."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdxl_jax import models
+from sdxl_jax.models import attention, hf, presets
+from sdxl_jax.models.remat import ATTENTION_MODES, REMAT_MODES, build_unet_variant, unet_class
+
+# ---- one attention layer -------------------------------------------------------------------------
+# 96 queries and 77 text keys: neither a multiple of the splash kernel's 128-lane blocks, so its
+# padding and key masking are exercised; 2 heads of 16.
+LAYER = dict(query_dim=32, heads=2, dim_head=16)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (2, 96, 32))
+    context = jax.random.normal(k[1], (2, 77, 32))
+    params = hf.attention_flax.FlaxAttention(**LAYER).init(k[2], x, context)["params"]
+    return params, x, context
+
+
+def _layer_value_and_grad(kernel, params, x, context, dtype=jnp.float32):
+    base = hf.attention_flax.FlaxAttention
+    module = (attention.kernel_class(base, kernel) if kernel else base)(**LAYER, dtype=dtype)
+
+    def loss(p, x):
+        return jnp.sum(module.apply({"params": p}, x.astype(dtype), context.astype(dtype))
+                       .astype(jnp.float32) ** 2)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+
+@pytest.fixture(scope="module")
+def layer_reference(layer):
+    return _layer_value_and_grad("", *layer)
+
+
+def _assert_close(got, want, rtol, per_leaf=True):
+    """Trees identical and every leaf within rtol of the largest |value| of its reference leaf
+    (`per_leaf`) or of the whole reference tree (UNet gradients: a conv bias right before a
+    one-channel-per-group GroupNorm has an exactly zero gradient, so only rounding is left)."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    overall = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        scale = float(jnp.max(jnp.abs(w))) if per_leaf else overall
+        assert scale > 0, f"{jax.tree_util.keystr(path)}: zero reference"
+        err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)))
+        assert err <= rtol * scale, f"{jax.tree_util.keystr(path)}: |Δ| {err:.3g} vs {scale:.3g}"
+
+
+@pytest.mark.parametrize("kernel", ["dot_product", "splash_interpret"])
+def test_kernel_layer_matches_standard_fp32(layer, layer_reference, kernel):
+    _assert_close(_layer_value_and_grad(kernel, *layer), layer_reference, rtol=2e-6)
+
+
+def test_dot_product_layer_matches_standard_bf16(layer, layer_reference):
+    """bf16 compute: both sides within bf16 rounding of the fp32 result (8 mantissa bits)."""
+    for kernel in ("", "dot_product"):
+        _assert_close(_layer_value_and_grad(kernel, *layer, dtype=jnp.bfloat16), layer_reference,
+                      rtol=3e-2)
+
+
+def test_kernel_class_keeps_fields_and_parameters(layer):
+    params, x, context = layer
+    base = hf.attention_flax.FlaxAttention
+    cls = attention.kernel_class(base, "dot_product")
+    assert issubclass(cls, base) and cls is attention.kernel_class(base, "dot_product")
+    got = jax.eval_shape(lambda: cls(**LAYER).init(jax.random.key(0), x, context))["params"]
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    assert [g.shape for g in jax.tree.leaves(got)] == [p.shape for p in jax.tree.leaves(params)]
+
+
+def test_splash_splits_the_batch_over_the_mesh(layer):
+    """Under a mesh the Pallas call runs per batch shard (shard_map), with the same result."""
+    params, x, context = layer
+    module = attention.kernel_class(hf.attention_flax.FlaxAttention, "splash_interpret")(**LAYER)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:2])
+
+    def apply(p, x):
+        return module.apply({"params": p}, x, context)
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(apply)(params, x))
+        got = jax.jit(apply)(params, x)
+    want = hf.attention_flax.FlaxAttention(**LAYER).apply({"params": params}, x, context)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+
+
+# ---- choosing a kernel -----------------------------------------------------------------------------
+def test_auto_picks_the_backend_kernel():
+    assert attention.resolve("auto", "gpu") == "dot_product"
+    assert attention.resolve("auto", "tpu") == "splash"
+    assert attention.resolve("auto", "cpu") == "dot_product"
+    assert attention.resolve("splash", "tpu") == "splash"
+    assert attention.resolve("standard", "cpu") == "standard"
+    assert set(ATTENTION_MODES) == {"standard", "memory_efficient", "dot_product", "splash", "auto"}
+
+
+def test_splash_off_tpu_is_refused_with_the_fix():
+    assert jax.default_backend() == "cpu"
+    with pytest.raises(ValueError, match=r"model.attention='splash' is JAX's Pallas TPU kernel "
+                                         r"and this process runs on 'cpu'; use model.attention='auto'"):
+        build_unet_variant("tiny", "float32", attention="splash")
+    with pytest.raises(ValueError, match=r"model.attention='cudnn': must be one of"):
+        build_unet_variant("tiny", "float32", attention="cudnn")
+
+
+# ---- the UNet --------------------------------------------------------------------------------------
+def _init_args(cfg: dict):
+    time_dim = cfg["addition_time_embed_dim"]
+    return (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 1, cfg["cross_attention_dim"])),
+            {"text_embeds": jnp.zeros((1, cfg["projection_class_embeddings_input_dim"] - 6 * time_dim)),
+             "time_ids": jnp.zeros((1, 6))})
+
+
+# the kernel swap with every remat mode, and the TPU kernel's class (its tree only: no TPU here)
+@pytest.mark.parametrize("remat,kernel", [("none", "dot_product"), ("blocks", "dot_product"),
+                                          ("dots", "dot_product"), ("none", "splash")])
+def test_unet_parameter_tree_is_identical(remat, kernel):
+    cfg = presets.unet_config("tiny")
+    unet = unet_class(remat, kernel)(**cfg, dtype=jnp.float32)
+    assert isinstance(unet, models.FlaxUNet2DConditionModel)
+    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *_init_args(cfg)))["params"]
+    want = models.abstract_params("unet", "tiny")
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \
+        [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
+
+
+# A 2-level cut of the tiny UNet (plain level, then cross-attention with 2 heads, mid block with
+# attention): every kind of attention layer, at half the tiny preset's compile time.
+MICRO = dict(presets.unet_config("tiny"), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
+             transformer_layers_per_block=(1, 1), attention_head_dim=(1, 2))
+MICRO_ATTENTION_LAYERS = 2 * (1 + 1 + 2)  # (self + cross) × transformer layers: down, mid, up
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """Random float32 MICRO params (N(0, 1/fan_in) kernels) and one batch of 2 (16×16, 77 tokens)."""
+    unet = build_unet_variant(MICRO, "float32")
+    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *_init_args(MICRO)))["params"]
+    rng = np.random.default_rng(0)
+
+    def value(path, x):
+        leaf = jax.tree_util.keystr(path[-1:])
+        if "scale" in leaf:
+            return jnp.ones(x.shape, jnp.float32)
+        std = 0.1 if "bias" in leaf else 1.0 / np.sqrt(max(1, int(np.prod(x.shape[:-1]))))
+        return jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32) * std)
+    params = jax.tree_util.tree_map_with_path(value, abstract)
+    k = jax.random.split(jax.random.key(1), 4)
+    inputs = dict(z=jax.random.normal(k[0], (2, 16, 16, 4)), t=jnp.array([10.0, 700.0]),
+                  context=jax.random.normal(k[1], (2, 77, MICRO["cross_attention_dim"])),
+                  pooled=jax.random.normal(k[2], (2, presets.text_g_config("tiny")["projection_dim"])),
+                  time_ids=jnp.tile(jnp.array([[128.0, 128, 0, 0, 128, 128]]), (2, 1)))
+    return params, inputs, jax.random.normal(k[3], (2, 16, 16, 4))
+
+
+def _loss_fn(unet, inputs, target):
+    def loss(params):
+        out = models.unet_apply(unet, params, inputs["z"], inputs["t"], inputs["context"],
+                                inputs["pooled"], inputs["time_ids"])
+        return jnp.mean((out - target) ** 2)
+    return loss
+
+
+def _unet_value_and_grad(problem, dtype="float32", **variant):
+    params, inputs, target = problem
+    unet = build_unet_variant(MICRO, dtype, **variant)
+    return jax.jit(jax.value_and_grad(_loss_fn(unet, inputs, target)))(params)
+
+
+@pytest.fixture(scope="module")
+def unet_reference(problem):
+    return _unet_value_and_grad(problem)
+
+
+def test_unet_with_kernel_matches_standard_fp32(problem, unet_reference):
+    """"auto" (dot_product on CPU) under per-layer remat: the kernel swap inside checkpointed
+    transformer layers (the other remat modes: the class checks below and the layer tests)."""
+    loss_ref, grads_ref = unet_reference
+    loss, grads = _unet_value_and_grad(problem, remat="blocks", attention="auto")
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
+    _assert_close(grads, grads_ref, rtol=1e-5, per_leaf=False)
+
+
+def test_unet_with_kernel_matches_standard_bf16(problem, unet_reference):
+    """bf16 compute with the kernel: objective and gradients within bf16 rounding of fp32."""
+    loss_ref, grads_ref = unet_reference
+    loss, grads = _unet_value_and_grad(problem, "bfloat16", attention="dot_product")
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=2e-2)
+    _assert_close(grads, grads_ref, rtol=5e-2, per_leaf=False)
+
+
+@pytest.mark.parametrize("remat", REMAT_MODES)
+def test_unet_runs_every_attention_layer_through_the_kernel(problem, remat):
+    """Every self- and cross-attention layer of the UNet is the kernel class, with any remat."""
+    params, inputs, target = problem
+    unet = build_unet_variant(MICRO, "float32", remat=remat, attention="dot_product")
+    seen = []
+
+    def spy(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, hf.attention_flax.FlaxAttention):
+            seen.append(type(context.module).__name__)
+        return next_fun(*args, **kwargs)
+    with nn.intercept_methods(spy):
+        jax.eval_shape(_loss_fn(unet, inputs, target), params)
+    assert seen == ["DotProductFlaxAttention"] * MICRO_ATTENTION_LAYERS

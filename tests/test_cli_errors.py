@@ -1,0 +1,158 @@
+"""Every CLI turns a user's mistake into one line `error: …` and a non-zero exit (issue 19,
+item 5): real subprocesses for the entry points (each fails before anything compiles), and the
+shared wrapper (sdxl_jax.cli) in-process for the rest."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sdxl_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=REPO):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    env.pop(cli.DEBUG_ENV, None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_one_line(proc, *fragments):
+    """Exit status non-zero; stderr's error is one line `error: …` holding every fragment."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
+    for f in fragments:
+        assert f in errors[0], (f, errors[0])
+    return errors[0]
+
+
+TRAIN = ("train.py", "--config", "configs/ztsnr.py:tiny")
+
+
+def test_train_missing_config_file(tmp_path):
+    proc = run("train.py", "--config", "configs/nope.py", "--workdir", str(tmp_path / "wd"))
+    assert_one_line(proc, "--config", "configs/nope.py", "No such file")
+    assert proc.returncode == cli.EXIT_USAGE
+
+
+def test_train_misspelt_key_keeps_did_you_mean(tmp_path):
+    proc = run(*TRAIN, "--workdir", str(tmp_path / "wd"), "--config.data.cache_dirr=/x")
+    assert_one_line(proc, "--config.data.cache_dirr=/x",
+                    'Did you mean "cache_dir" instead of "cache_dirr"?')
+    assert not (tmp_path / "wd").exists()  # stopped before the run started
+
+
+def test_train_zero_byte_pretrained_weights(tmp_path):
+    from sdxl_jax.data.demo import make_demo_dataset
+    images = tmp_path / "images"
+    make_demo_dataset(str(images), n=2)  # given inputs: no demo-data fallback
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    proc = run(*TRAIN, "--workdir", str(tmp_path / "wd"), f"--config.model.pretrained={weights}",
+               f"--config.data.images_dir={images}")
+    assert_one_line(proc, str(weights), "0 bytes")
+    assert proc.returncode == cli.EXIT_ERROR
+
+
+def test_train_workdir_that_is_a_file(tmp_path):
+    workdir = tmp_path / "runs"
+    workdir.write_text("not a directory")
+    proc = run(*TRAIN, "--workdir", str(workdir))
+    assert_one_line(proc, f"--workdir '{workdir}' is a file")
+    assert workdir.read_text() == "not a directory"
+
+
+def test_sample_zero_steps(tmp_path):
+    proc = run("-m", "sdxl_jax.sample", "--workdir", str(tmp_path), "--prompt", "x",
+               "--steps", "0", "--out", str(tmp_path / "x.png"))
+    assert_one_line(proc, "steps 0", "at least 1 step")
+
+
+def test_demo_dataset_negative_n(tmp_path):
+    proc = run("-m", "data_tools.make_demo_dataset", "--out", str(tmp_path / "d"), "--n", "-3")
+    assert_one_line(proc, "--n -3", "at least 1 image")
+    assert not (tmp_path / "d").exists()  # nothing written, no empty demo.json
+
+
+# ---- in-process: the same wrapper, no interpreter start-up -------------------------------------
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    """sample.load_run replaced by a tiny run's config: the size checks come before any model
+    is built, so nothing else is needed."""
+    from sdxl_jax import sample
+    cfg = {"model": {"preset": "tiny"}, "sample": {"width": 256, "height": 256}}
+    monkeypatch.setattr(sample, "load_run", lambda *a, **k: (cfg, None, {}))
+    monkeypatch.setattr(sample, "sampler_for_run", lambda *a: pytest.fail("got past the checks"))
+    return sample
+
+
+@pytest.mark.parametrize("flag, value, fragments", [
+    ("--width", "200", ("width 200", "multiple of 32", "try 192 or 224")),
+    ("--height", "-64", ("height -64", "positive")),
+])
+def test_sample_bad_sizes(fake_run, tmp_path, capsys, flag, value, fragments):
+    rc = cli.run(fake_run.main, ["--workdir", str(tmp_path), "--prompt", "x", flag, value,
+                                 "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == cli.EXIT_ERROR and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert all(f in err for f in fragments), err
+
+
+def test_usage_errors_are_one_line(fake_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(fake_run.main, ["--prompt", "x", "--out", "x.png"])  # neither --workdir nor --checkpoint
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == cli.EXIT_USAGE and len(err.splitlines()) == 1
+    assert err.startswith("error: python -m sdxl_jax.sample: one of the arguments --workdir "
+                          "--checkpoint is required")
+
+
+def test_debug_flag_and_env_show_the_traceback(fake_run, tmp_path, monkeypatch):
+    argv = ["--workdir", str(tmp_path), "--prompt", "x", "--width", "200", "--out", "x.png"]
+    with pytest.raises(ValueError, match="width 200"):
+        cli.run(fake_run.main, argv + ["--debug"])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match="width 200"):
+        cli.run(fake_run.main, argv)
+
+
+def test_which_errors_are_one_line(capsys):
+    from sdxl_jax.data.cache import CacheError
+
+    def wrapped():  # a library re-raising our error as the cause of its own
+        try:
+            raise CacheError("cache shard s.array_record: file missing")
+        except CacheError as e:
+            raise RuntimeError("worker failed") from e
+    assert cli.run(lambda argv: wrapped(), []) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == "error: cache shard s.array_record: file missing\n"
+
+    def enospc():
+        raise OSError(28, "No space left on device", "/ckpt/tmp")
+    assert cli.run(lambda argv: enospc(), []) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 28] No space left on device: '/ckpt/tmp'") and \
+        err.count("\n") == 1
+
+    def multi_line():
+        raise ValueError("first line\n  second line")
+    cli.run(lambda argv: multi_line(), [])
+    assert capsys.readouterr().err == "error: first line; second line\n"
+
+    with pytest.raises(KeyError):  # a bug, not a user's mistake: the traceback stays
+        cli.run(lambda argv: {}["missing"], [])
+    assert capsys.readouterr().err == ""
+
+
+def test_wrapper_is_transparent_on_success(tmp_path, capsys):
+    """The wrapper is transparent when nothing fails (exit status and stdout of main)."""
+    from data_tools import make_demo_dataset
+    assert cli.run(make_demo_dataset.main, ["--out", str(tmp_path / "d"), "--n", "1"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 1 captioned images to {tmp_path / 'd'}"
+    assert json.loads((tmp_path / "d" / "demo.json").read_text())["spec"]["n"] == 1
