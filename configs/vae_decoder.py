@@ -14,7 +14,7 @@ Offline tiny demo on CPU (generates its own dataset; a couple of minutes):
 
     python train.py --config configs/vae_decoder.py:tiny --workdir runs/vae_demo
 
-Use the result: `sdxl_jax.train.vae_loop.load_finetuned_vae(workdir)` returns the full VAE
+Use the result: `sdxl_jax.runs.open_run(workdir).params("vae")` returns the full VAE
 parameters (frozen encoder + trained decoder, EMA by default) for export or sampling.
 Any field can be overridden with --config.a.b=value; the config is locked.
 """
@@ -109,6 +109,10 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     tr.per_device_batch_size = 0
     tr.log_every = 10
     tr.max_nonfinite = 5  # consecutive non-finite steps that stop the run
+    # Before the first step, the compiled step's memory (XLA's buffer assignment) is checked
+    # against the device: "auto" (the device's limit; nothing on CPU), "off", or a limit such as
+    # "16GiB". A step that cannot fit stops with the bytes needed and the settings that would fit.
+    tr.fit_check = "auto"
 
     # ---- EMA of the trained weights (METHODS §12); export and samples use it ------------------
     c.ema = ema_section(decay=0.999 if tiny else 0.9999)
@@ -124,4 +128,5 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     sp.every_steps = 100 if tiny else 2000  # 0 disables; step 0 of a fresh run is always measured
     sp.num_images = 4  # held-out images: rows of the input | reconstruction grid, and the error
     sp.image_size = 64 if tiny else 512  # square side the held-out images are centre-cropped to
+    c.profile_steps = ""  # "a,b": write a jax.profiler trace for steps a…b under the workdir
     return c

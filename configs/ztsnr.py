@@ -34,11 +34,15 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # Memory (docs/memory.md): the sdxl defaults fit 1024², per-device batch 1 in 16 GiB per device
     # under FSDP-8 — remat every block and chunked attention. The tiny preset needs neither.
     m.remat = "none" if tiny else "blocks"  # gradient checkpointing: "none" | "blocks" | "dots"
-    m.attention = "standard" if tiny else "memory_efficient"  # "standard" | "memory_efficient"
+    # "standard" | "memory_efficient" (chunked) | "dot_product" (jax.nn.dot_product_attention:
+    # cuDNN flash on NVIDIA with bf16) | "splash" (Pallas, TPU) | "auto" (the backend's kernel)
+    m.attention = "standard" if tiny else "auto"
     m.split_head_dim = False  # diffusers Flax option: split the head dim in attention
     # FSDP gathers each weight in the compute dtype: the shard is cast before the all-gather, so
     # gathers move and hold half the bytes with bf16 (no effect with float32 compute)
     m.gather_in_compute_dtype = True
+    # resume adapters from an existing kohya / PEFT LoRA file (train.trainable="lora")
+    m.lora_init = ""
 
     # ---- noise schedule (METHODS §1, §3) ------------------------------------------------------
     c.schedule = s = ml_collections.ConfigDict()
@@ -50,7 +54,14 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
 
     # ---- loss (METHODS §2, §6, §9) ------------------------------------------------------------
     c.loss = l = ml_collections.ConfigDict()
-    l.weighting = "min_snr_plus_one"  # [ours] | "min_snr" (Hang et al., 0 at SNR=0) | "none"
+    # [ours] | "min_snr" (Hang et al.) | "debiased" (Yu et al., √SNR/(SNR+1)): both 0 at SNR=0,
+    # so they never train the ZTSNR terminal step | "none"
+    l.weighting = "min_snr_plus_one"
+    l.type = "mse"  # "mse" | "huber": pseudo-Huber 2c(√(d²+c²)−c) per element (METHODS §15)
+    l.huber_c = 0.1  # c of loss.type="huber" (kohya's default); > 0
+    # "snr": c_t = c + (1−c)/(1+σ_t)² (Khrapov et al., kohya's form) [ours: the schedule's exact
+    # form], 1 at no noise → c at pure noise | "constant"
+    l.huber_schedule = "snr"
     l.snr_gamma = 5.0  # γ of MinSNR, the report's setting
     l.tag_weighting = True  # [ours] per-sample tag weights (data.tags.*)
 
@@ -129,9 +140,41 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     tr.grad_clip = 1.0  # global-norm clipping; 0 disables
     tr.log_every = 10
     tr.max_nonfinite = 5  # consecutive non-finite steps that stop the run
+    # Before the first step, the compiled step's memory (XLA's buffer assignment) is checked
+    # against the device: "auto" (the device's limit; nothing on CPU), "off", or a limit such as
+    # "16GiB". A step that cannot fit stops with the bytes needed and the settings that would fit.
+    tr.fit_check = "auto"
     # Progressive stages: a tuple of dicts {"steps": N, "cache_dir": DIR, "global_batch_size": B}
     # run in order; empty = one stage from train.steps / data.cache_dir.
     tr.stages = ()
+
+    # What trains (METHODS §14): "unet" (full fine-tuning, the recipe), "unet+text" (the UNet and
+    # the text encoders chosen in text_encoders.*), or "lora" (adapters only, lora.*; the base
+    # weights stay frozen in the compute dtype). Optimizer state and EMA exist only for what trains.
+    tr.trainable = "unet"
+
+    # ---- text-encoder training (train.trainable="unet+text") -----------------------------------
+    c.text_encoders = te = ml_collections.ConfigDict()
+    te.train_l = True  # CLIP-L
+    te.train_g = False  # OpenCLIP bigG
+    te.learning_rate_l = 1e-6 if not tiny else 1e-4  # fine-tuners' usual: ~1/10 of the UNet's
+    te.learning_rate_g = 1e-6 if not tiny else 1e-4
+    te.stop_step_l = 0  # optimizer step after which CLIP-L stops training (0 = never)
+    te.stop_step_g = 0
+
+    # ---- adapters (train.trainable="lora"; METHODS §14) ----------------------------------------
+    c.lora = lo = ml_collections.ConfigDict()
+    lo.algo = "lora"  # "lora" (LoCon with lora.conv) | "lokr" (LyCORIS Kronecker, linear layers)
+    lo.rank = 16
+    lo.alpha = 16.0  # ΔW scale = alpha / rank
+    lo.conv = False  # also adapt the resnet convs, shortcuts, time_emb_proj, samplers (LoCon)
+    lo.conv_rank = 8  # rank / alpha of the 3×3 convs (1×1 convs use rank / alpha)
+    lo.conv_alpha = 8.0
+    lo.models = ("unet",)  # any of "unet", "text_l", "text_g"
+    lo.targets = ()  # extra regexes on module paths (e.g. "down_blocks_1/attentions_0/proj_in")
+    lo.lokr_factor = -1  # LoKr: -1 = the most square split
+    lo.rank_dropout = 0.0  # LyCORIS rank dropout (input dropout cannot be merged on the fly)
+    lo.scale = 1.0  # multiplier of ΔW in training previews (exports keep the file at scale 1)
 
     # ---- EMA (METHODS §12) --------------------------------------------------------------------
     c.ema = ema_section(decay=0.9999)
@@ -148,6 +191,9 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     c.sample = sp = ml_collections.ConfigDict()
     sp.every_steps = 150 if tiny else 2000  # 0 disables previews and validation
     sp.prompts = ("completely black", "white background, red circle", "blue square, 1girl")
+    # a kohya prompt file (one prompt per line; --n --w --h --d --l --s): replaces sample.prompts
+    # and sample.seeds; per-prompt sizes snap to the nearest bucket
+    sp.prompts_file = ""
     sp.negative = ""
     sp.seeds = (0,)
     sp.steps = 28

@@ -36,6 +36,7 @@ def compute_latent_stats(cache_dir: str) -> LatentStats:
     return stats
 
 
+@cli.entry_point  # user errors: one line `error: …`; --debug shows the traceback
 def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="python -m data_tools.latent_stats",
                             description=__doc__.split("\n\n")[0])
@@ -50,4 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))  # user errors as one line `error: …`; --debug shows the traceback
+    sys.exit(main())

@@ -12,6 +12,7 @@ from sdxl_jax import cli
 from sdxl_jax.data.demo import make_demo_dataset, make_example  # noqa: F401  (re-exported)
 
 
+@cli.entry_point  # user errors: one line `error: …`; --debug shows the traceback
 def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="python -m data_tools.make_demo_dataset",
                             description=__doc__.split("\n\n")[0])
@@ -29,4 +30,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))  # user errors as one line `error: …`; --debug shows the traceback
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """One line per user mistake: the error wrapper every command-line entry point runs under.
 
 A user's mistake (a missing file, a misspelt config key, a bad weight file, an impossible
-option) is reported as one line `error: …` on stderr and exit status 1, not as a traceback;
+option) is reported as one line `error: …` on stderr and exit status 1 (SystemExit with that
+line: Python's own convention), not as a traceback;
 `--debug` anywhere on the command line, or SDXL_JAX_DEBUG=1, lets the traceback through.
 
 What counts as a user's mistake: the usual OS errors (OSError and its subclasses:
@@ -11,12 +12,14 @@ defined in this project (sdxl_jax.*, data_tools.*), also when a library re-raise
 them as the cause of its own. Anything else is a bug and keeps its traceback. A message from
 another library's code gets a pointer to --debug, since it rarely says where it came from.
 
-    sys.exit(cli.run(main))            # argparse CLIs: main(argv) -> int; usage errors one line too
+    @cli.entry_point                   # argparse CLIs (with cli.ArgumentParser, usage errors
+    def main(argv=None) -> int: ...    # are one line too); main() reads sys.argv
     cli.run_absl(main)                 # absl/ml_collections CLIs (train.py, build_cache)
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -89,15 +92,10 @@ def format_error(exc: BaseException) -> str:
     return f"error: {msg}"
 
 
-def report(exc: BaseException) -> int:
-    """Print `exc` as one line on stderr; the exit status to use."""
-    print(format_error(exc), file=sys.stderr, flush=True)
-    return EXIT_ERROR
-
-
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Call `main(argv)` (argv without the program name and without --debug) and return its
-    exit status; a user error becomes one line on stderr and status 1."""
+    exit status. A user error exits with its one line: SystemExit("error: …"), which Python
+    prints to stderr with status 1, for scripts and in-process callers alike."""
     argv, debug = _strip_debug(sys.argv[1:] if argv is None else argv)
     try:
         return int(main(argv) or 0)
@@ -107,7 +105,15 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         err = None if debug else user_error(e)
         if err is None:
             raise
-        return report(err)
+        raise SystemExit(format_error(err)) from None
+
+
+def entry_point(main: Callable[[list[str]], int | None]) -> Callable[..., int]:
+    """Decorate a CLI's `main(argv)`: `main()` reads sys.argv, and user errors exit as in `run`."""
+    @functools.wraps(main)
+    def wrapped(argv: Sequence[str] | None = None) -> int:
+        return run(main, argv)
+    return wrapped
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from sdxl_jax.diffusion import NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
+from sdxl_jax.diffusion import HUBER_SCHEDULES, LOSS_TYPES, NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
 
 OPTIMIZERS = ("adamw", "adafactor", "lion")  # sdxl_jax.train.optim builds them
 LR_SCHEDULES = ("constant", "cosine")
@@ -105,6 +105,11 @@ def _check_common(cfg) -> None:
         _number(cfg, key, allow_zero=True)
     if not isinstance(cfg.train.steps, int) or not isinstance(cfg.train.per_device_batch_size, int):
         raise ConfigError("train.steps and train.per_device_batch_size must be integers")
+    from sdxl_jax.fit import parse_fit_check
+    try:
+        parse_fit_check(cfg.train.fit_check)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _fraction(cfg, "ema.decay")
     _fraction(cfg, "data.val_fraction")
     b = cfg.data.buckets
@@ -118,17 +123,37 @@ def _check_common(cfg) -> None:
 
 
 def _check_unet(cfg) -> None:
+    from sdxl_jax.models.attention import ATTENTION_MODES  # jax only (no diffusers)
+    _choice(cfg, "model.attention", ATTENTION_MODES)
+    _choice(cfg, "model.remat", ("none", "blocks", "dots"))  # models.remat.REMAT_MODES (diffusers-free copy)
+    _choice(cfg, "train.trainable", ("unet", "unet+text", "lora"))
+    if cfg.train.trainable == "unet+text" and not (cfg.text_encoders.train_l or cfg.text_encoders.train_g):
+        raise ConfigError("train.trainable='unet+text' with text_encoders.train_l and train_g both "
+                          "False: nothing but the UNet would train; set one, or train.trainable='unet'")
+    if cfg.model.lora_init and cfg.train.trainable != "lora":
+        raise ConfigError(f"model.lora_init={cfg.model.lora_init!r} needs train.trainable='lora'")
+    if cfg.model.lora_init and not os.path.isfile(cfg.model.lora_init):
+        raise ConfigError(f"model.lora_init={cfg.model.lora_init!r}: no such file")
     _choice(cfg, "schedule.ztsnr", ZTSNR_MODES)
     _choice(cfg, "loss.weighting", WEIGHTINGS)
+    _choice(cfg, "loss.type", LOSS_TYPES)
+    _choice(cfg, "loss.huber_schedule", HUBER_SCHEDULES)
+    _number(cfg, "loss.huber_c")
+    if cfg.sample.prompts_file:
+        from sdxl_jax.prompts import read_prompt_file
+        try:
+            read_prompt_file(cfg.sample.prompts_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"sample.prompts_file: {e}") from None
     _choice(cfg, "latents.normalization", NORMALIZATIONS)
     for key in ("loss.snr_gamma", "text.max_chunks", "sample.steps", "sample.width", "sample.height"):
         _number(cfg, key)
     _fraction(cfg, "schedule.terminal_prob")
     _fraction(cfg, "data.caption_dropout", upper_open=False)
-    for key in ("sample.width", "sample.height"):
-        if _get(cfg, key) % 64:
-            raise ConfigError(f"{key}={_get(cfg, key)}: must be a multiple of 64 (the UNet "
-                              "downsamples the 1/8-size latent three times)")
+    for key in ("sample.width", "sample.height"):  # the sample CLI's rule (sample.size_multiple)
+        if _get(cfg, key) % 32:
+            raise ConfigError(f"{key}={_get(cfg, key)}: must be a multiple of 32 (the VAE's 8× "
+                              "times the UNet's two 2× downsamplings)")
     if cfg.latents.normalization == "per_channel" and (cfg.latents.mean is None) != (cfg.latents.std is None):
         raise ConfigError("latents.mean and latents.std must be given together (or both left unset)")
     has_images = bool(cfg.data.images_dir or cfg.data.manifest or cfg.data.get("tfds"))

@@ -1,12 +1,23 @@
-"""Weights out: a trained checkpoint as a diffusers folder or one SDXL .safetensors.
+"""Weights out: a trained checkpoint as a diffusers folder, one SDXL .safetensors, or a LoRA.
 
     python -m sdxl_jax.export --workdir runs/nai3 --format single-file --out nai3.safetensors
     python -m sdxl_jax.export --workdir runs/nai3 --step 2000 --weights raw \
         --format diffusers --dtype bf16 --out nai3_diffusers/
+    python -m sdxl_jax.export --workdir runs/lora --format lora --out style.safetensors
+    python -m sdxl_jax.export --workdir runs/lora --format single-file --merge-lora --out m.safetensors
 
-The UNet comes from the checkpoint (EMA weights by default); the frozen VAE and text encoders
-from the run's `model.pretrained` or, without it, the seeded random init the trainer used
-(`weights.frozen_params`). Both outputs say what the model is, so other tools sample it right:
+Every model comes as the run trained it (`runs.Run.params`, EMA weights by default): the UNet
+from the checkpoint, the text encoders from it too when they trained (train.trainable
+"unet+text"), the rest from the run's `model.pretrained` or, without it, the seeded random init
+the trainer used (`weights.frozen_params`). A LoRA run (train.trainable "lora"):
+- `--format lora`: its adapters in the kohya / A1111 / ComfyUI / Forge layout (lora_unet_*,
+  lora_te1_*, lora_te2_*, lora_down / lora_up / alpha); `--format lora-diffusers`: the
+  diffusers / PEFT layout (`pipe.load_lora_weights`). Both carry modelspec metadata (v-prediction,
+  ZTSNR, rank, alpha, base model = model.pretrained or "random init"). LoKr: kohya layout only.
+- `--format single-file` / `diffusers` need `--merge-lora`: the full model with the adapters
+  merged in float32 (METHODS §14), several GB where the LoRA is MB, so it is never written by
+  accident; `--merge-lora` on a run without adapters is an error.
+The full-model outputs say what the model is, so other tools sample it right:
 - diffusers: PyTorch-layout safetensors + configs, an EulerDiscreteScheduler configured for
   v-prediction, zero terminal SNR (when trained with it) and trailing timesteps.
 - single file: the original SGM layout (ComfyUI / A1111 / Forge), with the empty marker tensors
@@ -21,7 +32,7 @@ No pickle.
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -31,9 +42,14 @@ import sys
 
 import numpy as np
 
+from sdxl_jax import cli
+from sdxl_jax.modelspec import modelspec_metadata as _modelspec
+
 log = logging.getLogger("sdxl_jax.export")
 
 DTYPES = {"fp16": np.float16, "bf16": None, "fp32": np.float32}  # bf16 filled lazily below
+FORMATS = ("diffusers", "single-file", "lora", "lora-diffusers")
+LORA_FORMATS = {"lora": "kohya", "lora-diffusers": "peft"}  # --format -> adapters.export_lora
 _PIPELINE_CLASSES = {
     "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
     "text_encoder": ("transformers", "CLIPTextModel"),
@@ -286,32 +302,6 @@ def single_file_layout(params: dict, preset: str, dtype, ztsnr: bool = True) -> 
     return layout
 
 
-def _modelspec(preset: str, meta: dict) -> dict:
-    md = {
-        "format": "pt",
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if preset == "sdxl"
-                                   else f"stable-diffusion-xl-v1-base/sdxl_jax-{preset}"),
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": meta.get("title", "sdxl_jax export"),
-        "modelspec.resolution": meta.get("resolution", "1024x1024" if preset == "sdxl" else
-                                         "256x256"),
-        "modelspec.prediction_type": "v",
-        "modelspec.date": datetime.date.today().isoformat(),
-        "modelspec.description": ("SDXL trained with sdxl_jax: v-prediction"
-                                  + (", zero terminal SNR" if meta.get("ztsnr", True) else "")),
-        "sdxl_jax.ztsnr": json.dumps(bool(meta.get("ztsnr", True))),
-        "sdxl_jax.latent_normalization": meta.get("latent_normalization", "scale"),
-        "sdxl_jax.scaling_factor": json.dumps(meta.get("scaling_factor", 0.13025)),
-    }
-    if "step" in meta:
-        md["sdxl_jax.step"] = str(meta["step"])
-    if meta.get("latent_normalization") == "per_channel":
-        md["sdxl_jax.latents_mean"] = json.dumps(meta["latents_mean"])
-        md["sdxl_jax.latents_std"] = json.dumps(meta["latents_std"])
-    return md
-
-
 def per_channel_problem(meta: dict) -> str | None:
     """Why a single file of this run would decode wrongly in other tools, or None (METHODS §16)."""
     if meta.get("latent_normalization") != "per_channel":
@@ -384,17 +374,68 @@ def restore_vae(workdir: str, step: int | None, weights: str | None = None) -> d
     return run.params("vae", weights, on_host=True)
 
 
+def export_run_lora(run, out: str, fmt: str = "lora", dtype: str = "fp16",
+                    weights: str | None = None, overwrite: bool = False) -> str:
+    """Write the adapters of a LoRA run (`runs.Run`) as one .safetensors: `fmt` "lora" (kohya)
+    or "lora-diffusers" (PEFT), with the run's modelspec metadata; returns the path."""
+    from sdxl_jax.adapters import export_lora
+
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {tuple(LORA_FORMATS)}")
+    check_out(out, "single-file", overwrite)
+    weights = weights or run.default_weights()
+    adapters, plan = run.adapters(weights)
+    meta = lora_export_meta(run, weights)
+    export_lora(out, adapters, plan, meta["preset"], LORA_FORMATS[fmt], _np_dtype(dtype), meta)
+    log.info("wrote %s LoRA %s (%d layers)", LORA_FORMATS[fmt], out,
+             sum(len(t) for t in plan.values()))
+    return out
+
+
+def lora_export_meta(run, weights: str) -> dict:
+    """export_meta of a LoRA run, its base model named ("random init" without model.pretrained:
+    the adapters then only fit the seeded init of the run's train.seed)."""
+    meta = export_meta(run.config, run.step, run.meta)
+    if not run.meta.get("title"):
+        meta["title"] = f"sdxl_jax LoRA {meta['preset']} step {run.step}"
+    meta["pretrained"] = meta["pretrained"] or "random init"
+    meta["weights"] = weights
+    return meta
+
+
+def run_params(run, weights: str | None = None, merge_lora: bool = False) -> dict:
+    """{"unet", "vae", "text_l", "text_g"} of a run as host numpy, as it trained them; a LoRA
+    run's merged weights only with `merge_lora` (the CLI's --merge-lora)."""
+    from sdxl_jax.models import build
+
+    mode = run.trainable
+    if mode == "lora" and not merge_lora:
+        raise ValueError(f"{run.directory} is a LoRA run: export its adapters with --format lora "
+                         "(kohya, ComfyUI/A1111/Forge) or lora-diffusers, or pass --merge-lora to "
+                         "write the full model with the adapters merged into its base")
+    if mode != "lora" and merge_lora:
+        raise ValueError(f"--merge-lora: {run.directory} trained {mode!r} (train.trainable), it "
+                         "has no adapters to merge; leave --merge-lora out")
+    params = run.all_params(weights, on_host=True)
+    return {n: params[n] for n in build.MODEL_NAMES}
+
+
 def _parse(argv):
-    from sdxl_jax import cli
     p = cli.ArgumentParser(prog="python -m sdxl_jax.export", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="training run directory (holds checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--weights", choices=("ema", "raw"), default=None,
                    help="EMA (default when the run kept one) or raw trained params")
-    p.add_argument("--format", required=True, choices=("diffusers", "single-file"))
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="diffusers folder, SGM single file (ComfyUI/A1111/Forge), or a LoRA run's "
+                        "adapters: lora (kohya layout) / lora-diffusers (PEFT layout)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA run as a full diffusers / single-file model: its base with the "
+                        "adapters merged in float32 (required to be explicit for LoRA runs)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
-    p.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file")
+    p.add_argument("--out", required=True,
+                   help="output folder (diffusers) or .safetensors file (single-file, LoRA)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing export at --out (default: refuse)")
     p.add_argument("--allow-per-channel", action="store_true",
@@ -411,23 +452,38 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+@cli.entry_point  # user errors: one line `error: …`; --debug shows the traceback
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from sdxl_jax.models.hf import block_torch
     block_torch()
-    from sdxl_jax.models import weights
+    from sdxl_jax.runs import open_run
 
-    if args.format == "single-file" and not args.out.endswith(".safetensors"):
-        raise ValueError(f"--out {args.out!r}: a single-file export must end in .safetensors")
-    check_out(args.out, args.format, args.overwrite)  # before reading the checkpoint
-    unet, config, ckpt_meta, step, which = restore_unet(args.workdir, args.step, args.weights)
+    lora_fmt = args.format in LORA_FORMATS
+    if args.format != "diffusers" and not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out {args.out!r}: a {args.format} export must end in .safetensors")
+    if lora_fmt and (args.merge_lora or args.vae_workdir):
+        raise ValueError(f"--format {args.format} writes the adapters alone; --merge-lora and "
+                         "--vae-workdir apply to --format single-file / diffusers")
+    check_out(args.out, "diffusers" if args.format == "diffusers" else "single-file",
+              args.overwrite)  # before reading the checkpoint
+    run = open_run(args.workdir, args.step)
+    which = args.weights or run.default_weights()
+    if lora_fmt:
+        export_run_lora(run, args.out, args.format, args.dtype, which, args.overwrite)
+        print(f"exported the LoRA of step {run.step} ({which} weights) of {args.workdir} to "
+              f"{args.out} ({args.format})")
+        return 0
+    config, step = run.config, run.step
     preset = config["model"]["preset"]
-    meta = export_meta(config, step, ckpt_meta)
-    meta["weights"] = which
+    meta = export_meta(config, step, run.meta)
+    meta.update(weights=which, trainable=run.trainable)
+    if run.trainable == "lora" and args.merge_lora:
+        meta["merged_lora"] = dataclasses.asdict(run.lora_config())
     if args.format == "single-file":
         check_per_channel(meta, args.allow_per_channel)  # before loading the frozen models
-    params = {"unet": unet, **weights.frozen_params(config)}
+    params = run_params(run, which, args.merge_lora)
     if args.vae_workdir:
         params["vae"] = restore_vae(args.vae_workdir, args.vae_step, args.vae_weights)
     if args.format == "diffusers":
@@ -445,5 +501,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from sdxl_jax import cli
-    sys.exit(cli.run(main))  # user errors as one line `error: …`; --debug shows the traceback
+    sys.exit(main())

@@ -54,8 +54,8 @@ def compiled_memory(compiled) -> dict:
     if isinstance(mem, (list, tuple)):  # one entry per program on some backends; all the same SPMD program
         mem = mem[0]
     if mem is None:
-        raise FitError("this backend's compiled programs report no memory_analysis(); "
-                       "set train.fit_check=off")
+        raise FitError("this backend's compiled programs report no memory_analysis(), so "
+                       "train.fit_check cannot check them: set train.fit_check=off (or auto)")
     return {"argument_bytes": int(mem.argument_size_in_bytes),
             "output_bytes": int(mem.output_size_in_bytes),
             "alias_bytes": int(mem.alias_size_in_bytes),
@@ -70,10 +70,15 @@ def needed_bytes(stats: dict) -> int:
 
 
 def device_limit(devices) -> int | None:
-    """The smallest allocator limit (bytes) among `devices`; None when one reports none (CPU)."""
+    """The smallest allocator limit (bytes) among `devices`; None when one reports none (CPU).
+    Devices of other hosts (a multi-host mesh) cannot be asked and are skipped: the hosts run
+    the same program on the same kind of device."""
     limits = []
     for d in devices:
-        stats = d.memory_stats()
+        try:
+            stats = d.memory_stats()
+        except RuntimeError:  # XlaRuntimeError: not addressable from this process
+            continue
         if not stats or "bytes_limit" not in stats:
             return None
         limits.append(int(stats["bytes_limit"]))
@@ -81,7 +86,8 @@ def device_limit(devices) -> int | None:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """A byte count for people: GiB, or MiB below one GiB (small test programs, CPU)."""
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2 ** 20:.2f} MiB"
 
 
 def suggestions(cfg, stats: dict, limit: int, mesh_shape: dict | None = None) -> list[str]:
@@ -129,6 +135,8 @@ class FitReport:
     stats: dict
 
     def line(self) -> str:
+        if self.needed < 0:
+            return "device memory: not reported by this backend (fit check skipped)"
         where = f"of {_gib(self.available)}" if self.available else "(no device limit known)"
         return f"device memory: {_gib(self.needed)} per device {where}"
 
@@ -139,11 +147,14 @@ def check_fit(compiled, devices, limit_bytes: int | None = None, suggestions=(),
     (strings, e.g. from `suggestions()` above, or a callable (stats, limit) → strings), when
     `compiled` needs more than `limit_bytes` (default: the devices' own limit) on a device.
     No limit given and none reported (CPU): nothing is checked."""
+    limit = limit_bytes if limit_bytes is not None else device_limit(devices)
+    if limit is None and compiled.memory_analysis() is None:
+        return FitReport(-1, None, {})  # nothing to check against, nothing to report
     stats = compiled_memory(compiled)
     need = needed_bytes(stats)
-    limit = limit_bytes if limit_bytes is not None else device_limit(devices)
-    source = source or ("train.fit_check" if limit_bytes is not None else "the device's bytes_limit")
     if limit is not None and need > limit:
+        source = source or ("train.fit_check" if limit_bytes is not None
+                            else "the device's bytes_limit")
         tips = suggestions(stats, limit) if callable(suggestions) else list(suggestions)
         parts = (f"arguments {_gib(stats['argument_bytes'])} + outputs {_gib(stats['output_bytes'])} "
                  f"− aliased {_gib(stats['alias_bytes'])} + temporaries {_gib(stats['temp_bytes'])}")

@@ -130,7 +130,7 @@ def unet_batch(demo_cache):
 
 
 def test_unet_step_with_4_micro_batches_equals_one_batch(unet_batch):
-    params = models.init_params("unet", "tiny", jax.random.PRNGKey(0))
+    params = jax.device_get(models.init_params("unet", "tiny", jax.random.PRNGKey(0)))  # host: init_state donates
     frozen = {k: models.init_params(k, "tiny", jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
     out = {}
     for micro in (0, 1):  # 0: the 4 rows at once; 1: 4 micro-batches of 1 row on the one device

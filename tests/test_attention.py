@@ -60,10 +60,15 @@ def test_kernel_layer_matches_standard_fp32(layer, layer_reference, kernel):
 
 
 def test_dot_product_layer_matches_standard_bf16(layer, layer_reference):
-    """bf16 compute: both sides within bf16 rounding of the fp32 result (8 mantissa bits)."""
+    """bf16 compute: standard and dot_product both within bf16 rounding (8 mantissa bits) of the
+    fp32 result, and the kernel no further from it than diffusers' bf16 softmax is."""
+    errors = {}
     for kernel in ("", "dot_product"):
-        _assert_close(_layer_value_and_grad(kernel, *layer, dtype=jnp.bfloat16), layer_reference,
-                      rtol=3e-2)
+        got = _layer_value_and_grad(kernel, *layer, dtype=jnp.bfloat16)
+        _assert_close(got, layer_reference, rtol=3e-2)
+        errors[kernel] = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)))
+                             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(layer_reference)))
+    assert errors["dot_product"] <= 1.5 * errors[""], errors
 
 
 def test_kernel_class_keeps_fields_and_parameters(layer):
@@ -120,20 +125,6 @@ def _init_args(cfg: dict):
              "time_ids": jnp.zeros((1, 6))})
 
 
-# the kernel swap with every remat mode, and the TPU kernel's class (its tree only: no TPU here)
-@pytest.mark.parametrize("remat,kernel", [("none", "dot_product"), ("blocks", "dot_product"),
-                                          ("dots", "dot_product"), ("none", "splash")])
-def test_unet_parameter_tree_is_identical(remat, kernel):
-    cfg = presets.unet_config("tiny")
-    unet = unet_class(remat, kernel)(**cfg, dtype=jnp.float32)
-    assert isinstance(unet, models.FlaxUNet2DConditionModel)
-    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *_init_args(cfg)))["params"]
-    want = models.abstract_params("unet", "tiny")
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \
-        [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
-
-
 # A 2-level cut of the tiny UNet (plain level, then cross-attention with 2 heads, mid block with
 # attention): every kind of attention layer, at half the tiny preset's compile time.
 MICRO = dict(presets.unet_config("tiny"), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -185,19 +176,27 @@ def unet_reference(problem):
 
 def test_unet_with_kernel_matches_standard_fp32(problem, unet_reference):
     """"auto" (dot_product on CPU) under per-layer remat: the kernel swap inside checkpointed
-    transformer layers (the other remat modes: the class checks below and the layer tests)."""
+    transformer layers. The other remat modes and bf16 follow from the layer tests above (the
+    kernel class computes what diffusers' does, in fp32 and bf16) and the class checks below
+    (every attention layer of the UNet is the kernel class, with each remat mode); one UNet
+    gradient compile costs ~30 s on 2 CPU cores."""
     loss_ref, grads_ref = unet_reference
     loss, grads = _unet_value_and_grad(problem, remat="blocks", attention="auto")
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
     _assert_close(grads, grads_ref, rtol=1e-5, per_leaf=False)
 
 
-def test_unet_with_kernel_matches_standard_bf16(problem, unet_reference):
-    """bf16 compute with the kernel: objective and gradients within bf16 rounding of fp32."""
-    loss_ref, grads_ref = unet_reference
-    loss, grads = _unet_value_and_grad(problem, "bfloat16", attention="dot_product")
-    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=2e-2)
-    _assert_close(grads, grads_ref, rtol=5e-2, per_leaf=False)
+# the kernel swap with every remat mode, and the TPU kernel's class (its tree only: no TPU here)
+@pytest.mark.parametrize("remat,kernel", [("none", "dot_product"), ("blocks", "dot_product"),
+                                          ("dots", "dot_product"), ("none", "splash")])
+def test_unet_parameter_tree_is_identical(problem, remat, kernel):
+    unet = unet_class(remat, kernel)(**MICRO, dtype=jnp.float32)
+    assert isinstance(unet, models.FlaxUNet2DConditionModel)
+    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *_init_args(MICRO)))["params"]
+    want = problem[0]  # the plain diffusers UNet's parameters
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \
+        [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
 
 
 @pytest.mark.parametrize("remat", REMAT_MODES)

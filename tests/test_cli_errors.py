@@ -96,17 +96,18 @@ def fake_run(monkeypatch):
     ("--width", "200", ("width 200", "multiple of 32", "try 192 or 224")),
     ("--height", "-64", ("height -64", "positive")),
 ])
-def test_sample_bad_sizes(fake_run, tmp_path, capsys, flag, value, fragments):
-    rc = cli.run(fake_run.main, ["--workdir", str(tmp_path), "--prompt", "x", flag, value,
-                                 "--out", str(tmp_path / "x.png")])
-    err = capsys.readouterr().err.strip()
-    assert rc == cli.EXIT_ERROR and len(err.splitlines()) == 1 and err.startswith("error: ")
+def test_sample_bad_sizes(fake_run, tmp_path, flag, value, fragments):
+    with pytest.raises(SystemExit) as e:  # main() is the CLI: the one line is the exit message
+        fake_run.main(["--workdir", str(tmp_path), "--prompt", "x", flag, value,
+                       "--out", str(tmp_path / "x.png")])
+    err = e.value.code
+    assert isinstance(err, str) and err.startswith("error: ") and "\n" not in err
     assert all(f in err for f in fragments), err
 
 
 def test_usage_errors_are_one_line(fake_run, capsys):
     with pytest.raises(SystemExit) as e:
-        cli.run(fake_run.main, ["--prompt", "x", "--out", "x.png"])  # neither --workdir nor --checkpoint
+        fake_run.main(["--prompt", "x", "--out", "x.png"])  # neither --workdir nor --checkpoint
     err = capsys.readouterr().err.strip()
     assert e.value.code == cli.EXIT_USAGE and len(err.splitlines()) == 1
     assert err.startswith("error: python -m sdxl_jax.sample: one of the arguments --workdir "
@@ -116,13 +117,20 @@ def test_usage_errors_are_one_line(fake_run, capsys):
 def test_debug_flag_and_env_show_the_traceback(fake_run, tmp_path, monkeypatch):
     argv = ["--workdir", str(tmp_path), "--prompt", "x", "--width", "200", "--out", "x.png"]
     with pytest.raises(ValueError, match="width 200"):
-        cli.run(fake_run.main, argv + ["--debug"])
+        fake_run.main(argv + ["--debug"])
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(ValueError, match="width 200"):
-        cli.run(fake_run.main, argv)
+        fake_run.main(argv)
 
 
-def test_which_errors_are_one_line(capsys):
+def exit_message(fn):
+    """The SystemExit message cli.run turns fn's error into."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda argv: fn(), [])
+    return e.value.code
+
+
+def test_which_errors_are_one_line():
     from sdxl_jax.data.cache import CacheError
 
     def wrapped():  # a library re-raising our error as the cause of its own
@@ -130,29 +138,32 @@ def test_which_errors_are_one_line(capsys):
             raise CacheError("cache shard s.array_record: file missing")
         except CacheError as e:
             raise RuntimeError("worker failed") from e
-    assert cli.run(lambda argv: wrapped(), []) == cli.EXIT_ERROR
-    assert capsys.readouterr().err == "error: cache shard s.array_record: file missing\n"
+    assert exit_message(wrapped) == "error: cache shard s.array_record: file missing"
 
     def enospc():
         raise OSError(28, "No space left on device", "/ckpt/tmp")
-    assert cli.run(lambda argv: enospc(), []) == cli.EXIT_ERROR
-    err = capsys.readouterr().err
-    assert err.startswith("error: [Errno 28] No space left on device: '/ckpt/tmp'") and \
-        err.count("\n") == 1
+    assert exit_message(enospc).startswith(
+        "error: [Errno 28] No space left on device: '/ckpt/tmp'")
 
     def multi_line():
         raise ValueError("first line\n  second line")
-    cli.run(lambda argv: multi_line(), [])
-    assert capsys.readouterr().err == "error: first line; second line\n"
+    assert exit_message(multi_line) == "error: first line; second line"
 
     with pytest.raises(KeyError):  # a bug, not a user's mistake: the traceback stays
         cli.run(lambda argv: {}["missing"], [])
-    assert capsys.readouterr().err == ""
+
+    def bug_while_handling():  # a bug raised while handling a user error is not hidden
+        try:
+            raise ValueError("a user error")
+        except ValueError:
+            return [][1]
+    with pytest.raises(IndexError):
+        cli.run(lambda argv: bug_while_handling(), [])
 
 
 def test_wrapper_is_transparent_on_success(tmp_path, capsys):
-    """The wrapper is transparent when nothing fails (exit status and stdout of main)."""
+    """Exit status and stdout of main are unchanged when nothing fails."""
     from data_tools import make_demo_dataset
-    assert cli.run(make_demo_dataset.main, ["--out", str(tmp_path / "d"), "--n", "1"]) == 0
+    assert make_demo_dataset.main(["--out", str(tmp_path / "d"), "--n", "1"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote 1 captioned images to {tmp_path / 'd'}"
     assert json.loads((tmp_path / "d" / "demo.json").read_text())["spec"]["n"] == 1

@@ -78,7 +78,7 @@ def test_cli_refuses_an_existing_out_before_reading_the_checkpoint(tmp_path):
     out = tmp_path / "model.safetensors"
     out.write_bytes(b"an earlier export")
     # no run at --workdir: the existing --out is reported first, so nothing was loaded
-    with pytest.raises(FileExistsError, match="pass --overwrite"):
+    with pytest.raises(SystemExit, match="^error: .* already exists; pass --overwrite"):
         export.main(["--workdir", str(tmp_path / "no_run"), "--format", "single-file",
                      "--out", str(out)])
     assert out.read_bytes() == b"an earlier export"

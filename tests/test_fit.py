@@ -34,7 +34,7 @@ def test_too_small_limit_stops_with_one_message(doubled):
                       suggestions=["model.remat=blocks"])
     msg = str(e.value)
     assert "\n" not in msg
-    assert f"({need} bytes) per device" in msg and f"allows 0.00 GiB ({need - 1} bytes)" in msg
+    assert f"({need} bytes) per device" in msg and f"allows {(need - 1) / 2 ** 20:.2f} MiB ({need - 1} bytes)" in msg
     assert "to fit, try: model.remat=blocks." in msg and "train.fit_check=off" in msg
 
 

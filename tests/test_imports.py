@@ -15,7 +15,7 @@ FORBIDDEN = {
                         "sdxl_jax.tools", "sdxl_jax.runs"),
     "sdxl_jax.data": ("sdxl_jax.train", "sdxl_jax.sample", "sdxl_jax.export", "sdxl_jax.tools",
                       "sdxl_jax.runs"),
-    "sdxl_jax.config": ("sdxl_jax.train", "sdxl_jax.models", "sdxl_jax.data"),
+    "sdxl_jax.config": ("sdxl_jax.train", "sdxl_jax.data", "sdxl_jax.models.hf", "sdxl_jax.models.build"),
     "sdxl_jax.checkpoint": ("sdxl_jax.train", "sdxl_jax.sample", "sdxl_jax.export"),
     "sdxl_jax.train": ("sdxl_jax.sample", "sdxl_jax.export", "sdxl_jax.tools"),
     "sdxl_jax.runs": ("sdxl_jax.train", "sdxl_jax.sample", "sdxl_jax.export", "sdxl_jax.tools"),

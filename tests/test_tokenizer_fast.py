@@ -1,19 +1,16 @@
 """The Rust CLIP tokenizers give the Python CLIPTokenizer's ids on the real 49,408-token vocabulary.
 
 The vocabulary is CLIP's own BPE file as shipped in the open_clip_torch wheel (installed without
-its dependencies, see requirements-nodeps.txt), turned into vocab.json / merges.txt the way CLIP
-builds its vocabulary: 256 byte symbols, the same with "</w>", one token per merge, then
-<|startoftext|> and <|endoftext|>.
+its dependencies, see requirements-nodeps.txt), turned into vocab.json / merges.txt by
+`write_clip_vocab`; the ids of a few tokens are checked against CLIP's published vocabulary.
 """
-import gzip
 import importlib.metadata
-import json
 import random
 
 import numpy as np
 import pytest
 
-from sdxl_jax.models.tokenizer import _byte_symbols, get_tokenizers, tokenize, tokenizers_from_files
+from sdxl_jax.models.tokenizer import get_tokenizers, tokenize, tokenizers_from_files, write_clip_vocab
 
 TAGS = ("1girl solo long_hair looking_at_viewer smile blush open_mouth short_hair blue_eyes "
         "brown_hair black_hair shirt thighhighs skirt hat dress red_eyes white_background "
@@ -49,19 +46,9 @@ def _captions():
 
 @pytest.fixture(scope="module")
 def clip_files(tmp_path_factory):
-    gz = importlib.metadata.distribution("open_clip_torch").locate_file(
+    bpe = importlib.metadata.distribution("open_clip_torch").locate_file(
         "open_clip/bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(gz).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    symbols = _byte_symbols()
-    tokens = (symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-              + ["<|startoftext|>", "<|endoftext|>"])
-    d = tmp_path_factory.mktemp("clip_vocab")
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
-                                  encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                  encoding="utf-8")
-    return str(d / "vocab.json"), str(d / "merges.txt")
+    return write_clip_vocab(str(bpe), str(tmp_path_factory.mktemp("clip_vocab")))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +65,8 @@ def test_real_vocab_special_ids(toks):
     fast_l = toks["fast"][0]
     assert fast_l.is_fast and not toks["python"][0].is_fast
     # a few ids of CLIP's vocabulary, independent of both tokenizers
-    assert fast_l.convert_tokens_to_ids(["a</w>", "photo</w>", "girl</w>"]) == [320, 1125, 1611]
+    assert fast_l.convert_tokens_to_ids(["a</w>", "photo</w>", "of</w>", "cat</w>", "girl</w>"]) == [
+        320, 1125, 539, 2368, 1611]
 
 
 def test_fast_ids_equal_python_on_captions(toks):

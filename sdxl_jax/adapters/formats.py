@@ -108,16 +108,38 @@ def peft_layout(adapters, plan: Plan, dtype=np.float16) -> list:
     return layout
 
 
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+
+
+def peft_config_metadata(plan: Plan) -> dict:
+    """diffusers' `lora_adapter_metadata` header entry: the LoraConfig of each component
+    ("unet.r", "unet.lora_alpha", … as diffusers' save_lora_weights packs it). Without it
+    diffusers guesses lora_alpha = the first layer's rank for every layer, which is wrong for
+    mixed ranks (LoCon's conv_rank); with α/r folded into lora_B, alpha = r for each layer."""
+    packed = {}
+    for name, targets in plan.items():
+        names = torch_module_names(name, {p: t.shape for p, t in targets.items()})
+        ranks = {names[p]: t.rank for p, t in targets.items()}
+        common = max(set(ranks.values()), key=list(ranks.values()).count)
+        odd = {m: r for m, r in ranks.items() if r != common}
+        cfg = {"r": common, "lora_alpha": common, "rank_pattern": odd, "alpha_pattern": odd,
+               "target_modules": sorted(ranks), "use_dora": False, "lora_bias": False}
+        prefix = PEFT_PREFIX[name].rstrip(".")
+        packed.update({f"{prefix}.{k}": v for k, v in cfg.items()})
+    return {PEFT_METADATA_KEY: json.dumps(packed, sort_keys=True)}
+
+
 def lora_metadata(plan: Plan, preset: str, meta: dict | None = None) -> dict:
     """Header metadata: the run's modelspec (v-prediction, ZTSNR, base model) as for the single
     file, marked as an adapter, plus the sd-scripts `ss_*` keys tools show (rank, alpha)."""
-    from sdxl_jax.export import _modelspec
+    from sdxl_jax.modelspec import modelspec_metadata as _modelspec
 
     meta = dict(meta or {})
     md = _modelspec(preset, meta)
-    first = next(t for targets in plan.values() for t in targets.values())
-    conv = [t for targets in plan.values() for t in targets.values()
-            if t.kind == "conv" and t.shape[0] * t.shape[1] > 1]
+    every = [t for targets in plan.values() for t in targets.values()]
+    conv = [t for t in every if t.kind == "conv" and t.shape[0] * t.shape[1] > 1]
+    # ss_network_dim / alpha are the Linear (and 1×1) rank; the k×k convs' go in conv_dim
+    first = next((t for t in every if t not in conv), every[0])
     md.update({
         "modelspec.architecture": md["modelspec.architecture"] + "/lora",
         "modelspec.title": meta.get("title", "sdxl_jax LoRA"),
@@ -137,16 +159,17 @@ def lora_metadata(plan: Plan, preset: str, meta: dict | None = None) -> dict:
 def export_lora(path: str, adapters, plan: Plan, preset: str, fmt: str = "kohya",
                 dtype=np.float16, meta: dict | None = None) -> str:
     """Write `adapters` as one .safetensors, fmt "kohya" or "peft"; returns the path."""
+    metadata = lora_metadata(plan, preset, meta)
     if fmt == "kohya":
         layout = kohya_layout(adapters, plan, preset, dtype)
     elif fmt == "peft":
         layout = peft_layout(adapters, plan, dtype)
+        metadata.update(peft_config_metadata(plan))
     else:
         raise ValueError(f"unknown LoRA layout {fmt!r}; choose kohya or peft")
     producers = {spec.key: fn for spec, fn in layout}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_safetensors(path, [s for s, _ in layout], lambda k: producers[k](),
-                      lora_metadata(plan, preset, meta))
+    write_safetensors(path, [s for s, _ in layout], lambda k: producers[k](), metadata)
     return path
 
 
@@ -190,6 +213,17 @@ def _split(key: str, fmt: str) -> tuple[str, str]:
     return key, ""
 
 
+def _peft_alpha(cfg: dict, name: str, module: str, rank: int) -> float:
+    """lora_alpha of one PEFT layer: its alpha_pattern entry, else the component's lora_alpha,
+    else r (scale 1, what diffusers assumes for a file without metadata)."""
+    prefix = PEFT_PREFIX[name].rstrip(".")
+    inner = module[len(PEFT_PREFIX[name]):]
+    pattern = cfg.get(f"{prefix}.alpha_pattern") or {}
+    if inner in pattern:
+        return float(pattern[inner])
+    return float(cfg.get(f"{prefix}.lora_alpha", rank))
+
+
 def detect_layout(keys) -> str:
     keys = list(keys)
     if keys and all(k.startswith(tuple(KOHYA_PREFIX.values())) for k in keys):
@@ -208,6 +242,12 @@ def read_lora(path: str, preset: str) -> tuple[dict, Plan]:
     st = SafetensorsFile(path)
     fmt = detect_layout(st.tensors)
     index = _module_index(preset, MODELS, fmt)
+    peft_cfg = {}
+    if fmt == "peft" and PEFT_METADATA_KEY in st.metadata:
+        try:
+            peft_cfg = json.loads(st.metadata[PEFT_METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{path}: header {PEFT_METADATA_KEY} is not JSON ({e})") from e
     groups: dict = {}
     for key in st.tensors:
         module, leaf = _split(key, fmt)
@@ -232,7 +272,10 @@ def read_lora(path: str, preset: str) -> tuple[dict, Plan]:
             factors = (a, b, c, d)
         else:
             rank, factors = arrays["lora_down"].shape[0], ()
-        alpha = float(st.get(leaves["alpha"]).reshape(())) if "alpha" in leaves else float(rank)
+        if "alpha" in leaves:
+            alpha = float(st.get(leaves["alpha"]).reshape(()))
+        else:
+            alpha = _peft_alpha(peft_cfg, name, module, int(rank))
         kind = "linear" if len(kshape) == 2 else "conv"
         t = Target(algo, kind, kshape, int(rank), alpha, factors)
         want = adapter_shapes(t)

@@ -31,8 +31,7 @@ log = logging.getLogger("sdxl_jax.models")
 DIFFUSERS_MODES = ("standard", "memory_efficient")
 KERNEL_MODES = ("dot_product", "splash")
 ATTENTION_MODES = DIFFUSERS_MODES + KERNEL_MODES + ("auto",)
-_AUTO = {"gpu": "dot_product", "cuda": "dot_product", "rocm": "dot_product", "tpu": "splash",
-         "cpu": "dot_product"}
+_AUTO = {"gpu": "dot_product", "tpu": "splash", "cpu": "dot_product"}
 # Pallas TPU kernels tile sequences in blocks of 128 lanes; the largest block dividing the
 # padded length is taken, up to 512 (larger q/kv blocks amortise the per-block overhead).
 _LANES = 128
@@ -58,8 +57,8 @@ def resolve(mode: str, backend: str | None = None) -> str:
 
 # ---- the kernels: (batch, length, heads, head_dim) in and out ------------------------------------
 @functools.lru_cache(maxsize=None)
-def _log_once(message: str) -> None:
-    log.info(message)
+def _log_once(message: str) -> None:  # once per distinct message (shape), not per layer
+    log.warning(message)
 
 
 def dot_product(q, k, v, scale: float):
@@ -92,14 +91,18 @@ def _splash_local(q, k, v, scale: float, interpret: bool):
 
     Lengths are padded to multiples of 128 (SDXL's 77-token text chunks, non-square buckets);
     padded keys get segment id 1 and every real query id 0, so no query attends a padded key and
-    padded queries (sliced off) attend the real keys, so no row is fully masked."""
+    padded queries (sliced off) attend the real keys, so no row is fully masked. The head dim
+    (64 in SDXL) is zero-padded to the 128 lanes as well: zeros add nothing to q·k, and the
+    padded output columns are sliced off (the MXU is 128 wide, so this costs no extra time)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
-    batch, length, heads, _ = q.shape
+    _, length, heads, head_dim = q.shape
     keys = k.shape[1]
-    # splash takes (heads, length, head_dim) per example and applies no scale of its own
-    qh = _pad_to_lanes((q.astype(jnp.float32) * scale).astype(q.dtype).transpose(0, 2, 1, 3), 2)
-    kh = _pad_to_lanes(k.transpose(0, 2, 1, 3), 2)
-    vh = _pad_to_lanes(v.transpose(0, 2, 1, 3), 2)
+
+    def layout(x):  # (B, L, H, D) → (B, H, L padded, D padded): splash's per-example layout
+        return _pad_to_lanes(_pad_to_lanes(x.transpose(0, 2, 1, 3), 2), 3)
+    # splash applies no scale of its own
+    qh = layout((q.astype(jnp.float32) * scale).astype(q.dtype))
+    kh, vh = layout(k), layout(v)
     lp, sp = qh.shape[2], kh.shape[2]
     bq, bkv = _block(lp), _block(sp)
     blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
@@ -111,7 +114,7 @@ def _splash_local(q, k, v, scale: float, interpret: bool):
     segments = sa.SegmentIds(q=jnp.zeros((lp,), jnp.int32),
                              kv=(jnp.arange(sp) >= keys).astype(jnp.int32))
     out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments))(qh, kh, vh)
-    return out[:, :, :length].transpose(0, 2, 1, 3)
+    return out[:, :, :length, :head_dim].transpose(0, 2, 1, 3)
 
 
 def splash(q, k, v, scale: float, *, interpret: bool = False):

@@ -151,8 +151,10 @@ def tiny_tokenizer_dir() -> str:
 # spaces), put spaces around CJK ideographs, NFC, split on whitespace, Python's str.lower() (with
 # its final-sigma rule); then CLIP's regex (IGNORECASE) and byte-level BPE. The converted
 # CLIPTokenizerFast instead does NFC, whitespace, a per-character lowercase, so it differs on CJK,
-# control and zero-width characters, final sigma and U+0345. Measured before the fix: 271 of the
-# 145,854 assigned code points differ; after it: none (tests/test_tokenizer_fast.py).
+# control and zero-width characters, final sigma and U+0345. Measured on every code point below
+# U+30000 in four word contexts: 271 of the 145,854 assigned ones differed before the fix; with
+# it, none (tests/test_tokenizer_fast.py checks a sample of 1,500 and ~330 captions). The
+# character classes come from Python's own unicodedata, not the regex engine's newer Unicode.
 
 # The CJK blocks BasicTokenizer._is_chinese_char pads with spaces (BERT's ranges).
 _CJK_CLASS = (r"[\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}"
@@ -262,6 +264,25 @@ def _load_pretrained(pretrained: str, fast: bool = True):
             ": give a local diffusers folder, or be online for a Hub id") from e
 
 
+def write_clip_vocab(bpe_path: str, out_dir: str) -> tuple[str, str]:
+    """vocab.json and merges.txt of CLIP's real 49,408-token vocabulary from its BPE merge list
+    (`bpe_simple_vocab_16e6.txt.gz`, as shipped by OpenAI CLIP and open_clip) built the way CLIP
+    does: the 256 byte symbols, the same with "</w>", one token per merge, BOS, EOS."""
+    import gzip
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    os.makedirs(out_dir, exist_ok=True)
+    vocab_file, merges_file = os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt")
+    with open(vocab_file, "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(merges_file, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab_file, merges_file
+
+
 def tokenizers_from_files(vocab_file: str, merges_file: str, fast: bool = True):
     """(CLIP-L, bigG) tokenizers of one CLIP vocabulary: CLIP-L pads with EOS, bigG with "!"."""
     cls, finish = _tokenizer_classes(fast)
@@ -317,9 +338,9 @@ def tokenize(tokenizer, captions: list[str], max_chunks: int) -> np.ndarray:
 def _token_ids(tokenizer, captions: list[str]) -> list[list[int]]:
     """Token ids of each caption without BOS/EOS; the Rust batch call when the tokenizer has one."""
     if getattr(tokenizer, "is_fast", False):
-        # straight to the Rust batch encoder (parallel, GIL released): the transformers
-        # wrapper's BatchEncoding bookkeeping would cost as much as the BPE for short captions.
-        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(captions,
-                                                                        add_special_tokens=False)]
+        # straight to the Rust batch encoder (GIL released), skipping the transformers wrapper's
+        # BatchEncoding bookkeeping; the _fast variant tracks no offsets (~15 % faster measured).
+        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(
+            captions, add_special_tokens=False)]
     # verbose=False: long captions are expected here, not worth the "too long" warning.
     return tokenizer(captions, add_special_tokens=False, verbose=False)["input_ids"]

@@ -357,25 +357,29 @@ def load_pretrained(path_or_id: str, preset: str, components=MODEL_NAMES, shardi
 
 
 FROZEN = ("vae", "text_l", "text_g")
-# fold_in index of each frozen model's random init: fixed per name, so asking for a subset (the
-# cache builder needs only the VAE) gives the same numbers as asking for all three
-_SEED_INDEX = {"vae": 1, "text_l": 2, "text_g": 3}
+# fold_in index of each model's random init: fixed per name, so asking for a subset (the cache
+# builder needs only the VAE) gives the same numbers as asking for all. "unet" (0) is the fresh
+# UNet of a full fine-tune and the frozen base of a LoRA run; it is not in the FROZEN default.
+_SEED_INDEX = {"unet": 0, "vae": 1, "text_l": 2, "text_g": 3}
 
 
 def frozen_params(config, shardings=None, components=FROZEN) -> dict:
-    """{name: params} of the frozen models (a subset of "vae", "text_l", "text_g") of a run:
-    the one source of frozen weights for the trainers, the cache builder, sample and export.
+    """{name: params} of the frozen models (a subset of "vae", "text_l", "text_g", and "unet"
+    for a LoRA run's base) of a run: the one source of frozen weights for the trainers, the
+    cache builder, sample and export.
 
     `model.pretrained` set: loaded from it. Otherwise the seeded random init, the contract every
-    user shares: init_params(name, preset, fold_in(PRNGKey(train.seed), i)) with i = 1 (vae),
-    2 (text_l), 3 (text_g). `config` is a ConfigDict or the plain dict saved in a checkpoint;
-    `shardings` ({name: pytree of shardings}) places each leaf as it is made or loaded (second,
-    so the trainers' positional `frozen_params(cfg, shardings)` calls keep working).
+    user shares: init_params(name, preset, fold_in(PRNGKey(train.seed), i)) with i = 0 (unet),
+    1 (vae), 2 (text_l), 3 (text_g). `config` is a ConfigDict or the plain dict saved in a
+    checkpoint; `shardings` ({name: pytree of shardings}) places each leaf as it is made or
+    loaded (second, so the trainers' positional `frozen_params(cfg, shardings)` calls keep
+    working).
     """
     components = tuple(components)
     unknown = [c for c in components if c not in _SEED_INDEX]
     if unknown:
-        raise ValueError(f"frozen_params: unknown components {unknown}; choose from {FROZEN}")
+        raise ValueError(f"frozen_params: unknown components {unknown}; choose from "
+                         f"{tuple(_SEED_INDEX)}")
     preset = config["model"]["preset"]
     shardings = shardings or {}
     pretrained = config["model"]["pretrained"]

@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from sdxl_jax import cli
+
 SECTIONS = ("peak", "step", "spmd", "torch")
 
 
@@ -307,9 +309,30 @@ def torch_unet_step_time(sizes: dict, batch: int, latent: int, n: int, threads: 
     return timed(run, n)
 
 
+def _sweep_main(a) -> None:
+    if a.models not in ("sdxl", "tiny"):
+        raise SystemExit("error: --backend sweeps one preset: --models sdxl or --models tiny")
+    os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[a.backend]
+    from sdxl_jax.models.hf import block_torch
+    block_torch()
+    from sdxl_jax.tools import step_sweep
+    batches = [int(b) for b in a.batches.split(",") if b]
+    variants = tuple(tuple(v.split("/")) for v in a.variants.split(",") if v) or step_sweep.VARIANTS
+    rows = step_sweep.sweep(a.models, batches, a.steps, a.side, variants, time_budget_s=a.budget)
+    best = max((r for r in rows if "mfu" in r), key=lambda r: r["samples_s"], default=None)
+    if best is not None:
+        print(f"best: {step_sweep.format_row(best)}")
+    if a.markdown:
+        import jax
+        with open(a.markdown, "w") as f:
+            f.write(step_sweep.markdown(rows, f"{a.models} at {a.side}², jax {jax.__version__}, "
+                                              f"{jax.devices()[0].device_kind}"))
+
+
 # ---- CLI -------------------------------------------------------------------------------------------
+@cli.entry_point
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sdxl_jax.tools.bench", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m sdxl_jax.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,mid", help="comma-separated: tiny, mid")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--batch", type=int, default=8, help="per-step batch")
@@ -319,7 +342,19 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="UNet/text compute dtype of the JAX step (params stay float32)")
     p.add_argument("--devices", type=int, default=0, help="simulated CPU devices (0 = leave XLA_FLAGS)")
+    p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default="",
+                   help="the sweep on one device of this backend (tools/step_sweep.py): the "
+                        "trainer's step over --batches × remat × attention at --side² pixels; "
+                        "--models sdxl (full size, random weights) or tiny")
+    p.add_argument("--batches", default="1,2,4,8", help="per-device batches of the sweep")
+    p.add_argument("--side", type=int, default=1024, help="sweep image side in pixels")
+    p.add_argument("--variants", default="", help="sweep remat/attention pairs, e.g. "
+                   "none/dot_product,blocks/memory_efficient (default: tools/step_sweep.VARIANTS)")
+    p.add_argument("--budget", type=float, default=480.0, help="sweep time budget (s)")
+    p.add_argument("--markdown", default="", help="also write the sweep table to this file")
     a = p.parse_args(argv)
+    if a.backend:
+        return _sweep_main(a)
     sections = set(filter(None, a.sections.split(",")))
     if sections - set(SECTIONS):
         p.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")

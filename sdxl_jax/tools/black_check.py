@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from sdxl_jax import cli
+
 PROMPT = "completely black"
 
 
@@ -37,10 +39,10 @@ def run_config(ztsnr: str, steps: int, cache_dir: str):
     return cfg
 
 
+@cli.entry_point  # user errors: one line `error: …`; --debug shows the traceback
 def main(argv=None) -> int:
     from sdxl_jax.models.hf import block_torch
     block_torch()
-    from sdxl_jax import cli
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--workdir", default="runs/black_check")
@@ -103,5 +105,4 @@ def sampler_vae_decode(sampler, latents) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    from sdxl_jax import cli
-    sys.exit(cli.run(main))  # user errors as one line `error: …`; --debug shows the traceback
+    sys.exit(main())

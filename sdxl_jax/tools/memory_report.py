@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from sdxl_jax import cli, fit
+
 GIB = 1024 ** 3
 ACCELERATORS = (("TPU v5e", 16), ("TPU v4", 32), ("H100", 80), ("TPU v5p", 95))
 # A device is counted as fitting when the estimate leaves this share of its memory free: the
@@ -75,8 +77,9 @@ def parse_bucket(spec: str) -> tuple[int, int]:
 
 
 def peak_bytes(stats: dict) -> int:
-    """Live bytes at the step's peak: arguments + outputs not aliased to arguments + temps."""
-    return stats["argument_bytes"] + stats["output_bytes"] - stats["alias_bytes"] + stats["temp_bytes"]
+    """Live bytes at the step's peak: arguments + outputs not aliased to arguments + temps
+    (fit.needed_bytes: the trainer's fit check)."""
+    return fit.needed_bytes(stats)
 
 
 def fits(total_bytes: int, margin: float = FIT_MARGIN) -> dict:
@@ -240,12 +243,7 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
         cost = None
     else:
         compiled = lowered.compile(compiler_options=options)
-        mem = compiled.memory_analysis()
-        stats = {"argument_bytes": int(mem.argument_size_in_bytes),
-                 "output_bytes": int(mem.output_size_in_bytes),
-                 "temp_bytes": int(mem.temp_size_in_bytes),
-                 "alias_bytes": int(mem.alias_size_in_bytes),
-                 "code_bytes": int(mem.generated_code_size_in_bytes)}
+        stats = fit.compiled_memory(compiled)  # the trainer's fit check reads the same figures
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     t2 = time.perf_counter()
@@ -409,8 +407,9 @@ def _set_device_count(n: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+@cli.entry_point
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sdxl_jax.tools.memory_report", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m sdxl_jax.tools.memory_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/ztsnr.py", help="config file[:preset] (default: the sdxl preset)")
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (0 = use the real backend)")
     p.add_argument("--mesh", default="", help="e.g. fsdp=8 or data=2,fsdp=4 (default: FSDP over all devices)")
@@ -419,7 +418,9 @@ def main(argv=None) -> None:
                    "accumulation inside the step; memory adds the float32 gradient sum)")
     p.add_argument("--bucket", default="1024x1024", help="WIDTHxHEIGHT in pixels")
     p.add_argument("--remat", choices=("none", "blocks", "dots"), help="override model.remat")
-    p.add_argument("--attention", choices=("standard", "memory_efficient"), help="override model.attention")
+    p.add_argument("--attention", choices=("standard", "memory_efficient", "dot_product", "splash", "auto"),
+                   help="override model.attention (simulated CPU devices cannot run the fused "
+                        "kernels: auto / splash are measured as memory_efficient there)")
     p.add_argument("--split-head-dim", action="store_true", help="set model.split_head_dim")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="override model.dtype")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
@@ -467,8 +468,16 @@ def main(argv=None) -> None:
             cfg.model[key] = value
     if a.split_head_dim:
         cfg.model.split_head_dim = True
+    asked = cfg.model.attention
+    if a.devices and asked in ("auto", "splash"):
+        # XLA:CPU runs no fused kernel; chunked attention holds no L×L matrix either, so its
+        # buffers stand in for the flash kernels' (which hold less still)
+        cfg.model.attention = "memory_efficient"
+        print(f"model.attention={asked}: simulated CPU devices have no fused kernel; measured as "
+              "memory_efficient (an upper bound for flash/splash attention)")
     report = analyze(cfg, a.per_device_batch, height, width, accum=a.accum, compiler_options=options,
                      until_buffers=a.until_buffers)
+    report["attention_asked"] = asked
     print_report(report)
     if a.explain:
         peak, rows = peak_buffers(dump_dir)

@@ -43,15 +43,21 @@ def fixed_timesteps(batch_index: int, batch_size: int, num_batches: int, num_ste
 
 class Evaluator:
     def __init__(self, cfg, workdir, mesh, unet, text_l, text_g, sc: StepConfig, frozen_all,
-                 tokenize_fn, cache_dir, mean, std, writer):
+                 tokenize_fn, cache_dir, mean, std, writer, view=None):
+        """`view(trained tree) -> (UNet params, {"text_l", "text_g"})`: where a run's weights come
+        from (default: the tree is the UNet, the text encoders those of `frozen_all`)."""
         self.cfg, self.workdir, self.mesh, self.sc, self.writer = cfg, workdir, mesh, sc, writer
         self.frozen_text = {k: frozen_all[k] for k in ("text_l", "text_g")}
+        self.view = view or (lambda tree: (tree, self.frozen_text))
         self.eval_loss = make_eval_loss(unet, text_l, text_g, sc)
         self.tokenize_fn, self.cache_dir = tokenize_fn, cache_dir
         self._val_batches = None
-        from sdxl_jax.sample import ImageSampler, SampleSettings
+        from sdxl_jax.sampling import ImageSampler, SampleSettings
+        from sdxl_jax import prompts
         self.sampler = ImageSampler(cfg, frozen_all, mean, std)
         self.settings = SampleSettings.from_config(cfg.sample)
+        # sample.prompts_file (kohya's format, sizes snapped to buckets) or prompts × seeds
+        self.jobs = prompts.preview_jobs(cfg.sample, prompts.config_buckets(cfg))
 
     def _validation_batches(self):
         """The first `sample.val_batches` held-out batches, read once and kept on the host."""
@@ -72,14 +78,15 @@ class Evaluator:
             return {}
         out = {}
         T = self.sc.alphas_cumprod.shape[0]
-        for name, params in params_by_name.items():
+        for name, tree in params_by_name.items():
+            params, text = self.view(tree)
             tot, cnt = np.zeros(NUM_T_BINS), np.zeros(NUM_T_BINS)
             for b, local in enumerate(batches):
                 batch = parallel.global_batch(local, self.mesh)
                 B = batch["latents"].shape[0]
                 t = fixed_timesteps(b, B, len(batches), T)
                 eps = jax.random.normal(jax.random.PRNGKey(VAL_SEED + b), batch["latents"].shape)
-                losses = np.asarray(jax.device_get(self.eval_loss(params, self.frozen_text, batch,
+                losses = np.asarray(jax.device_get(self.eval_loss(params, text, batch,
                                                                   jnp.asarray(t), eps)))
                 onehot = np.asarray(timestep_bins(jnp.asarray(t), T))
                 tot += losses @ onehot
@@ -90,11 +97,11 @@ class Evaluator:
                 out[f"val_{name}/loss_t{i * width:03d}-{(i + 1) * width - 1:03d}"] = float(tot[i] / cnt[i])
         return out
 
-    def previews(self, step: int, ema_params) -> str:
-        from sdxl_jax.grid import make_grid, save_png
-        prompts, seeds = list(self.cfg.sample.prompts), list(self.cfg.sample.seeds)
-        images, _ = self.sampler(ema_params, prompts, seeds, self.settings)
-        grid = make_grid(images, len(prompts), len(seeds))
+    def previews(self, step: int, ema_tree) -> str:
+        from sdxl_jax import prompts
+        from sdxl_jax.grid import save_png
+        unet_params, text = self.view(ema_tree)
+        grid = prompts.render_grid(self.sampler, unet_params, self.jobs, text_params=text)
         path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
         if jax.process_index() == 0:
             save_png(grid, path)

@@ -29,6 +29,7 @@ from sdxl_jax.train.common import MetricMeans, MetricReader, Preemption, config_
 from sdxl_jax.train.common import use_compilation_cache
 from sdxl_jax.train.program import Program
 from sdxl_jax.train.state import TrainState
+from sdxl_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger("sdxl_jax.train")
 
@@ -82,6 +83,9 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
     os.makedirs(workdir, exist_ok=True)
     use_compilation_cache(workdir)  # persistent: a resumed run skips compiling
     with contextlib.ExitStack() as cleanup:  # closes whatever was opened, on any exit
+        # one trainer per workdir: a second one exits at once naming the first (a killed
+        # process's lock dies with it)
+        cleanup.enter_context(WorkdirLock(workdir, jax.process_index()))
         task = build_task(cfg, workdir, cleanup)
         return run(task, cfg, workdir, cleanup, max_steps, batch_log, metrics_log)
 
@@ -108,7 +112,7 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
     if is_main:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(workdir, "tb"))
-        cleanup.callback(writer.close)
+        cleanup.callback(_close_quietly, writer)
     preempt = Preemption()
     cleanup.callback(preempt.restore)
     profile = _parse_profile(cfg.profile_steps)
@@ -125,6 +129,7 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
                                 pbar, is_main, stop_at, summary["losses"], task.log_line,
                                 task.lr_hint, metrics_log)
     cfg_json = config_json(cfg)
+    prog.step.on_compile = lambda compiled: _check_fit(compiled, prog, cfg)
 
     def evaluate(s):
         result = task.evaluate(s, state, writer)
@@ -183,6 +188,24 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
         summary["compiles"] = prog.step.compile_count
     summary.update(end_step=step, state=state)
     return summary
+
+
+def _close_quietly(writer) -> None:
+    """Closing TensorBoard on a full disk must not replace the error that ended the run (the
+    checkpointer's one line naming the last good step) with its own."""
+    try:
+        writer.close()
+    except OSError as e:
+        log.warning("closing TensorBoard's event file failed: %s", e)
+
+
+def _check_fit(compiled, prog: Program, cfg) -> None:
+    """Before the first step of each batch shape: stop with one message (bytes needed,
+    available, settings that would fit) instead of an allocator crash mid-run."""
+    from sdxl_jax.fit import check_step_fit
+    report = check_step_fit(compiled, list(prog.plan.mesh.devices.flat), cfg, dict(prog.plan.mesh.shape))
+    if report is not None and jax.process_index() == 0:
+        log.info("%s", report.line())
 
 
 def batch_digest(batch: dict) -> str:

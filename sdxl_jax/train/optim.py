@@ -9,8 +9,16 @@ OPTIMIZERS = ("adamw", "adafactor", "lion")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate_schedule(train_cfg, total_steps: int | None = None) -> optax.Schedule:
-    """Linear warm-up to `learning_rate`, then constant or cosine decay to 0 at the last step."""
+def learning_rate_schedule(train_cfg, total_steps: int | None = None, stop_step: int = 0) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then constant or cosine decay to 0 at the last step;
+    exactly 0 from optimizer step `stop_step` on when it is > 0 (a part that stops training)."""
+    base = _schedule(train_cfg, total_steps)
+    if stop_step > 0:
+        return lambda count: jnp.where(count < stop_step, base(count), 0.0)
+    return base
+
+
+def _schedule(train_cfg, total_steps: int | None) -> optax.Schedule:
     lr, warmup = float(train_cfg.learning_rate), int(train_cfg.warmup_steps)
     total = int(total_steps if total_steps is not None else train_cfg.steps)
     if train_cfg.lr_schedule == "constant":
@@ -25,11 +33,11 @@ def learning_rate_schedule(train_cfg, total_steps: int | None = None) -> optax.S
     raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {train_cfg.lr_schedule!r}")
 
 
-def make_optimizer(train_cfg, total_steps: int | None = None) -> optax.GradientTransformation:
+def make_optimizer(train_cfg, total_steps: int | None = None, stop_step: int = 0) -> optax.GradientTransformation:
     """Clip → optimizer. Gradient accumulation is not an optimizer wrapper: the update
     (train/update.py) sums the micro-batch gradients inside the step and calls this once per
     optimizer step, so the schedule, weight decay and clipping all count optimizer steps."""
-    sched = learning_rate_schedule(train_cfg, total_steps)
+    sched = learning_rate_schedule(train_cfg, total_steps, stop_step)
     name = train_cfg.optimizer
     if name == "adamw":
         opt = optax.adamw(sched, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,

@@ -105,6 +105,7 @@ class CompiledStep:
             out_shardings=(state_shardings, parallel.replicated(mesh)),
             donate_argnums=(0,))
         self._compiled: dict = {}
+        self.on_compile = None  # called with each new executable (the trainer's fit check)
 
     @staticmethod
     def signature(batch) -> tuple:
@@ -124,6 +125,8 @@ class CompiledStep:
         if fn is None:
             fn = self._compiled[key] = _compile_once(self.lower(state, frozen, batch), self._mesh)
             parallel.host_barrier(f"compiled_step_{len(self._compiled)}")
+            if self.on_compile is not None:
+                self.on_compile(fn)
         return fn
 
     def __call__(self, state, frozen, batch):

@@ -31,6 +31,9 @@ class StepConfig:
     latent_std: tuple | None
     max_chunks: int
     tag_weighting: bool
+    loss_type: str = "mse"  # "mse" | "huber" (pseudo-Huber, METHODS §15)
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
 
     @classmethod
     def from_config(cls, cfg, latent_mean=None, latent_std=None):
@@ -40,7 +43,9 @@ class StepConfig:
                    normalization=cfg.latents.normalization, scale_factor=float(cfg.latents.scale_factor),
                    latent_mean=None if latent_mean is None else tuple(latent_mean),
                    latent_std=None if latent_std is None else tuple(latent_std),
-                   max_chunks=int(cfg.text.max_chunks), tag_weighting=bool(cfg.loss.tag_weighting))
+                   max_chunks=int(cfg.text.max_chunks), tag_weighting=bool(cfg.loss.tag_weighting),
+                   loss_type=cfg.loss.type, huber_c=float(cfg.loss.huber_c),
+                   huber_schedule=cfg.loss.huber_schedule)
 
 
 def draw_t_and_noise(keys, sc: StepConfig, latents):
@@ -65,14 +70,16 @@ def per_sample_loss(predict_v: Callable, sc: StepConfig, batch, t, eps):
     z, v = diffusion.add_noise(x0, eps, a, s), diffusion.v_target(x0, eps, a, s)
     w_snr = diffusion.snr_loss_weight(diffusion.snr(a, s), sc.weighting, sc.snr_gamma)
     w_tag = batch["loss_weight"] if sc.tag_weighting else None
-    return diffusion.weighted_v_loss(predict_v(z, t), v, w_snr, w_tag)
+    c = diffusion.huber_threshold(a, s, sc.huber_c, sc.huber_schedule) if sc.loss_type == "huber" else None
+    return diffusion.weighted_v_loss(predict_v(z, t), v, w_snr, w_tag, loss_type=sc.loss_type, huber_c=c)
 
 
-def text_conditioning(text_l, text_g, frozen, batch, max_chunks: int):
+def text_conditioning(text_l, text_g, text_params, batch, max_chunks: int):
+    """(context, pooled) of both towers. Gradients flow to `text_params` only where they are the
+    differentiated (trained) weights; frozen weights get none and cost no backward pass."""
     from sdxl_jax.models import encode_text  # model layer: diffusers/transformers Flax
-    context, pooled = encode_text(text_l, text_g, frozen["text_l"], frozen["text_g"],
-                                  batch["input_ids_l"], batch["input_ids_g"], max_chunks)
-    return jax.lax.stop_gradient(context), jax.lax.stop_gradient(pooled)
+    return encode_text(text_l, text_g, text_params["text_l"], text_params["text_g"],
+                       batch["input_ids_l"], batch["input_ids_g"], max_chunks)
 
 
 def timestep_bins(t, num_steps: int):
@@ -91,18 +98,26 @@ def cast_for_compute(params, dtype, shardings=None):
     return cast if shardings is None else jax.lax.with_sharding_constraint(cast, shardings)
 
 
-def unet_grad_fn(unet, text_l, text_g, sc: StepConfig, gather_dtype=jnp.float32, param_shardings=None):
+def frozen_text_view(params, frozen, ctx):
+    """train.trainable="unet": the params are the UNet, the text encoders are frozen."""
+    return params, frozen
+
+
+def unet_grad_fn(unet, text_l, text_g, sc: StepConfig, gather_dtype=jnp.float32, unet_shardings=None,
+                 view=frozen_text_view):
     """The UNet task's `grad_fn(params, frozen, micro_batch, ctx) -> (loss, grads, metrics)`
-    (train/update.py); frozen = {"text_l", "text_g"}."""
+    (train/update.py). `view(params, frozen, ctx) -> (UNet params, {"text_l", "text_g"})` says
+    where the weights of this step come from (trained tree, frozen trees, adapters merged)."""
     from sdxl_jax.models import unet_apply  # model layer: diffusers/transformers Flax
     from sdxl_jax.train.update import per_sample_keys
 
     def grad_fn(params, frozen, batch, ctx):
-        context, pooled = text_conditioning(text_l, text_g, frozen, batch, sc.max_chunks)
         t, eps = draw_t_and_noise(per_sample_keys(ctx), sc, batch["latents"])
 
         def loss_fn(params):
-            p = cast_for_compute(params, gather_dtype, param_shardings)
+            unet_params, text_params = view(params, frozen, ctx)
+            context, pooled = text_conditioning(text_l, text_g, text_params, batch, sc.max_chunks)
+            p = cast_for_compute(unet_params, gather_dtype, unet_shardings)
 
             def predict_v(z, tt):
                 return unet_apply(unet, p, z, tt, context, pooled, batch["time_ids"])

@@ -16,6 +16,7 @@ from sdxl_jax.train.loop import Stage, Task
 from sdxl_jax.train.program import ProgramSpec, build_program
 from sdxl_jax.train.state import init_state
 from sdxl_jax.train.step import NUM_T_BINS, StepConfig, unet_grad_fn
+from sdxl_jax.train.trainable import frozen_values, initial_params
 
 log = logging.getLogger("sdxl_jax.train")
 
@@ -42,6 +43,17 @@ def batch_spec(cfg):
 def program_spec(cfg, latent_mean=None, latent_std=None, total_steps: int | None = None,
                  unet=None, abstract_unet=None) -> ProgramSpec:
     """The UNet task's step. `unet` / `abstract_unet` replace the preset's UNet (bench sizes)."""
+    return _spec(cfg, describe_trainable(cfg, abstract_unet, total_steps), latent_mean, latent_std, unet)
+
+
+def describe_trainable(cfg, abstract_unet=None, total_steps: int | None = None):
+    from sdxl_jax import models
+    from sdxl_jax.train.trainable import describe
+    abstract_unet = abstract_unet if abstract_unet is not None else models.abstract_params("unet", cfg.model.preset)
+    return describe(cfg, abstract_unet, total_steps)
+
+
+def _spec(cfg, tr, latent_mean=None, latent_std=None, unet=None) -> ProgramSpec:
     from sdxl_jax import models
     from sdxl_jax.models.remat import build_unet_from_config
     preset, dtype = cfg.model.preset, cfg.model.dtype
@@ -52,11 +64,9 @@ def program_spec(cfg, latent_mean=None, latent_std=None, total_steps: int | None
     sc = StepConfig.from_config(cfg, latent_mean, latent_std)
     gather = jnp.dtype(dtype) if cfg.model.gather_in_compute_dtype else jnp.float32
     return ProgramSpec(
-        name="unet",
-        abstract_params=abstract_unet if abstract_unet is not None else models.abstract_params("unet", preset),
-        abstract_frozen={k: models.abstract_params(k, preset) for k in FROZEN},
-        tx=optim.make_optimizer(cfg.train, total_steps),
-        make_grad_fn=lambda param_sh: unet_grad_fn(unet, text_l, text_g, sc, gather, param_sh),
+        name="unet", abstract_params=tr.abstract_params, abstract_frozen=tr.abstract_frozen, tx=tr.tx,
+        make_grad_fn=lambda param_sh: unet_grad_fn(unet, text_l, text_g, sc, gather,
+                                                   tr.unet_of(param_sh), tr.view),
         ema=cfg.ema, per_device_batch=int(cfg.train.per_device_batch_size),
         batch_spec=batch_spec(cfg))
 
@@ -143,11 +153,18 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
         ensure_cache(cfg, st["cache_dir"], workdir)
     mean, std = latent_stats(cfg, stages[0]["cache_dir"])
     total_steps = stages[-1]["end_step"]
-    program = build_program(program_spec(cfg, mean, std, total_steps), plan)
+    tr = describe_trainable(cfg, total_steps=total_steps)
+    program = build_program(_spec(cfg, tr, mean, std), plan)
 
     preset = cfg.model.preset
-    frozen_all = frozen_params(cfg, {k: plan.shardings(models.abstract_params(k, preset))
-                                     for k in ("vae",) + FROZEN})  # placed straight onto the mesh
+    # the run's sources (float32, placed straight onto the mesh): what a fresh run starts from,
+    # and the frozen weights the step reads (cast to the compute dtype on the device)
+    names = ("vae",) + FROZEN + (("unet",) if tr.mode == "lora" else ())
+    sources = frozen_params(cfg, {k: plan.shardings(models.abstract_params(k, preset)) for k in names},
+                            components=names)
+    frozen = frozen_values(tr, sources, program.frozen_shardings)
+    for k in set(sources) - {"vae"} - set(tr.trained_text):  # float32 copies no longer needed
+        del sources[k]
     tok_l, tok_g = models.get_tokenizers(preset, cfg.model.pretrained)
 
     def tokenize_fn(captions):
@@ -156,12 +173,18 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
 
     rng = jax.random.PRNGKey(cfg.train.seed)
 
-    def fresh_state():  # pretrained or seeded random UNet, each leaf placed straight onto the mesh
+    def fresh_state():  # pretrained or seeded random weights, each leaf placed straight onto the mesh
         p_sh = program.shardings.params
-        if cfg.model.pretrained:
-            params = load_pretrained(cfg.model.pretrained, preset, ("unet",), {"unet": p_sh})["unet"]
-        else:
-            params = models.init_params("unet", preset, jax.random.fold_in(rng, 0), out_shardings=p_sh)
+        if tr.mode != "lora":
+            unet_sh = tr.unet_of(p_sh)
+            if cfg.model.pretrained:
+                sources["unet"] = load_pretrained(cfg.model.pretrained, preset, ("unet",), {"unet": unet_sh})["unet"]
+            else:
+                sources["unet"] = models.init_params("unet", preset, jax.random.fold_in(rng, 0),
+                                                     out_shardings=unet_sh)
+        params = initial_params(tr, cfg, sources, p_sh, rng)
+        for k in ("unet",) + tr.trained_text:  # now owned by the state
+            sources.pop(k, None)
         return init_state(params, program.spec.tx, jax.random.fold_in(rng, 99), program.shardings)
 
     multiple = program.micro_rows or plan.data_parallel
@@ -176,16 +199,17 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
         from sdxl_jax.models.remat import build_unet_from_config
         unet = build_unet_from_config(cfg)
         text_l, text_g = models.build_text_encoders(preset, cfg.model.dtype)
-        ev = Evaluator(cfg, workdir, plan.mesh, unet, text_l, text_g,
-                       StepConfig.from_config(cfg, mean, std), frozen_all, tokenize_fn,
-                       stages[0]["cache_dir"], mean, std, None)
-        evaluate = ev
+        shown = dict(frozen, vae=sources["vae"]) if "vae" not in frozen else frozen
+        evaluate = Evaluator(cfg, workdir, plan.mesh, unet, text_l, text_g,
+                             StepConfig.from_config(cfg, mean, std), shown, tokenize_fn,
+                             stages[0]["cache_dir"], mean, std, None,
+                             view=lambda tree: tr.eval_view(tree, frozen))
 
     return Task(
         name="unet", program=program,
         stages=tuple(Stage(st["index"], st["end_step"], batches(st)) for st in stages),
-        frozen={k: frozen_all[k] for k in FROZEN}, fresh_state=fresh_state,
+        frozen=frozen, fresh_state=fresh_state,
         lr_schedule=optim.learning_rate_schedule(cfg.train, total_steps), log_line=_log_line,
-        metadata=run_metadata(cfg, mean, std), evaluate=evaluate,
+        metadata=dict(run_metadata(cfg, mean, std), **tr.metadata), evaluate=evaluate,
         eval_every=int(cfg.sample.every_steps), bin_labels={"loss_bin": bin_labels()})
 
