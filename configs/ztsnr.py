@@ -43,6 +43,9 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     m.gather_in_compute_dtype = True
     # resume adapters from an existing kohya / PEFT LoRA file (train.trainable="lora")
     m.lora_init = ""
+    # a VAE task run (configs/vae_decoder.py) whose VAE replaces the source's: the latent cache,
+    # previews, sample and export all use it. The tiny demo sets it to its own trained VAE.
+    m.vae_workdir = ""
 
     # ---- noise schedule (METHODS §1, §3) ------------------------------------------------------
     c.schedule = s = ml_collections.ConfigDict()
@@ -67,7 +70,9 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
 
     # ---- latents (METHODS §10) ----------------------------------------------------------------
     c.latents = z = ml_collections.ConfigDict()
-    z.normalization = "scale"  # "scale" (×0.13025, every SDXL tool) | "per_channel" (report)
+    # "scale" (×0.13025, every SDXL tool) | "per_channel" (report). The tiny demo's own VAE has
+    # latents of σ ≈ 4–8 with non-zero means: per-channel statistics of its cache fit it.
+    z.normalization = "per_channel" if tiny else "scale"
     z.scale_factor = 0.13025
     # per_channel statistics; empty = take them from the cache manifest (stored in checkpoints)
     z.mean = ml_collections.config_dict.placeholder(tuple)
@@ -96,6 +101,10 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     d.read_threads = 2  # threads reading/decoding cache records for each batch
     d.latents_dtype = "float16"  # storage dtype of latents in the cache
     d.demo_size = 256  # images of the generated demo dataset (tiny preset, missing images_dir)
+    # the tiny demo (no data configured) first trains its own VAE from scratch on the demo images
+    # for this many steps (train/demo_vae.py; reused when one with the same settings exists);
+    # 0 = the seeded random VAE
+    d.demo_vae_steps = 800 if tiny else 0
     # -- cache building (data_tools.build_cache); all but the last two fix the cache content --
     d.store_std = False  # also store the VAE posterior std per latent (for sampling z ~ N(μ, σ))
     d.shard_size = 1024  # records per ArrayRecord shard (the unit of resume)

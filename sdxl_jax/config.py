@@ -13,7 +13,7 @@ import os
 from sdxl_jax.diffusion import HUBER_SCHEDULES, LOSS_TYPES, NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
 
 OPTIMIZERS = ("adamw", "adafactor", "lion")  # sdxl_jax.train.optim builds them
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "cosine_tail")
 DTYPES = ("bfloat16", "float32", "float16")
 TASKS = ("unet", "vae_decoder")
 STAGE_KEYS = ("steps", "cache_dir", "global_batch_size")
@@ -175,6 +175,9 @@ def _check_unet(cfg) -> None:
             _cache_exists(st["cache_dir"], f"train.stages[{i}].cache_dir", has_images)
     if cfg.data.cache_dir:
         _cache_exists(cfg.data.cache_dir, "data.cache_dir", has_images)
+    if cfg.model.vae_workdir and not os.path.isdir(os.path.join(cfg.model.vae_workdir, "checkpoints")):
+        raise ConfigError(f"model.vae_workdir={cfg.model.vae_workdir!r}: not a run directory (no "
+                          "checkpoints/); give the --workdir of a configs/vae_decoder.py run")
     if cfg.model.preset == "sdxl" and not cfg.model.pretrained:
         raise ConfigError("model.pretrained is empty: the sdxl preset trains from real SDXL weights "
                           "(a diffusers folder, a single-file .safetensors, or a Hub id when online)")

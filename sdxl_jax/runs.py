@@ -227,10 +227,9 @@ class Run:
         """The run's source models (weights.frozen_params of its config: "vae", "text_l",
         "text_g", and "unet", a LoRA run's base), made once per Run. Not what trained: for that
         use params()."""
-        from sdxl_jax.models.weights import frozen_params
         missing = tuple(c for c in components if c not in self._frozen)
         if missing:
-            self._frozen.update(frozen_params(self.config, components=missing))
+            self._frozen.update(source_params(self.config, components=missing))
         out = {c: self._frozen[c] for c in components}
         return jax.device_get(out) if on_host else out
 
@@ -316,6 +315,21 @@ class Run:
 
 def _first_device():
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this host's first
+
+
+def source_params(config, shardings=None, components=FROZEN) -> dict:
+    """A run's source models (weights.frozen_params), except that `model.vae_workdir` — a VAE
+    task run, e.g. the demo's VAE trained from scratch — replaces the source's VAE: the one
+    rule for the trainer, the cache builder, sample and export."""
+    from sdxl_jax.models.weights import frozen_params
+    vae_run = config["model"].get("vae_workdir", "")
+    rest = tuple(c for c in components if not (c == "vae" and vae_run))
+    out = frozen_params(config, shardings, components=rest) if rest else {}
+    if "vae" in components and vae_run:
+        vae = open_run(vae_run).params("vae", on_host=True)
+        sh = (shardings or {}).get("vae")
+        out["vae"] = jax.device_put(vae, sh) if sh is not None else jax.device_put(vae)
+    return {c: out[c] for c in components}
 
 
 def open_run(workdir: str, step: int | None = None) -> Run:

@@ -87,10 +87,11 @@ def merge_lora_file(params: dict, adapters: dict, plan: dict, scale: float) -> d
 
 def sampler_for_run(cfg: dict, meta: dict, frozen: dict | None = None) -> ImageSampler:
     """The run's sampler; `frozen` ({"vae", "text_l", "text_g"}, e.g. a run's trained text
-    encoders) default: the run's source models (weights.frozen_params)."""
-    from sdxl_jax.models.weights import frozen_params
+    encoders) default: the run's source models (runs.source_params: model.vae_workdir's VAE
+    when the run names one, as the tiny demo does)."""
+    from sdxl_jax.runs import source_params
     lat = meta.get("latents", {})
-    frozen = frozen_params(cfg) if frozen is None else frozen
+    frozen = source_params(cfg) if frozen is None else frozen
     return ImageSampler(cfg, frozen, lat.get("mean"), lat.get("std"))
 
 

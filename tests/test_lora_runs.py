@@ -35,10 +35,9 @@ LORA = AdapterConfig(rank=4, alpha=2.0, conv=True, conv_rank=2, conv_alpha=6.0,
 
 
 def run_config(trainable: str) -> dict:
-    """The tiny engine config as a checkpoint stores it (JSON), train.trainable set."""
-    cfg = json.loads(tiny_config().to_json_best_effort())
-    cfg["train"]["trainable"] = trainable
-    return cfg
+    """The tiny engine config as a checkpoint stores it (JSON), train.trainable (and lora.*) set."""
+    lora = {f"lora.{k}": v for k, v in dataclasses.asdict(LORA).items()}
+    return json.loads(tiny_config(**{"train.trainable": trainable, **lora}).to_json_best_effort())
 
 
 def save_run(workdir: str, config: dict, raw, ema, meta: dict, step: int = 5) -> str:
@@ -105,7 +104,7 @@ def kohya_file(lora_run, tmp_path_factory):
 
 
 def delta64(t, p: dict) -> np.ndarray:
-    """(α/r)·B·A in float64, in the Flax kernel layout: Dense (in, out), Conv (kh, kw, in, out)."""
+    """(α/r)·B·A in float64, Flax kernel layout: Dense (in, out), Conv (kh, kw, in, out)."""
     down, up = np.asarray(p["lora_down"], np.float64), np.asarray(p["lora_up"], np.float64)
     up = up.reshape(up.shape[0], -1)  # (out, r)
     d = (t.alpha / t.rank) * np.einsum("or,r...->o...", up, down)  # (out, in[, kh, kw])
@@ -207,7 +206,7 @@ SCALE = 0.7
 
 
 def _sample(wd, out, *extra):
-    """test_sample.py's grid (2 prompts × 2 seeds, 4 steps, 64²): one compiled sampler for both."""
+    """test_sample.py's grid (2 prompts × 2 seeds, 4 steps, 64²): one compiled sampler."""
     assert sample.main(["--workdir", wd, "--prompt", "completely black", "--prompt", "red circle",
                         "--seed", "0", "--seed", "3", "--steps", "4", "--width", str(SIDE),
                         "--height", str(SIDE), "--out", out, *extra]) == 0

@@ -5,8 +5,12 @@
 Trains the tiny model on the demo data twice with identical steps and seeds, once with
 `schedule.ztsnr=rescale` and once with `schedule.ztsnr=off`, samples "completely black" from
 each (ZTSNR from σ = ∞; the baseline from its σ_max = 14.6) and prints the mean decoded
-brightness and latent mean of each next to those of the demo's own black images. Reuses
-finished runs in --workdir, so a second invocation only samples.
+brightness and latent mean of each next to those of the demo's own black images through the same
+VAE — the demo's own VAE trained from scratch (train/demo_vae.py, reused from the README demo when
+its settings match): with a random VAE a black image's latent sits at the dataset mean and the
+experiment cannot show anything. Writes the samples side by side (`--png`, rows: ZTSNR, plain,
+the dataset's black images decoded). Reuses finished runs in --workdir, so a second invocation
+only samples.
 """
 from __future__ import annotations
 
@@ -23,9 +27,8 @@ PROMPT = "completely black"
 
 
 def run_config(ztsnr: str, steps: int, cache_dir: str):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
-    import ztsnr as recipe
-    cfg = recipe.get_config("tiny")
+    from sdxl_jax.config import load_config
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ztsnr.py") + ":tiny")
     cfg.schedule.ztsnr = ztsnr
     cfg.train.steps = steps
     cfg.data.cache_dir = cache_dir
@@ -34,7 +37,6 @@ def run_config(ztsnr: str, steps: int, cache_dir: str):
     # one 256² bucket (every demo image cropped into it): one compiled step per run
     cfg.data.buckets.min_side = cfg.data.buckets.max_side = 256
     cfg.data.buckets.max_ar_error = 1.0
-    cfg.data.demo_size = 128
     cfg.data.val_fraction = 0.0
     return cfg
 
@@ -47,19 +49,23 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--workdir", default="runs/black_check")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--png", default="", help="write the side-by-side picture here (e.g. docs/black_check.png)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import jax.numpy as jnp
 
     from sdxl_jax import diffusion
     from sdxl_jax.sample import SampleSettings, load_run, sampler_for_run
+    from sdxl_jax.train.common import demo_images
+    from sdxl_jax.train.demo_vae import find_or_train
     from sdxl_jax.train.loop import train
     from sdxl_jax.train.unet_task import ensure_cache
 
     cache = os.path.join(a.workdir, "cache")
-    rows = []
+    rows, pictures = [], []
     for mode in ("rescale", "off"):
         cfg = run_config(mode, a.steps, cache)
+        cfg.model.vae_workdir = os.path.abspath(find_or_train(cfg, a.workdir, demo_images(cfg, a.workdir)))
         wd = os.path.join(a.workdir, f"ztsnr_{mode}")
         ensure_cache(cfg, cache, a.workdir)
         train(cfg, wd)
@@ -69,10 +75,19 @@ def main(argv=None) -> int:
         images, x0 = sampler(params, [PROMPT], a.seeds, s)
         first = sampler.sigmas(s)[0]
         rows.append((mode, first, images.mean() / 255.0, float(x0.mean())))
+        pictures.append(images)
     ref = black_reference_latents(cache)
+    lat = meta.get("latents", {})
     ref_z = diffusion.normalize_latents(jnp.asarray(ref), run_cfg["latents"]["normalization"],
-                                        run_cfg["latents"]["scale_factor"])
+                                        run_cfg["latents"]["scale_factor"], lat.get("mean"), lat.get("std"))
     ref_img = np.asarray(sampler_vae_decode(sampler, ref))
+    if a.png:
+        from sdxl_jax.grid import save_png
+        from sdxl_jax.prompts import rows_grid
+        refs = np.round(ref_img[:len(a.seeds)] * 255).astype(np.uint8)
+        refs = refs[:, :pictures[0].shape[1], :pictures[0].shape[2]]
+        save_png(rows_grid(pictures + [refs]), a.png)
+        print(f"wrote {a.png} (rows: ztsnr=rescale, ztsnr=off, the dataset's black images)")
     print(f"\n'{PROMPT}' after {a.steps} steps, {len(a.seeds)} seeds (brightness: 0 black … 1 white)")
     print(f"{'run':<16}{'first σ':>10}{'brightness':>12}{'latent mean':>14}")
     for mode, first, bright, lat in rows:

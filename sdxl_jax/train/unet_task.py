@@ -96,6 +96,7 @@ def ensure_cache(cfg, cache_dir: str, workdir: str) -> None:
         return
     from sdxl_jax.data import build_cache
     from sdxl_jax.data.tfds_source import tfds_from_config
+    from sdxl_jax.runs import source_params
     images, manifest, tfds = cfg.data.images_dir, cfg.data.manifest, tfds_from_config(cfg.data)
     if not images and not manifest and not tfds:
         if cfg.model.preset != "tiny":
@@ -104,7 +105,17 @@ def ensure_cache(cfg, cache_dir: str, workdir: str) -> None:
                 f"data.images_dir / data.manifest to build one (python -m data_tools.build_cache)")
         images = demo_images(cfg, workdir)
     log.info("building the latent cache in %s", cache_dir)
-    build_cache(cfg, images_dir=images or None, manifest=manifest or None, out=cache_dir, tfds=tfds)
+    build_cache(cfg, images_dir=images or None, manifest=manifest or None, out=cache_dir, tfds=tfds,
+                vae_params=source_params(cfg, components=("vae",))["vae"])
+
+
+def use_demo_vae(cfg, workdir: str) -> None:
+    """The tiny demo (no data configured) trains or reuses its own VAE first (train/demo_vae.py)
+    and records it as model.vae_workdir, which the cache, previews, sample and export then use."""
+    no_data = not (cfg.data.cache_dir or cfg.data.images_dir or cfg.data.manifest or cfg.data.tfds)
+    if cfg.model.preset == "tiny" and no_data and cfg.data.demo_vae_steps and not cfg.model.vae_workdir:
+        from sdxl_jax.train.demo_vae import find_or_train
+        cfg.model.vae_workdir = os.path.abspath(find_or_train(cfg, workdir, demo_images(cfg, workdir)))
 
 
 def latent_stats(cfg, cache_dir: str):
@@ -145,9 +156,11 @@ def bin_labels(num_steps: int = 1000) -> list[str]:
 def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     from sdxl_jax import models
     from sdxl_jax.data import make_train_iterator
-    from sdxl_jax.models.weights import frozen_params, load_pretrained
+    from sdxl_jax.models.weights import load_pretrained
+    from sdxl_jax.runs import source_params
 
     plan = parallel.ShardingPlan.from_config(cfg.mesh)
+    use_demo_vae(cfg, workdir)
     stages = resolve_stages(cfg, workdir)
     for st in stages:
         ensure_cache(cfg, st["cache_dir"], workdir)
@@ -160,7 +173,7 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     # the run's sources (float32, placed straight onto the mesh): what a fresh run starts from,
     # and the frozen weights the step reads (cast to the compute dtype on the device)
     names = ("vae",) + FROZEN + (("unet",) if tr.mode == "lora" else ())
-    sources = frozen_params(cfg, {k: plan.shardings(models.abstract_params(k, preset)) for k in names},
+    sources = source_params(cfg, {k: plan.shardings(models.abstract_params(k, preset)) for k in names},
                             components=names)
     frozen = frozen_values(tr, sources, program.frozen_shardings)
     for k in set(sources) - {"vae"} - set(tr.trained_text):  # float32 copies no longer needed
