@@ -22,7 +22,6 @@ other load shows up in the figures, so compare ratios measured in one run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time

@@ -22,7 +22,6 @@ figures as an estimate of the order of magnitude and the trends, not an exact HB
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -255,16 +254,17 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
         "accum": int(accum),
         "global_batch": global_batch, "bucket": f"{width}x{height}", "dtype": cfg.model.dtype,
         "remat": cfg.model.remat, "attention": cfg.model.attention,
+        "trainable": cfg.train.get("trainable", "unet"),
         "split_head_dim": bool(cfg.model.split_head_dim), "optimizer": cfg.train.optimizer,
         "ema": bool(cfg.ema.enabled),
-        "unet_params": models.count_params(abstract_params),
-        "text_params": sum(models.count_params(v) for v in frozen_abs.values()),
+        "trained_params": models.count_params(abstract_params),
+        "frozen_params": sum(models.count_params(v) for v in frozen_abs.values()),
         **stats,
         "breakdown": {  # per-device bytes of the argument groups, from the shardings
             "params": _shard_bytes(abstract_state.params, st_sh.params),
             "opt_state": _shard_bytes(abstract_state.opt_state, st_sh.opt_state),
             "ema_params": _shard_bytes(abstract_state.ema_params, st_sh.ema_params),
-            "frozen_text": _shard_bytes(frozen_abs, frozen_sh),
+            "frozen": _shard_bytes(frozen_abs, frozen_sh),
             "batch": _shard_bytes(batch_in, jax.tree.map(lambda x: x.sharding, batch_in)),
         },
         "flops_per_device": float(cost.get("flops", -1.0)) if cost else -1.0,  # -1: not compiled
@@ -279,7 +279,7 @@ def print_report(r: dict) -> None:
     print(f"{r['preset']} train step | {r['devices']} devices mesh {r['mesh']} | bucket {r['bucket']} | "
           f"per-device batch {r['per_device_batch']} (global {r['global_batch']}) | dtype {r['dtype']} | "
           f"remat {r['remat']} | attention {r['attention']}{' split_head_dim' if r['split_head_dim'] else ''}")
-    print(f"UNet {r['unet_params'] / 1e9:.3f} B params, frozen text encoders {r['text_params'] / 1e9:.3f} B; "
+    print(f"trains {r['trainable']}: {r['trained_params'] / 1e9:.3f} B params, frozen {r['frozen_params'] / 1e9:.3f} B; "
           f"optimizer {r['optimizer']}, EMA {'on' if r['ema'] else 'off'}")
     print("per device (GiB, XLA:CPU estimate):")
     for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"):
@@ -422,6 +422,9 @@ def main(argv=None) -> None:
                    help="override model.attention (simulated CPU devices cannot run the fused "
                         "kernels: auto / splash are measured as memory_efficient there)")
     p.add_argument("--split-head-dim", action="store_true", help="set model.split_head_dim")
+    p.add_argument("--trainable", choices=("unet", "unet+text", "lora"), help="override train.trainable")
+    p.add_argument("--lora-rank", type=int, default=0, help="lora.rank (and alpha) for --trainable lora")
+    p.add_argument("--text-encoders", default="", help="with --trainable unet+text: l, g or l,g")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="override model.dtype")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     p.add_argument("--explain", type=int, default=0, metavar="N",
@@ -468,6 +471,13 @@ def main(argv=None) -> None:
             cfg.model[key] = value
     if a.split_head_dim:
         cfg.model.split_head_dim = True
+    if a.trainable:
+        cfg.train.trainable = a.trainable
+    if a.lora_rank:
+        cfg.lora.rank, cfg.lora.alpha = a.lora_rank, float(a.lora_rank)
+    if a.text_encoders:
+        chosen = set(a.text_encoders.split(","))
+        cfg.text_encoders.train_l, cfg.text_encoders.train_g = "l" in chosen, "g" in chosen
     asked = cfg.model.attention
     if a.devices and asked in ("auto", "splash"):
         # XLA:CPU runs no fused kernel; chunked attention holds no L×L matrix either, so its
