@@ -46,3 +46,26 @@ def unet_program(cfg, devices=None, total_steps=None):
     from sdxl_jax.train.unet_task import program_spec
     plan = parallel.ShardingPlan.from_config(cfg.mesh, devices)
     return build_program(program_spec(cfg, total_steps=total_steps), plan)
+
+
+def held_out_loss(cfg, unet_params, text, seed=0):
+    """The evaluator's loss (fixed timesteps, noise from PRNGKey(seed)) on the first held-out batch
+    of cfg.data.cache_dir: the same yardstick before and after training."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from sdxl_jax import models
+    from sdxl_jax.data import make_val_iterator
+    from sdxl_jax.train.evaluate import fixed_timesteps, make_eval_loss
+    from sdxl_jax.train.step import StepConfig
+    tok_l, tok_g = models.get_tokenizers("tiny")
+    tokenize = lambda c: (models.tokenize(tok_l, c, 1), models.tokenize(tok_g, c, 1))  # noqa: E731
+    it = make_val_iterator(cfg, cfg.data.cache_dir, tokenize, 0, 1, 8, 8)
+    batch = next(it)
+    it.close()
+    sc = StepConfig.from_config(cfg)
+    text_l, text_g = models.build_text_encoders("tiny", "float32")
+    fn = make_eval_loss(models.build_unet("tiny", "float32"), text_l, text_g, sc)
+    t = jnp.asarray(fixed_timesteps(0, 8, 1, sc.alphas_cumprod.shape[0]))
+    eps = jax.random.normal(jax.random.PRNGKey(seed), batch["latents"].shape)
+    return float(np.mean(fn(unet_params, text, batch, t, eps)))

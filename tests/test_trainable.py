@@ -2,11 +2,10 @@
 only its adapters, lowers the loss and resumes bitwise; text-encoder training changes the chosen
 encoder only, and stops at its stop step."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import held_out_loss, tiny_config
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import models
 from sdxl_jax.models.weights import frozen_params
@@ -17,24 +16,6 @@ LORA_STEPS = 6
 
 def _np(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
-def _eval_loss(cfg, unet_params, text, seed=0):
-    """The evaluator's loss at fixed timesteps and noise on one held-out batch."""
-    from sdxl_jax.data import make_val_iterator
-    from sdxl_jax.train.evaluate import fixed_timesteps, make_eval_loss
-    from sdxl_jax.train.step import StepConfig
-    tok_l, tok_g = models.get_tokenizers("tiny")
-    tokenize = lambda c: (models.tokenize(tok_l, c, 1), models.tokenize(tok_g, c, 1))  # noqa: E731
-    it = make_val_iterator(cfg, cfg.data.cache_dir, tokenize, 0, 1, 8, 8)
-    batch = next(it)
-    it.close()
-    sc = StepConfig.from_config(cfg)
-    text_l, text_g = models.build_text_encoders("tiny", "float32")
-    fn = make_eval_loss(models.build_unet("tiny", "float32"), text_l, text_g, sc)
-    t = jnp.asarray(fixed_timesteps(0, 8, 1, sc.alphas_cumprod.shape[0]))
-    eps = jax.random.normal(jax.random.PRNGKey(seed), batch["latents"].shape)
-    return float(np.mean(fn(unet_params, text, batch, t, eps)))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +53,7 @@ def test_a_lora_run_trains_only_its_adapters_and_lowers_the_loss(lora_runs):
         if key not in targeted:  # bitwise the base everywhere the adapters do not reach
             np.testing.assert_array_equal(x, _get(base["unet"], key[1:]))
     text = {k: base[k] for k in ("text_l", "text_g")}
-    before, after = _eval_loss(cfg, base["unet"], text), _eval_loss(cfg, merged["unet"], text)
+    before, after = held_out_loss(cfg, base["unet"], text), held_out_loss(cfg, merged["unet"], text)
     assert after < 0.9 * before, (before, after)
 
 

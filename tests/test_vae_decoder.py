@@ -160,7 +160,7 @@ def test_export_puts_the_finetuned_decoder_into_both_formats(run, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, _np(raw_vae),
                  weights.load_pretrained(folder, "tiny", ("vae",))["vae"])
     with pytest.raises(SystemExit, match="not a VAE decoder run"):  # the UNet run given as VAE run
-        export.main(["--workdir", unet_wd, "--format", "single-file", "--out", out,
+        export.main(["--workdir", unet_wd, "--format", "single-file", "--out", out + ".again.safetensors",
                      "--vae-workdir", unet_wd])
 
 

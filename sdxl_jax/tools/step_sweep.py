@@ -115,7 +115,8 @@ def sweep(preset: str, batches, steps: int, side: int, variants=VARIANTS, time_b
         try:
             prog = build_program(program_spec(cfg), plan)
             if batch not in model_flops:  # the no-remat program's FLOPs = the model's work
-                base = build_program(program_spec(_config(preset, "none", "standard", batch)), plan)
+                base = prog if (remat, attention) == ("none", "standard") else \
+                    build_program(program_spec(_config(preset, "none", "standard", batch)), plan)
                 model_flops[batch] = _flops(base.lower(batch, side, side).cost_analysis())
             t0 = time.perf_counter()
             compiled = prog.compile(batch, side, side)
@@ -154,7 +155,7 @@ def format_row(r: dict) -> str:
     if "skipped" in r:
         return f"{head} | skipped: {r['skipped']}"
     return (f"{head} | {r['step_s'] * 1e3:8.1f} ms/step | {r['samples_s']:7.2f} samples/s | "
-            f"model {r['model_tflops']:6.1f} TFLOP/s (MFU {r['mfu']:.1%}) | XLA {r['xla_tflops']:6.1f} "
+            f"model {r['model_tflops']:.4g} TFLOP/s (MFU {r['mfu']:.1%}) | XLA {r['xla_tflops']:.4g} "
             f"TFLOP/s | peak {r['peak_gib']:.1f} GiB (fit check {r['needed_gib']:.1f}) | "
             f"compile {r['compile_s']:.0f} s")
 
@@ -167,5 +168,5 @@ def markdown(rows, header: str) -> str:
             lines.append(f"| {r['batch']} | {r['remat']} | {r['attention']} | skipped: {r['skipped']} |||||")
         else:
             lines.append(f"| {r['batch']} | {r['remat']} | {r['attention']} | {r['step_s'] * 1e3:.1f} | "
-                         f"{r['samples_s']:.2f} | {r['model_tflops']:.1f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} |")
+                         f"{r['samples_s']:.2f} | {r['model_tflops']:.4g} | {r['mfu']:.1%} | {r['peak_gib']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -100,10 +100,12 @@ class MetricMeans:
 
     def _reset(self):
         self._sums: dict = {}
+        self._scalars: set = set()
         self.n = self.skipped = 0
 
     def add(self, metrics: dict) -> None:
         self.n += 1
+        self._scalars.update(k for k, v in metrics.items() if k != "finite" and np.ndim(v) == 0)
         if not metrics["finite"]:
             self.skipped += 1
             return
@@ -125,6 +127,8 @@ class MetricMeans:
                             out[label] = float(total / c)
             elif np.ndim(v) == 0:
                 out[k] = float(v) / good
+        for k in self._scalars - set(out):  # every step of the window was skipped
+            out[k] = float("nan")
         out.update(nonfinite=self.skipped, _n=self.n)
         self._reset()
         return out
