@@ -126,6 +126,6 @@ def test_progressive_stages_switch_and_resume_inside_a_stage(straight_run, demo_
 def test_a_step_that_cannot_fit_stops_before_training(straight_run, tmp_path):
     from sdxl_jax.fit import FitError
     cfg = tiny_config(**{"data.cache_dir": straight_run[0].data.cache_dir, "train.fit_check": "1MiB"})
-    with pytest.raises(FitError, match=r"per device .* allows 0\.00 GiB \(1048576 bytes\); to fit, try:"):
+    with pytest.raises(FitError, match=r"per device .* allows 1\.00 MiB \(1048576 bytes\); to fit, try:"):
         train(cfg, str(tmp_path / "nofit"))
     assert not os.path.exists(tmp_path / "nofit" / "checkpoints" / "1")  # no step ran
