@@ -69,3 +69,48 @@ def held_out_loss(cfg, unet_params, text, seed=0):
     t = jnp.asarray(fixed_timesteps(0, 8, 1, sc.alphas_cumprod.shape[0]))
     eps = jax.random.normal(jax.random.PRNGKey(seed), batch["latents"].shape)
     return float(np.mean(fn(unet_params, text, batch, t, eps)))
+
+
+def unet_init_args(unet_cfg: dict):
+    """Dummy inputs that `unet.init` traces the parameter tree of a UNet config with."""
+    import jax.numpy as jnp
+    time_dim = unet_cfg["addition_time_embed_dim"]
+    return (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 1, unet_cfg["cross_attention_dim"])),
+            {"text_embeds": jnp.zeros((1, unet_cfg["projection_class_embeddings_input_dim"] - 6 * time_dim)),
+             "time_ids": jnp.zeros((1, 6))})
+
+
+def _micro_config():
+    from sdxl_jax.models import presets
+    return dict(presets.unet_config("tiny"), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
+                transformer_layers_per_block=(1, 1), attention_head_dim=(1, 2))
+
+
+# A 2-level cut of the tiny UNet (plain level, then cross-attention with 2 heads, mid block with
+# attention): every kind of block the remat and attention options touch, at half the tiny
+# preset's compile time.
+MICRO = _micro_config()
+
+
+def micro_params(bias_std: float | None = None):
+    """Random float32 MICRO params: kernels N(0, 1/fan_in), norm scales 1, biases 0
+    (`bias_std` None) or N(0, bias_std²), drawn in tree order from default_rng(0)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from sdxl_jax.models.remat import build_unet_variant
+    unet = build_unet_variant(MICRO, "float32")
+    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(MICRO)))["params"]
+    rng = np.random.default_rng(0)
+
+    def value(path, x):
+        leaf = jax.tree_util.keystr(path[-1:])
+        if "scale" in leaf:
+            return jnp.ones(x.shape, jnp.float32)
+        if "bias" in leaf and bias_std is None:
+            return jnp.zeros(x.shape, jnp.float32)
+        std = bias_std if "bias" in leaf else 1.0 / np.sqrt(max(1, int(np.prod(x.shape[:-1]))))
+        return jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32) * std)
+    return jax.tree_util.tree_map_with_path(value, abstract)

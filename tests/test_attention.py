@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import MICRO, micro_params, unet_init_args
 from sdxl_jax import models
 from sdxl_jax.models import attention, hf, presets
 from sdxl_jax.models.remat import ATTENTION_MODES, REMAT_MODES, build_unet_variant, unet_class
@@ -117,36 +118,13 @@ def test_splash_off_tpu_is_refused_with_the_fix():
 
 
 # ---- the UNet --------------------------------------------------------------------------------------
-def _init_args(cfg: dict):
-    time_dim = cfg["addition_time_embed_dim"]
-    return (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 1, cfg["cross_attention_dim"])),
-            {"text_embeds": jnp.zeros((1, cfg["projection_class_embeddings_input_dim"] - 6 * time_dim)),
-             "time_ids": jnp.zeros((1, 6))})
-
-
-# A 2-level cut of the tiny UNet (plain level, then cross-attention with 2 heads, mid block with
-# attention): every kind of attention layer, at half the tiny preset's compile time.
-MICRO = dict(presets.unet_config("tiny"), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
-             transformer_layers_per_block=(1, 1), attention_head_dim=(1, 2))
 MICRO_ATTENTION_LAYERS = 2 * (1 + 1 + 2)  # (self + cross) × transformer layers: down, mid, up
 
 
 @pytest.fixture(scope="module")
 def problem():
     """Random float32 MICRO params (N(0, 1/fan_in) kernels) and one batch of 2 (16×16, 77 tokens)."""
-    unet = build_unet_variant(MICRO, "float32")
-    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *_init_args(MICRO)))["params"]
-    rng = np.random.default_rng(0)
-
-    def value(path, x):
-        leaf = jax.tree_util.keystr(path[-1:])
-        if "scale" in leaf:
-            return jnp.ones(x.shape, jnp.float32)
-        std = 0.1 if "bias" in leaf else 1.0 / np.sqrt(max(1, int(np.prod(x.shape[:-1]))))
-        return jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32) * std)
-    params = jax.tree_util.tree_map_with_path(value, abstract)
+    params = micro_params(bias_std=0.1)
     k = jax.random.split(jax.random.key(1), 4)
     inputs = dict(z=jax.random.normal(k[0], (2, 16, 16, 4)), t=jnp.array([10.0, 700.0]),
                   context=jax.random.normal(k[1], (2, 77, MICRO["cross_attention_dim"])),
@@ -192,7 +170,7 @@ def test_unet_with_kernel_matches_standard_fp32(problem, unet_reference):
 def test_unet_parameter_tree_is_identical(problem, remat, kernel):
     unet = unet_class(remat, kernel)(**MICRO, dtype=jnp.float32)
     assert isinstance(unet, models.FlaxUNet2DConditionModel)
-    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *_init_args(MICRO)))["params"]
+    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(MICRO)))["params"]
     want = problem[0]  # the plain diffusers UNet's parameters
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \

@@ -13,6 +13,8 @@ from sdxl_jax.models.remat import (ATTENTION_MODES, REMAT_MODES, build_unet_from
                                    build_unet_variant)
 from sdxl_jax.tools import memory_report
 
+from helpers import MICRO, micro_params, unet_init_args
+
 PRESET = "tiny"
 # every remat mode and every attention option at least once (attention options only change
 # module fields, remat modes change the module classes)
@@ -20,54 +22,21 @@ VARIANTS = [("none", "standard", False), ("blocks", "memory_efficient", False), 
 assert {v[0] for v in VARIANTS} == set(REMAT_MODES) and {v[1] for v in VARIANTS} <= set(ATTENTION_MODES)
 
 
-def _init_args_for(cfg: dict):
-    time_dim = cfg["addition_time_embed_dim"]
-    return (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 1, cfg["cross_attention_dim"])),
-            {"text_embeds": jnp.zeros((1, cfg["projection_class_embeddings_input_dim"] - 6 * time_dim)),
-             "time_ids": jnp.zeros((1, 6))})
-
-
 @pytest.mark.parametrize("remat,attention,split", VARIANTS)
 def test_variant_parameter_tree_is_identical(remat, attention, split):
     unet = build_unet_variant(PRESET, "float32", remat=remat, attention=attention, split_head_dim=split)
     assert isinstance(unet, models.FlaxUNet2DConditionModel)
-    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *_init_args_for(presets.unet_config(PRESET))))["params"]
+    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(presets.unet_config(PRESET))))["params"]
     want = models.abstract_params("unet", PRESET)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \
         [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
 
 
-# The gradient checks use a 2-level cut of the tiny UNet (plain level, then cross-attention with
-# 2 heads, mid block with attention): every kind of block the remat and attention options touch,
-# at half the tiny preset's compile time.
-MICRO = dict(presets.unet_config(PRESET), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
-             transformer_layers_per_block=(1, 1), attention_head_dim=(1, 2))
-
-
-def _micro_params():
-    """Random float32 params for MICRO: kernels N(0, 1/fan_in), biases 0, norm scales 1."""
-    unet = build_unet_variant(MICRO, "float32")
-    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *_init_args_for(MICRO)))["params"]
-    rng = np.random.default_rng(0)
-
-    def value(path, x):
-        leaf = jax.tree_util.keystr(path[-1:])
-        if "bias" in leaf:
-            return jnp.zeros(x.shape, jnp.float32)
-        if "scale" in leaf:
-            return jnp.ones(x.shape, jnp.float32)
-        std = 1.0 / np.sqrt(max(1, int(np.prod(x.shape[:-1]))))
-        return jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32) * std)
-    return jax.tree_util.tree_map_with_path(value, abstract)
-
-
 @pytest.fixture(scope="module")
 def problem():
     """MICRO params and one fixed batch of 2 (16×16 latents, 77 context tokens)."""
-    params = _micro_params()
+    params = micro_params()
     k = jax.random.split(jax.random.key(1), 4)
     batch = 2
     inputs = dict(

@@ -141,10 +141,9 @@ def sweep(preset: str, batches, steps: int, side: int, variants=VARIANTS, time_b
                        finite=bool(metrics["finite"]))
             row["mfu"] = row["model_tflops"] * 1e12 / peak if peak else float("nan")
             del state, frozen, dbatch
-        except (FitError, ValueError, NotImplementedError) as e:
-            row["skipped"] = str(e).split("; to fit")[0][:160]
-        except Exception as e:  # noqa: BLE001 — an allocator failure is a figure, not a crash
-            row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        except Exception as e:  # noqa: BLE001 — a setting that does not fit or run is a row, not a crash
+            row["skipped"] = (str(e).split("; to fit")[0] if isinstance(e, FitError) else
+                              f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")[:160]
         rows.append(row)
         print(format_row(row), flush=True)
     return rows

@@ -70,9 +70,9 @@ def _text_optimizer(cfg, name: str, total_steps: int):
 def describe(cfg, abstract_unet, total_steps: int | None = None) -> Trainable:
     """The trained tree, the frozen trees, the optimizer and the views of `cfg.train.trainable`,
     from the config and abstract shapes only."""
-    from sdxl_jax import models
+    from sdxl_jax.models.weights import cached_abstract_params  # one eval_shape per tree and process
     mode, preset = cfg.train.trainable, cfg.model.preset
-    abstract_text = {k: models.abstract_params(k, preset) for k in TEXT}
+    abstract_text = {k: cached_abstract_params(k, preset) for k in TEXT}
     dtype = _frozen_dtype(cfg)
     if mode == "unet":
         return Trainable(mode, abstract_unet, _as(abstract_text, dtype),

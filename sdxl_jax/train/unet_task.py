@@ -47,9 +47,9 @@ def program_spec(cfg, latent_mean=None, latent_std=None, total_steps: int | None
 
 
 def describe_trainable(cfg, abstract_unet=None, total_steps: int | None = None):
-    from sdxl_jax import models
+    from sdxl_jax.models.weights import cached_abstract_params
     from sdxl_jax.train.trainable import describe
-    abstract_unet = abstract_unet if abstract_unet is not None else models.abstract_params("unet", cfg.model.preset)
+    abstract_unet = abstract_unet if abstract_unet is not None else cached_abstract_params("unet", cfg.model.preset)
     return describe(cfg, abstract_unet, total_steps)
 
 
@@ -156,7 +156,7 @@ def bin_labels(num_steps: int = 1000) -> list[str]:
 def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     from sdxl_jax import models
     from sdxl_jax.data import make_train_iterator
-    from sdxl_jax.models.weights import load_pretrained
+    from sdxl_jax.models.weights import cached_abstract_params, load_pretrained
     from sdxl_jax.runs import source_params
 
     plan = parallel.ShardingPlan.from_config(cfg.mesh)
@@ -173,7 +173,7 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     # the run's sources (float32, placed straight onto the mesh): what a fresh run starts from,
     # and the frozen weights the step reads (cast to the compute dtype on the device)
     names = ("vae",) + FROZEN + (("unet",) if tr.mode == "lora" else ())
-    sources = source_params(cfg, {k: plan.shardings(models.abstract_params(k, preset)) for k in names},
+    sources = source_params(cfg, {k: plan.shardings(cached_abstract_params(k, preset)) for k in names},
                             components=names)
     frozen = frozen_values(tr, sources, program.frozen_shardings)
     for k in set(sources) - {"vae"} - set(tr.trained_text):  # float32 copies no longer needed
