@@ -20,7 +20,8 @@ Any field can be overridden with --config.a.b=value; the config is locked.
 """
 import ml_collections
 
-from sdxl_jax.config_sections import checkpoint_section, ema_section, mesh_section, root_config
+from sdxl_jax.config_sections import checkpoint_section, ema_section, log_section, mesh_section
+from sdxl_jax.config_sections import root_config
 
 
 def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
@@ -128,5 +129,7 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     sp.every_steps = 100 if tiny else 2000  # 0 disables; step 0 of a fresh run is always measured
     sp.num_images = 4  # held-out images: rows of the input | reconstruction grid, and the error
     sp.image_size = 64 if tiny else 512  # square side the held-out images are centre-cropped to
+    # ---- monitoring: TensorBoard always, W&B too when log.wandb_project is set -------------------
+    c.log = log_section()
     c.profile_steps = ""  # "a,b": write a jax.profiler trace for steps a…b under the workdir
     return c

@@ -15,7 +15,8 @@ is an error. Fields marked [ours] are choices the NAI-v3 report does not specify
 """
 import ml_collections
 
-from sdxl_jax.config_sections import checkpoint_section, ema_section, mesh_section, root_config
+from sdxl_jax.config_sections import checkpoint_section, ema_section, log_section, mesh_section
+from sdxl_jax.config_sections import root_config
 
 
 def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
@@ -67,6 +68,7 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     l.huber_schedule = "snr"
     l.snr_gamma = 5.0  # γ of MinSNR, the report's setting
     l.tag_weighting = True  # [ours] per-sample tag weights (data.tags.*)
+    l.masked = False  # mask-weighted mean from the cached masks (alpha or x.mask.png; METHODS §15)
 
     # ---- latents (METHODS §10) ----------------------------------------------------------------
     c.latents = z = ml_collections.ConfigDict()
@@ -90,6 +92,13 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     d.tfds_data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
     d.tfds_image_key = "image"  # feature with the image: Image (encoded) or uint8 array; nested: outer/inner
     d.tfds_caption_key = "caption"  # feature with the caption: text, bytes or a list of tags
+    # Several datasets in one run, instead of the single source above: a tuple (or list) of dicts
+    # {"images_dir" | "manifest" | "cache_dir": PATH, "repeats": int ≥ 1, "weight": float > 0,
+    #  "name": str}; each record of a source appears repeats × weight times per epoch on average.
+    # A source without cache_dir gets <data.cache_dir or <workdir>/cache>/<name>, built when
+    # missing. kohya folder names: images_dir "10_cat" means repeats 10, and an images_dir (also
+    # data.images_dir) whose subfolders are all N_name is one source per subfolder (README).
+    d.sources = ()
     d.val_fraction = 0.02  # held-out share of the cache for validation loss
     d.seed = 0  # data order seed (global batch plan, caption dropout, tag shuffle)
     d.caption_dropout = 0.1  # probability of an empty caption (enables CFG)
@@ -215,5 +224,7 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     sp.sigma_max_scaling = True  # resolution-aware σ_1 (METHODS §5)
     sp.val_batches = 2  # validation batches per evaluation
 
+    # ---- monitoring: TensorBoard always, W&B too when log.wandb_project is set -------------------
+    c.log = log_section()
     c.profile_steps = ""  # "a,b": write a jax.profiler trace for steps a…b under the workdir
     return c

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 from sdxl_jax.diffusion import HUBER_SCHEDULES, LOSS_TYPES, NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
 
@@ -17,6 +18,8 @@ LR_SCHEDULES = ("constant", "cosine", "cosine_tail")
 DTYPES = ("bfloat16", "float32", "float16")
 TASKS = ("unet", "vae_decoder")
 STAGE_KEYS = ("steps", "cache_dir", "global_batch_size")
+SOURCE_KEYS = ("images_dir", "manifest", "cache_dir", "repeats", "weight", "name")
+WANDB_MODES = ("", "online", "offline", "disabled")  # "" = WANDB_MODE, else online
 
 
 class ConfigError(ValueError):
@@ -120,6 +123,22 @@ def _check_common(cfg) -> None:
         if cfg.data[key] and not os.path.exists(cfg.data[key]):
             raise ConfigError(f"data.{key}={cfg.data[key]!r}: no such file or directory")
     _check_pretrained(cfg)
+    _check_log(cfg)
+
+
+def _check_log(cfg) -> None:
+    """W&B (log.*, sdxl_jax.train.writer): the mode, and that wandb imports when it is enabled, so
+    a missing or broken install is one line here rather than a traceback after compiling."""
+    if "log" not in cfg:  # a config saved before the section
+        return
+    _choice(cfg, "log.wandb_mode", WANDB_MODES)
+    if cfg.log.wandb_project:
+        try:
+            importlib.import_module("wandb")
+        except Exception as e:  # not only ImportError: a broken install (protobuf) fails anyhow
+            raise ConfigError(f"log.wandb_project={cfg.log.wandb_project!r}: W&B logging needs the "
+                              f"wandb package (pinned in requirements.txt), which does not import: "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def _check_unet(cfg) -> None:
@@ -139,6 +158,7 @@ def _check_unet(cfg) -> None:
     _choice(cfg, "loss.type", LOSS_TYPES)
     _choice(cfg, "loss.huber_schedule", HUBER_SCHEDULES)
     _number(cfg, "loss.huber_c")
+    _choice(cfg, "loss.masked", (False, True))
     if cfg.sample.prompts_file:
         from sdxl_jax.prompts import read_prompt_file
         try:
@@ -173,7 +193,8 @@ def _check_unet(cfg) -> None:
             raise ConfigError(f"train.stages[{i}].global_batch_size={gbs!r}: must be a positive integer")
         if st.get("cache_dir"):
             _cache_exists(st["cache_dir"], f"train.stages[{i}].cache_dir", has_images)
-    if cfg.data.cache_dir:
+    sources = _check_sources(cfg, given)
+    if cfg.data.cache_dir and not sources:  # with data.sources: the folder of their caches
         _cache_exists(cfg.data.cache_dir, "data.cache_dir", has_images)
     if cfg.model.vae_workdir and not os.path.isdir(os.path.join(cfg.model.vae_workdir, "checkpoints")):
         raise ConfigError(f"model.vae_workdir={cfg.model.vae_workdir!r}: not a run directory (no "
@@ -181,6 +202,46 @@ def _check_unet(cfg) -> None:
     if cfg.model.preset == "sdxl" and not cfg.model.pretrained:
         raise ConfigError("model.pretrained is empty: the sdxl preset trains from real SDXL weights "
                           "(a diffusers folder, a single-file .safetensors, or a Hub id when online)")
+
+
+def _check_sources(cfg, single: list) -> list:
+    """data.sources entries (sdxl_jax.data.sources resolves them); `single`: the data.* image
+    inputs that are set, which must then be empty."""
+    sources = list(cfg.data.get("sources", ()) or ())
+    if sources and single:
+        raise ConfigError(f"data.sources and data.{single[0]} are both set: list every dataset "
+                          "in data.sources")
+    for i, s in enumerate(sources):
+        key = f"data.sources[{i}]"
+        s = s.to_dict() if hasattr(s, "to_dict") else s
+        if not isinstance(s, dict):
+            raise ConfigError(f"{key}={s!r}: must be a dict such as {{\"images_dir\": DIR, "
+                              "\"repeats\": 2}")
+        extra = sorted(set(s) - set(SOURCE_KEYS))
+        if extra:
+            raise ConfigError(f"{key}: unknown key(s) {extra}; known: {SOURCE_KEYS}")
+        if s.get("images_dir") and s.get("manifest"):
+            raise ConfigError(f"{key}: images_dir and manifest are both set: give one")
+        if not (s.get("images_dir") or s.get("manifest") or s.get("cache_dir")):
+            raise ConfigError(f"{key}: needs one of images_dir, manifest or cache_dir")
+        for k in ("images_dir", "manifest", "cache_dir", "name"):
+            if k in s and not isinstance(s[k], str):
+                raise ConfigError(f"{key}.{k}={s[k]!r}: must be a string")
+        for k in ("images_dir", "manifest"):
+            if s.get(k) and not os.path.exists(s[k]):
+                raise ConfigError(f"{key}.{k}={s[k]!r}: no such file or directory")
+        if s.get("cache_dir"):
+            _cache_exists(s["cache_dir"], f"{key}.cache_dir", bool(s.get("images_dir") or s.get("manifest")))
+        r = s.get("repeats", 1)
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ConfigError(f"{key}.repeats={r!r}: must be an integer ≥ 1")
+        w = s.get("weight", 1.0)
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 < w < float("inf"):
+            raise ConfigError(f"{key}.weight={w!r}: must be a number > 0")
+        if "name" in s and not re.fullmatch(r"[A-Za-z0-9_.-]+", s["name"]):
+            raise ConfigError(f"{key}.name={s['name']!r}: use letters, digits, '_', '.' or '-' "
+                              "(it names the cache folder and the loss_<name> scalar)")
+    return sources
 
 
 def _cache_exists(path: str, key: str, has_images: bool) -> None:

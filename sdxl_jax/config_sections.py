@@ -46,3 +46,16 @@ def checkpoint_section(every_steps: int) -> ml_collections.ConfigDict:
     ck.keep = 3
     ck.async_save = True
     return ck
+
+
+def log_section() -> ml_collections.ConfigDict:
+    """Monitoring beside TensorBoard (`<workdir>/tb`, always written): Weights & Biases when
+    `wandb_project` is set, with the same scalars and preview images (sdxl_jax.train.writer)."""
+    lg = ml_collections.ConfigDict()
+    lg.wandb_project = ""  # "" = no W&B (wandb is then never imported)
+    lg.wandb_entity = ""  # team or user; "" = the W&B account's default
+    # "online" | "offline" (no network; `wandb sync <workdir>/wandb/offline-run-*` uploads later) |
+    # "disabled"; "" = the WANDB_MODE environment variable, else online
+    lg.wandb_mode = ""
+    lg.wandb_run_name = ""  # "" = a name W&B picks
+    return lg

@@ -172,6 +172,13 @@ def test_merge_lora_single_file_is_source_plus_scaled_delta(lora_run, plan, sour
             np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-7, err_msg="/".join(path))
             moved = max(moved, float(np.abs(want - w).max()))
         assert moved > 1e-2, name  # the adapters really changed the weights
+    # the same merge into a diffusers folder: every model equal to the single file's, bitwise
+    folder = str(tmp_path / "merged_diffusers")
+    assert export.main(["--workdir", wd, "--format", "diffusers", "--merge-lora", "--dtype", "fp32",
+                        "--out", folder]) == 0
+    from_folder = load_pretrained(folder, PRESET, ("unet", "text_l", "text_g"))
+    for name in ("unet", "text_l", "text_g"):
+        assert_trees_equal(from_folder[name], got[name])
 
 
 def test_lora_run_errors_are_one_clear_line(lora_run, plain_run, tmp_path):

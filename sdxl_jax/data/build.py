@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from sdxl_jax.data import cache as C
 from sdxl_jax.data.buckets import Bucket, Fit, assign_bucket, buckets_from_config, fit_cover, time_ids
-from sdxl_jax.data.images import (BadInput, Source, list_folder, list_manifest, load_pixels,
-                                  probe_size, read_caption)
+from sdxl_jax.data.images import (BadInput, Source, list_folder, list_manifest, load_pixels_and_mask,
+                                  mask_file, mask_to_latent, probe_size, read_caption)
 from sdxl_jax.data.tags import normalize_tags, tag_counts
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,15 @@ def _scan_one(src: Source, config, buckets: Sequence[Bucket]) -> Item | tuple[st
 
 
 def _decoded(items: Sequence[Item], pool: ThreadPoolExecutor, config, buckets,
-             batch: int) -> Iterator[list[tuple[Item, np.ndarray | str]]]:
-    """Batches of (item, pixels or skip reason), decoded by `pool` up to three batches ahead."""
+             batch: int) -> Iterator[list[tuple[Item, tuple[np.ndarray, np.ndarray | None] | str]]]:
+    """Batches of (item, (pixels, pixel mask or None) or skip reason), decoded by `pool` up to
+    three batches ahead. The mask: x.mask.png next to a file x.png / x.jpg, else its alpha."""
     def load(it: Item):
         try:
             image = it.src.read()[0] if it.src.read else it.src.path
-            return load_pixels(image, config.data.max_image_pixels, it.fit, buckets[it.bucket])
+            mask = None if it.src.read else mask_file(it.src.path)
+            return load_pixels_and_mask(image, config.data.max_image_pixels, it.fit, buckets[it.bucket],
+                                        mask if mask and os.path.isfile(mask) else None)
         except BadInput as e:
             return str(e)
     pending: deque = deque()
@@ -180,7 +183,7 @@ def _write_shard(out: Path, name: str, items: Sequence[Item], encode: EncodeFn, 
             skipped += [{"key": it.src.key, "path": it.src.path, "reason": px}
                         for it, px in group if isinstance(px, str)]
             if good:
-                pixels = np.stack([px for _, px in good])
+                pixels = np.stack([px for _, (px, _) in good])
                 pad = batch - len(good)  # fixed batch: one compiled encoder per bucket
                 if pad:
                     pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
@@ -194,13 +197,15 @@ def _write_shard(out: Path, name: str, items: Sequence[Item], encode: EncodeFn, 
                             for (it, _), ok in zip(good, finite) if not ok]
                 stats.update(mean[finite])
                 shape = list(mean.shape[1:])
-                for i, (it, _) in enumerate(good):
+                for i, (it, (_, mask)) in enumerate(good):
                     if not finite[i]:
                         continue
                     tids = time_ids(*it.size, it.fit, bucket)
+                    mask = None if mask is None else mask_to_latent(mask, mean.shape[1:3])
                     writer.write(C.encode_record(mean[i], None if std is None else std[i],
-                                                 it.caption, it.tags, tids, it.src.key))
-                    records.append({"key": it.src.key, "tags": it.tags})
+                                                 it.caption, it.tags, tids, it.src.key, mask))
+                    entry = {"key": it.src.key, "tags": it.tags}
+                    records.append(entry if mask is None else dict(entry, mask=True))
             bar.update(len(group))
     finally:
         writer.close()
@@ -270,6 +275,7 @@ def _finalize(out: Path, settings: dict, process_count: int) -> dict:
              for p in range(process_count)]
     shard_names = sorted(n for part in parts for n in part["shards"])
     stats, skipped, counts, shards, tag_lists = C.LatentStats(), [], Counter(), [], []
+    num_masked = 0
     for part in parts:
         skipped += part["scan_skipped"]
     for name in shard_names:
@@ -280,6 +286,7 @@ def _finalize(out: Path, settings: dict, process_count: int) -> dict:
         stats.merge(C.LatentStats.from_dict(s["latent_stats"]))
         counts[C.bucket_key(s["bucket"])] += len(s["records"])
         tag_lists += [r["tags"] for r in s["records"]]
+        num_masked += sum(bool(r.get("mask")) for r in s["records"])
         shards.append({"name": name, "bucket": s["bucket"], "count": len(s["records"]),
                        "latent_shape": s["latent_shape"]})
     keep = set(shard_names)
@@ -299,6 +306,7 @@ def _finalize(out: Path, settings: dict, process_count: int) -> dict:
         "buckets": settings["buckets"],
         "bucket_counts": {C.bucket_key(b): counts.get(C.bucket_key(b), 0) for b in settings["buckets"]},
         "num_records": sum(counts.values()), "num_skipped": len(skipped),
+        "num_masked": num_masked,  # records with a loss mask (alpha or x.mask.png)
         "skip_report": C.SKIPPED, "shards": shards,
         "latent_stats": {"count": stats.count, "mean": stats.to_dict()["mean"],
                          "std": stats.to_dict()["std"]},

@@ -17,8 +17,11 @@ Layout of a cache folder:
 
 A record (no pickle) is b"SXL1", a uint32 (little-endian) header length, the msgpack header
 {"shape": [h, w, c], "dtype": str, "std": bool, "caption": str, "tags": [str],
-"time_ids": [6 floats], "key": str}, zero padding to a 16-byte boundary, then the latent bytes
-(C order, storage dtype) and, when "std" is true, the std bytes.
+"time_ids": [6 floats], "key": str} (plus "mask": true on records with a loss mask), zero
+padding to a 16-byte boundary, then the latent bytes (C order, storage dtype), when "std" is true
+the std bytes, and when "mask" is true the loss mask: float16 (h, w), the mean of the pixel mask
+over each latent cell (METHODS §15). A record without a mask is byte for byte what it was before
+masks existed: caches built earlier keep their settings and stay valid (they hold no masks).
 """
 from __future__ import annotations
 
@@ -52,25 +55,36 @@ _MAGIC = b"SXL1"
 _ALIGN = 16  # the latent bytes start on a 16-byte boundary: zero-copy, aligned numpy views
 
 
+MASK_DTYPE = np.float16  # 2⁻¹¹ resolution for a weight in [0, 1]; a quarter of a float16 latent
+
+
 def encode_record(latent: np.ndarray, std: np.ndarray | None, caption: str, tags: list[str],
-                  time_ids: np.ndarray, key: str) -> bytes:
-    """One cached image as bytes; `latent` is already in the storage dtype."""
+                  time_ids: np.ndarray, key: str, mask: np.ndarray | None = None) -> bytes:
+    """One cached image as bytes; `latent` is already in the storage dtype, `mask` (h, w[, 1])
+    in [0, 1] at the latent's resolution, or None."""
     latent = np.ascontiguousarray(latent)
-    header = msgpack.packb({
+    header = {
         "shape": list(latent.shape), "dtype": latent.dtype.name, "std": std is not None,
         "caption": caption, "tags": list(tags),
         "time_ids": [float(v) for v in np.asarray(time_ids).reshape(-1)], "key": key,
-    }, use_bin_type=True)
+    }
+    if mask is not None:
+        mask = np.asarray(mask).reshape(latent.shape[:2])  # a wrong size fails here
+        header["mask"] = True
+    header = msgpack.packb(header, use_bin_type=True)
     start = -(-(len(_MAGIC) + 4 + len(header)) // _ALIGN) * _ALIGN
     pad = start - (len(_MAGIC) + 4 + len(header))
     parts = [_MAGIC, struct.pack("<I", len(header)), header, b"\0" * pad, latent.tobytes()]
     if std is not None:
         parts.append(np.ascontiguousarray(std, latent.dtype).tobytes())
+    if mask is not None:
+        parts.append(np.ascontiguousarray(mask, MASK_DTYPE).tobytes())
     return b"".join(parts)
 
 
 def decode_record(raw: bytes) -> dict[str, Any]:
-    """Inverse of encode_record; latent/std are read-only views into `raw` (no copy)."""
+    """Inverse of encode_record; latent/std/mask are read-only views into `raw` (no copy).
+    rec["mask"] is (h, w, 1) float16, or None (records without one, and those of older caches)."""
     if raw[:4] != _MAGIC:
         raise ValueError(f"not a {FORMAT} record (bad magic {bytes(raw[:4])!r})")
     (size,) = struct.unpack_from("<I", raw, 4)
@@ -81,6 +95,9 @@ def decode_record(raw: bytes) -> dict[str, Any]:
     rec["latent"] = np.frombuffer(raw, dtype, count, start).reshape(shape)
     rec["std"] = (np.frombuffer(raw, dtype, count, start + count * dtype.itemsize).reshape(shape)
                   if rec["std"] else None)
+    mask_at = start + count * dtype.itemsize * (1 if rec["std"] is None else 2)
+    rec["mask"] = (np.frombuffer(raw, MASK_DTYPE, shape[0] * shape[1], mask_at).reshape(shape[:2] + (1,))
+                   if rec.get("mask") else None)
     rec["time_ids"] = np.asarray(rec["time_ids"], np.float32)
     return rec
 

@@ -20,6 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sdxl_jax.data.buckets import Bucket, Fit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# x.png / x.jpg → x.mask.png: the image's loss mask (greyscale, white counts, black is ignored;
+# METHODS §15). Never an input itself; it takes precedence over the image's alpha channel.
+MASK_SUFFIX = ".mask.png"
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
 
@@ -43,9 +46,20 @@ class Source:
     read: Callable[[], tuple[ImageInput, str]] | None = None
 
 
+def mask_file(path: str) -> str:
+    """Where the loss mask of the image at `path` would be: x.png / x.jpg → x.mask.png."""
+    p = Path(path)
+    return str(p.with_name(p.stem + MASK_SUFFIX))
+
+
+def is_mask_file(name: str) -> bool:
+    return name.lower().endswith(MASK_SUFFIX)
+
+
 def list_folder(images_dir: str) -> tuple[list[Source], list[tuple[str, str]]]:
     """All images under `images_dir` (recursive, sorted; symlinked folders followed once) with
-    captions from same-name .txt files, plus (name, reason) skips for unusable file names."""
+    captions from same-name .txt files, plus (name, reason) skips for unusable file names.
+    Loss mask files (x.mask.png) belong to their image and are not listed."""
     root = Path(images_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"images folder {images_dir!r} does not exist")
@@ -58,7 +72,7 @@ def list_folder(images_dir: str) -> tuple[list[Source], list[tuple[str, str]]]:
         visited.add(real)
         dirnames.sort()
         for name in sorted(filenames):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not is_mask_file(name):
                 path = Path(dirpath) / name
                 key = path.relative_to(root).as_posix()
                 try:
@@ -91,6 +105,10 @@ def list_manifest(manifest: str) -> tuple[list[Source], list[tuple[str, str]]]:
                     raise TypeError("path must be a string and caption a string")
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 skipped.append((where, f"bad manifest line: {type(e).__name__}: {e}"))
+                continue
+            if is_mask_file(path):
+                skipped.append((path, f"a loss mask file ({where}), not an image: list the image "
+                                      f"it belongs to (x.png for x{MASK_SUFFIX})"))
                 continue
             if caption is None:
                 skipped.append((path, f"missing caption ({where} has no \"caption\")"))
@@ -189,8 +207,11 @@ def probe_size(image: ImageInput, max_pixels: int) -> tuple[int, int]:
         return (h, w) if _rotated(img) else (w, h)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with alpha composited over white; 16-bit greyscale scaled (not clipped) to 8 bits."""
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float greyscale as 8-bit L (scaled, not clipped); other modes unchanged."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
         arr = np.asarray(img, dtype=np.float64)
@@ -199,13 +220,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with alpha composited over white; 16-bit greyscale scaled (not clipped) to 8 bits."""
+    img = _to_8bit(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if img.mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _alpha(img: Image.Image) -> Image.Image | None:
+    """The alpha channel as an L image; None without one or when it is fully opaque (a mask of
+    ones is what a record without a mask gets anyway)."""
+    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        alpha = img.convert("RGBA").getchannel("A")
+        return None if alpha.getextrema()[0] == 255 else alpha
+    return None
 
 
 def load_pixels(image: ImageInput, max_pixels: int, fit: Fit, bucket: Bucket) -> np.ndarray:
@@ -215,23 +251,77 @@ def load_pixels(image: ImageInput, max_pixels: int, fit: Fit, bucket: Bucket) ->
     orientation, converts to RGB, resizes with Lanczos to `fit.resized` and crops. Large JPEGs
     are decoded at a reduced DCT scale that still leaves at least 2× for Lanczos to shrink.
     """
+    return _load(image, max_pixels, fit, bucket, False, None)[0]
+
+
+def load_pixels_and_mask(image: ImageInput, max_pixels: int, fit: Fit, bucket: Bucket,
+                         mask_path: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(load_pixels' pixels, the loss mask or None). The mask is float32 (h, w) in [0, 1] at the
+    bucket's pixel size, resized and cropped exactly as the pixels: the greyscale file
+    `mask_path` (x.mask.png; white counts) when given, else the image's alpha channel (opaque
+    counts; None when there is none or it is fully opaque). A mask file that cannot be read,
+    or whose aspect ratio is not the image's (±1 %), is a BadInput of the image."""
+    return _load(image, max_pixels, fit, bucket, True, mask_path)
+
+
+def mask_to_latent(mask: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+    """A pixel-resolution mask (H, W) as the area mean over each latent cell: (h, w, 1) float32."""
+    (H, W), (h, w) = mask.shape, latent_hw
+    if H % h or W % w or H // h != W // w:
+        raise ValueError(f"mask {H}x{W} does not downsample evenly to the latent {h}x{w}")
+    f = H // h
+    return mask.astype(np.float32).reshape(h, f, w, f).mean(axis=(1, 3))[..., None]
+
+
+def _load(image: ImageInput, max_pixels: int, fit: Fit, bucket: Bucket, want_mask: bool,
+          mask_path: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    bw, bh = bucket
+    box = (fit.crop_left, fit.crop_top, fit.crop_left + bw, fit.crop_top + bh)
+
+    def cut(img: Image.Image) -> np.ndarray:  # one resize + crop for pixels and mask alike
+        return np.asarray(img.resize(fit.resized, Image.Resampling.LANCZOS, reducing_gap=3.0).crop(box),
+                          dtype=np.float32)
+    mask = None
     try:
         with _open(image, max_pixels) as img:
             img.seek(0)  # first frame of animated files
+            size = None  # as displayed; a JPEG's before the draft (a PNG's EXIF only after load)
             if img.format == "JPEG":
-                rw, rh = fit.resized[::-1] if _rotated(img) else fit.resized
+                rotated = _rotated(img)
+                size = img.size[::-1] if rotated else img.size
+                rw, rh = fit.resized[::-1] if rotated else fit.resized
                 img.draft(None, (2 * rw, 2 * rh))
             img.load()
             img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            bw, bh = bucket
-            box = (fit.crop_left, fit.crop_top, fit.crop_left + bw, fit.crop_top + bh)
-            img = img.resize(fit.resized, Image.Resampling.LANCZOS, reducing_gap=3.0).crop(box)
-            arr = np.asarray(img, dtype=np.float32)
+            size = size or img.size
+            if want_mask and mask_path is None:
+                alpha = _alpha(img)
+                mask = None if alpha is None else cut(alpha) * (1.0 / 255.0)
+            arr = cut(_to_rgb(img))
     except BadInput:
         raise
     except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces as many types
         raise BadInput(f"cannot decode image: {type(e).__name__}: {e}") from None
-    if arr.shape != (bucket[1], bucket[0], 3):
-        raise BadInput(f"decoded to {arr.shape}, expected {(bucket[1], bucket[0], 3)}")
-    return arr * (1.0 / 127.5) - 1.0
+    if arr.shape != (bh, bw, 3):
+        raise BadInput(f"decoded to {arr.shape}, expected {(bh, bw, 3)}")
+    if want_mask and mask_path is not None:
+        mask = _read_mask(mask_path, max_pixels, size, cut)
+    return arr * (1.0 / 127.5) - 1.0, mask
+
+
+def _read_mask(path: str, max_pixels: int, size: tuple[int, int], cut) -> np.ndarray:
+    """The mask file at `path` for an image displayed at `size` (w, h), cut like its pixels."""
+    name = Path(path).name
+    try:
+        with _open(path, max_pixels) as img:
+            img.load()
+            img = _to_8bit(ImageOps.exif_transpose(img))
+            (mw, mh), (w, h) = img.size, size
+            if abs((mw * h) / (mh * w) - 1.0) > 0.01:
+                raise BadInput(f"{mw}x{mh}, the image is {w}x{h} (not the same aspect ratio)")
+            mask = cut(img if img.mode == "L" else img.convert("L")) * (1.0 / 255.0)
+    except BadInput as e:
+        raise BadInput(f"mask file {name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - as for the image itself
+        raise BadInput(f"mask file {name}: cannot decode: {type(e).__name__}: {e}") from None
+    return mask

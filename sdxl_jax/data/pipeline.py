@@ -17,7 +17,7 @@ import logging
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import grain
 import numpy as np
@@ -25,7 +25,8 @@ from grain.experimental import ThreadPrefetchIterDataset
 
 from sdxl_jax.data import cache as C
 from sdxl_jax.data.buckets import batch_sizes as bucket_batch_sizes
-from sdxl_jax.data.plan import EpochPlan, plan_epoch
+from sdxl_jax.data.plan import EpochPlan, EpochRecords, plan_epoch
+from sdxl_jax.data.sources import DataSource, as_sources, check_compatible, combine_indexes
 from sdxl_jax.data.tags import augment_caption, tag_weights
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,16 @@ def record_weights(config, cache_dir: str, index: C.CacheIndex) -> np.ndarray:
     return tag_weights(index.tags, counts, g.alpha, g.w_min, g.w_max, tuple(g.meta_patterns))
 
 
+def loss_masks(records: Sequence[dict[str, Any]], shape: tuple[int, int, int]) -> np.ndarray:
+    """(B, h, w, 1) float32 loss masks of decoded records (METHODS §15); ones for records
+    without a mask."""
+    out = np.ones(tuple(shape) + (1,), np.float32)
+    for row, rec in enumerate(records):
+        if rec.get("mask") is not None:
+            out[row] = rec["mask"]
+    return out
+
+
 class _Reader:
     """Global batch spec → this process's numpy batch (the trainer's batch contract).
 
@@ -71,14 +82,18 @@ class _Reader:
     """
 
     def __init__(self, config, index: C.CacheIndex, weights: np.ndarray, tokenize_fn: TokenizeFn,
-                 process_index: int, process_count: int, augment: bool, debug: bool):
+                 process_index: int, process_count: int, augment: bool, debug: bool,
+                 source_of: np.ndarray | None = None, num_sources: int = 0):
         self._index, self._weights, self._tokenize = index, weights, tokenize_fn
         self._p, self._n = process_index, process_count
         self._augment, self._debug = augment, debug
+        # ≥ 2 data sources: batch["source_onehot"] (rows, S), for the per-source loss
+        self._source_of, self._num_sources = source_of, num_sources
         d = config.data
         self._seed, self._dropout = int(d.seed), float(d.caption_dropout)
         self._shuffle, self._keep = bool(d.tag_shuffle), int(d.keep_first_n)
         self._tokens = int(config.text.max_chunks) * TOKENS_PER_CHUNK
+        self._masked = bool(config.loss.masked)  # batch["loss_mask"] only then: same step otherwise
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max(1, int(d.read_threads)), thread_name_prefix="cache-read")
 
@@ -117,6 +132,10 @@ class _Reader:
             "input_ids_l": self._check_tokens(ids_l, local, "ids_l"),
             "input_ids_g": self._check_tokens(ids_g, local, "ids_g"),
         }
+        if self._masked:
+            batch["loss_mask"] = loss_masks(records, latents.shape[:3])
+        if self._source_of is not None:
+            batch["source_onehot"] = np.eye(self._num_sources, dtype=np.float32)[self._source_of[mine]]
         if self._debug:
             batch["debug"] = {"record_ids": mine, "captions": captions, "epoch": spec["epoch"],
                               "batch": spec["batch"], "keys": [rec["key"] for rec in records]}
@@ -133,26 +152,30 @@ class _Reader:
 # ---- the training plan as a checkpointable Grain iterator ------------------------------------
 
 class _PlanIterator(grain.DatasetIterator):
-    """Infinite sequence of global batch specs; state = (epoch, batch in epoch, carry-in)."""
+    """Infinite sequence of global batch specs; state = (epoch, batch in epoch, carry-in).
+
+    `epoch_records(epoch)`, when given, is the multiset of record ids epoch `epoch` plans over
+    (repeated sources, plan.EpochRecords); otherwise every epoch plans over `train_ids`."""
 
     def __init__(self, record_buckets: np.ndarray, train_ids: np.ndarray, sizes: Sequence[int],
-                 seed: int, plan_id: str):
+                 seed: int, plan_id: str, epoch_records: Callable[[int], np.ndarray] | None = None):
         super().__init__()
         self._buckets, self._ids, self._sizes = record_buckets, train_ids, list(sizes)
-        self._seed, self._plan_id = seed, plan_id
+        self._seed, self._plan_id, self._epoch_records = seed, plan_id, epoch_records
         self._epoch, self._batch = 0, 0
         self._carry = np.zeros((0,), np.int64)
         self._plan: EpochPlan | None = None
 
     def _current_plan(self) -> EpochPlan:
         if self._plan is None:
-            self._plan = plan_epoch(self._buckets, self._ids, self._sizes, self._seed,
-                                    self._epoch, self._carry)
+            ids = self._ids if self._epoch_records is None else self._epoch_records(self._epoch)
+            self._plan = plan_epoch(self._buckets, ids, self._sizes, self._seed, self._epoch,
+                                    self._carry)
         return self._plan
 
     def __next__(self) -> dict[str, Any]:
         plan = self._current_plan()
-        if self._batch == len(plan.batches):
+        while self._batch == len(plan.batches):  # (an epoch of repeated sources may be empty)
             self._epoch, self._batch, self._carry = self._epoch + 1, 0, plan.carry_out
             self._plan = None
             plan = self._current_plan()
@@ -169,7 +192,8 @@ class _PlanIterator(grain.DatasetIterator):
         if state.get("plan_id") != self._plan_id:
             raise ValueError(
                 f"data iterator state is for plan {state.get('plan_id')!r}, this iterator is "
-                f"{self._plan_id!r}: the cache, val_fraction, seed or batch sizes changed since "
+                f"{self._plan_id!r}: the cache, data.sources (repeats, weights), val_fraction, "
+                "seed or batch sizes changed since "
                 "the checkpoint; restore with the same data settings or start the data anew")
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
         self._carry = np.asarray(state["carry"], np.int64)
@@ -235,8 +259,51 @@ class DataIterator(ReaderIterator):
         self.steps_per_epoch = steps
 
 
-def _open(config, cache_dir, process_index, process_count, global_batch_size, batch_multiple):
-    """(manifest, index, global batch size per bucket, train ids, val ids) of a cache."""
+class _Opened(NamedTuple):
+    """The caches of a loader as one record index (record ids: sources' records in order)."""
+    sources: list[DataSource]
+    manifests: list[dict[str, Any]]
+    index: C.CacheIndex
+    sizes: list[int]  # global batch size per bucket
+    train: list[np.ndarray]  # per source, its training record ids (global)
+    val_ids: np.ndarray
+    weights: np.ndarray  # per-record loss weight (tag weights of its own cache)
+    source_of: np.ndarray  # (N,) source index of each record
+
+    @property
+    def multi(self) -> bool:
+        return len(self.sources) > 1
+
+    def plan_id(self, config) -> str:
+        d = config.data
+
+        def one(m):
+            return m["settings_id"], m["num_records"]
+
+        def shards(m):
+            return [s["name"] for s in m["shards"]]
+        s0, m0 = self.sources[0], self.manifests[0]
+        if not self.multi and s0.multiplicity == 1:  # the single-source id, as before sources existed
+            key = one(m0) + (self.sizes, int(d.seed), float(d.val_fraction), shards(m0))
+        else:
+            key = ([one(m) + (shards(m), s.name, s.repeats, s.weight)
+                    for s, m in zip(self.sources, self.manifests)],
+                   self.sizes, int(d.seed), float(d.val_fraction))
+        return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+
+    def reader(self, config, tokenize_fn, process_index, process_count, augment, debug) -> "_Reader":
+        return _Reader(config, self.index, self.weights, tokenize_fn, process_index, process_count,
+                       augment=augment, debug=debug,
+                       source_of=self.source_of if self.multi else None,
+                       num_sources=len(self.sources))
+
+    def describe(self) -> str:
+        return ", ".join(s.cache_dir for s in self.sources)
+
+
+def _open(config, cache_dir, process_index, process_count, global_batch_size, batch_multiple) -> _Opened:
+    """The caches of `cache_dir` (a folder, or a list of sources.DataSource), their batch sizes
+    and their train / val split (per source, as for a single cache)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
     d = config.data
@@ -246,60 +313,81 @@ def _open(config, cache_dir, process_index, process_count, global_batch_size, ba
                     ("prefetch", d.prefetch >= 0)):
         if not ok:
             raise ValueError(f"data.{key}={d[key]!r} is out of range")
-    manifest = C.load_manifest(cache_dir)
-    index = C.read_index(cache_dir, manifest)
+    sources = as_sources(cache_dir)
+    manifests = [C.load_manifest(s.cache_dir) for s in sources]
+    indexes = [C.read_index(s.cache_dir, m) for s, m in zip(sources, manifests)]
+    if len(sources) > 1:
+        check_compatible(sources, manifests, indexes)
+    index = indexes[0] if len(indexes) == 1 else combine_indexes(indexes)
     multiple = batch_multiple or process_count
     if multiple % process_count:
         raise ValueError(f"batch_multiple {multiple} must be a multiple of process_count {process_count}")
     b = config.data.buckets
     sizes = bucket_batch_sizes(index.buckets, global_batch_size or config.train.global_batch_size,
                                multiple, b.scale_batch_by_area, b.max_area)
-    return (manifest, index, sizes) + split_records(index, config.data.val_fraction)
+    train, val, offset = [], [], 0
+    for ix in indexes:
+        t, v = split_records(ix, config.data.val_fraction)
+        train.append(t + offset)
+        val.append(v + offset)
+        offset += len(ix.keys)
+    weights = np.concatenate([record_weights(config, s.cache_dir, ix) for s, ix in zip(sources, indexes)])
+    source_of = np.repeat(np.arange(len(sources), dtype=np.int32), [len(ix.keys) for ix in indexes])
+    return _Opened(sources, manifests, index, sizes, train, np.concatenate(val), weights, source_of)
 
 
-def make_train_iterator(config, cache_dir: str, tokenize_fn: TokenizeFn, process_index: int = 0,
+def make_train_iterator(config, cache_dir, tokenize_fn: TokenizeFn, process_index: int = 0,
                         process_count: int = 1, global_batch_size: int | None = None,
                         batch_multiple: int | None = None, debug: bool = False) -> DataIterator:
     """Infinite training batches for this process (see the module doc and the batch contract).
 
-    Every process must call this with the same config and cache. `batch_multiple` is the
+    `cache_dir` is one cache folder, or a list of sources.DataSource (data.sources: one plan
+    over their records, each source's records repeated repeats × weight times per epoch on
+    average, plan.EpochRecords; with ≥ 2 sources batch["source_onehot"] says each row's source).
+    Every process must call this with the same config and caches. `batch_multiple` is the
     data-parallel size the (per-bucket) global batch must divide by (default process_count);
     `debug=True` adds batch["debug"] (record ids, captions, keys) for inspection.
+    `steps_per_epoch` is epoch 0's (a fractional weight can change an epoch's count by a batch).
     """
-    manifest, index, sizes, train_ids, _ = _open(config, cache_dir, process_index, process_count,
-                                                 global_batch_size, batch_multiple)
-    counts = np.bincount(index.bucket_ids[train_ids], minlength=len(index.buckets))
+    o = _open(config, cache_dir, process_index, process_count, global_batch_size, batch_multiple)
+    index, sizes = o.index, o.sizes
+    train_ids = np.concatenate(o.train)
+    repeated = None
+    if o.multi or o.sources[0].multiplicity != 1:
+        repeated = EpochRecords(o.train, [s.multiplicity for s in o.sources], int(config.data.seed))
+    n_buckets = len(index.buckets)
+    counts = np.bincount(index.bucket_ids[train_ids if repeated is None else repeated.most()],
+                         minlength=n_buckets)
     small = [f"{C.bucket_key(b)} ({n} < {s})" for b, n, s in zip(index.buckets, counts, sizes) if 0 < n < s]
     if small:
         log.warning("buckets with fewer training images than one global batch are never used: %s",
                     ", ".join(small))
-    steps = int(sum(n // s for n, s in zip(counts, sizes)))
+    first = counts if repeated is None else np.bincount(index.bucket_ids[repeated(0)], minlength=n_buckets)
+    steps = int(sum(n // s for n, s in zip(first, sizes)))
     if steps == 0:
-        raise ValueError(f"cache {cache_dir} has {len(train_ids)} training images but no bucket holds "
-                         f"a full global batch (sizes {sorted(set(sizes))}); lower "
+        raise ValueError(f"cache {o.describe()} has {len(train_ids)} training images but no bucket "
+                         f"holds a full global batch (sizes {sorted(set(sizes))}); lower "
                          "train.global_batch_size or add images")
-    plan_id = hashlib.sha256(repr((manifest["settings_id"], manifest["num_records"], sizes,
-                                   int(config.data.seed), float(config.data.val_fraction),
-                                   [s["name"] for s in manifest["shards"]])).encode()).hexdigest()[:16]
-    reader = _Reader(config, index, record_weights(config, cache_dir, index), tokenize_fn,
-                     process_index, process_count, augment=True, debug=debug)
-    ds = _PlanDataset(index.bucket_ids, train_ids, sizes, int(config.data.seed), plan_id).map(reader)
+    reader = o.reader(config, tokenize_fn, process_index, process_count, augment=True, debug=debug)
+    ds = _PlanDataset(index.bucket_ids, train_ids, sizes, int(config.data.seed), o.plan_id(config),
+                      repeated).map(reader)
     ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(config.data.prefetch))
     used = [b for b in range(len(sizes)) if counts[b] >= sizes[b]]
     return DataIterator(iter(ds), reader, index, sizes, used, steps)
 
 
-def make_val_iterator(config, cache_dir: str, tokenize_fn: TokenizeFn, process_index: int = 0,
+def make_val_iterator(config, cache_dir, tokenize_fn: TokenizeFn, process_index: int = 0,
                       process_count: int = 1, global_batch_size: int | None = None,
                       batch_multiple: int | None = None, debug: bool = False) -> DataIterator:
     """The held-out split, once, in a fixed order, captions as cached (no dropout/shuffle).
 
     Batches go bucket by bucket in key order; a bucket's last batch is filled up by cycling
     through that bucket's records again, so every held-out image is seen and every process gets
-    the same number of full batches. Empty if the split is empty.
+    the same number of full batches. Empty if the split is empty. `cache_dir`: as for
+    make_train_iterator (several sources: their held-out records together, each once).
     """
-    _, index, sizes, _, val_ids = _open(config, cache_dir, process_index, process_count,
-                                        global_batch_size, batch_multiple)
+    o = _open(config, cache_dir, process_index, process_count, global_batch_size, batch_multiple)
+    index, sizes, val_ids = o.index, o.sizes, o.val_ids
     specs = []
     for b in range(len(index.buckets)):
         ids = np.array(sorted(val_ids[index.bucket_ids[val_ids] == b], key=lambda i: index.keys[i]),
@@ -308,10 +396,9 @@ def make_val_iterator(config, cache_dir: str, tokenize_fn: TokenizeFn, process_i
             batch_ids = np.resize(np.roll(ids, -start), sizes[b])  # wraps around the bucket
             specs.append({"bucket": b, "ids": batch_ids, "epoch": 0, "batch": len(specs)})
     if not specs:
-        log.warning("validation split of %s is empty (data.val_fraction=%s)", cache_dir,
+        log.warning("validation split of %s is empty (data.val_fraction=%s)", o.describe(),
                     config.data.val_fraction)
-    reader = _Reader(config, index, record_weights(config, cache_dir, index), tokenize_fn,
-                     process_index, process_count, augment=False, debug=debug)
+    reader = o.reader(config, tokenize_fn, process_index, process_count, augment=False, debug=debug)
     ds = grain.MapDataset.source(specs).map(reader).to_iter_dataset()
     ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(config.data.prefetch))
     used = sorted({spec["bucket"] for spec in specs})

@@ -18,6 +18,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 _PLAN_STREAM = 0x9E3779B1  # separates the plan's random stream from the captions' stream
+_REPEAT_STREAM = 0x5EC0  # the per-epoch draw of fractional source repeats (EpochRecords)
 
 
 class EpochPlan(NamedTuple):
@@ -58,3 +59,40 @@ def plan_epoch(record_buckets: np.ndarray, records: np.ndarray, batch_sizes: Seq
         left[j] -= size
     carry = np.sort(np.concatenate(carry_out)) if carry_out else np.zeros((0,), np.int64)
     return EpochPlan(np.asarray(bucket_ids, np.int32), batches, carry.astype(np.int64))
+
+
+class EpochRecords:
+    """The records of each epoch when sources repeat (data.sources): every record of source s
+    ⌊m_s⌋ times, and once more for round(frac(m_s)·n_s) of them, drawn afresh each epoch from
+    (seed, epoch, s) alone (the same on every process), where m_s = repeats_s × weight_s.
+
+    So each epoch holds exactly M_s = ⌊m_s⌋·n_s + round(frac(m_s)·n_s) copies of source s
+    (a per-record coin flip would add binomial noise to the mix) and a record appears m_s times
+    per epoch on average. plan_epoch then runs on this multiset unchanged: copies of a record
+    are shuffled like any other entry, so two can share a batch (as with kohya's repeats).
+    """
+
+    def __init__(self, ids_per_source: Sequence[np.ndarray], multiplicity: Sequence[float], seed: int):
+        self.ids = [np.asarray(ids, np.int64) for ids in ids_per_source]
+        self.multiplicity = [float(m) for m in multiplicity]
+        self.seed = int(seed)
+
+    def per_source(self, epoch: int) -> list[np.ndarray]:
+        """Sorted record ids (with repeats) of each source in `epoch`."""
+        out = []
+        for s, (ids, m) in enumerate(zip(self.ids, self.multiplicity)):
+            whole, frac = divmod(m, 1.0)
+            extra = ids[:0]
+            if frac > 0:
+                rng = np.random.default_rng([self.seed, _REPEAT_STREAM, epoch, s])
+                extra = rng.permutation(ids)[:int(round(frac * len(ids)))]
+            out.append(np.sort(np.concatenate([np.repeat(ids, int(whole)), extra])))
+        return out
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        return np.sort(np.concatenate(self.per_source(epoch)))
+
+    def most(self) -> np.ndarray:
+        """Every record ⌈m_s⌉ times: an upper bound on any epoch's records (which buckets can
+        ever fill a batch)."""
+        return np.concatenate([np.repeat(ids, int(np.ceil(m))) for ids, m in zip(self.ids, self.multiplicity)])

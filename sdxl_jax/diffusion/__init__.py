@@ -10,7 +10,8 @@ from sdxl_jax.diffusion.sigmas import (karras_sigmas, sigma_max_for_resolution, 
 from sdxl_jax.diffusion.vpred import (add_noise, predict_eps, predict_x0, snr, v_target,
                                       vp_coefficients)
 from sdxl_jax.diffusion.weighting import (HUBER_SCHEDULES, LOSS_TYPES, WEIGHTINGS,
-                                          elementwise_loss, huber_threshold, per_sample_mse,
-                                          pseudo_huber, snr_loss_weight, weighted_v_loss)
+                                          elementwise_loss, huber_threshold, masked_mean,
+                                          per_sample_mse, pseudo_huber, snr_loss_weight,
+                                          weighted_v_loss)
 from sdxl_jax.diffusion.samplers import (SAMPLERS, SCHEDULE_KINDS, make_cfg_model,
                                          make_v_denoiser, sample, sampling_sigmas)

@@ -2,6 +2,7 @@
 
 Weights (`loss.weighting`): MinSNR in two forms and debiased estimation. Element losses
 (`loss.type`): squared error, or pseudo-Huber with a constant or SNR-scheduled threshold c.
+`loss.masked`: the mean over the latent is weighted by a per-position mask.
 """
 from __future__ import annotations
 
@@ -91,12 +92,26 @@ def per_sample_mse(pred, target):
     return jnp.mean(jnp.square(d), axis=tuple(range(1, d.ndim)))
 
 
+def masked_mean(el, mask):
+    """Per-sample `Σ m·ℓ / (C·Σ m)` of element losses `el` (B, H, W, C) under `mask` (B, H, W, 1):
+    the mean over the positions that count, weighted by the mask; 0 (and a zero gradient, not
+    NaN) for a sample whose mask is all zero."""
+    mask = jnp.asarray(mask, jnp.float32)
+    axes = tuple(range(1, el.ndim))
+    num = jnp.sum(el * mask, axis=axes)
+    den = jnp.sum(mask, axis=axes) * el.shape[-1]
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
 def weighted_v_loss(v_pred, v_tgt, snr_weight, tag_weight=None, *, loss_type: str = "mse",
-                    huber_c=None):
+                    huber_c=None, mask=None):
     """Per-sample `w_tag · w_snr · mean(ℓ(v̂ − v))` in float32, shape (B,).
 
-    ℓ is the squared error (default) or pseudo-Huber with per-sample threshold `huber_c`."""
-    if loss_type == "mse":
+    ℓ is the squared error (default) or pseudo-Huber with per-sample threshold `huber_c`; with a
+    `mask` (B, H, W, 1) in [0, 1] the mean is the mask-weighted one (masked_mean)."""
+    if mask is not None:
+        per_sample = masked_mean(elementwise_loss(v_pred, v_tgt, loss_type, huber_c), mask)
+    elif loss_type == "mse":
         per_sample = per_sample_mse(v_pred, v_tgt)
     else:
         el = elementwise_loss(v_pred, v_tgt, loss_type, huber_c)

@@ -81,7 +81,7 @@ def _random_inputs(prog, batch: int, side: int, seed: int = 0):
                 out[name] = jax.random.randint(k1, x.shape, 0, vocab, x.dtype)
             elif name == "time_ids":
                 out[name] = jnp.tile(jnp.asarray([[side, side, 0, 0, side, side]], x.dtype), (x.shape[0], 1))
-            elif name == "loss_weight":
+            elif name in ("loss_weight", "loss_mask"):
                 out[name] = jnp.ones(x.shape, x.dtype)
             else:
                 out[name] = jax.random.normal(k2, x.shape, x.dtype)

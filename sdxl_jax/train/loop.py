@@ -29,6 +29,7 @@ from sdxl_jax.train.common import MetricMeans, MetricReader, Preemption, config_
 from sdxl_jax.train.common import use_compilation_cache
 from sdxl_jax.train.program import Program
 from sdxl_jax.train.state import TrainState
+from sdxl_jax.train.writer import open_writer
 from sdxl_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger("sdxl_jax.train")
@@ -108,11 +109,9 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
         state, data_state = task.fresh_state(), None
 
     # ---- logging --------------------------------------------------------------------------------
-    writer = None
-    if is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(workdir, "tb"))
-        cleanup.callback(_close_quietly, writer)
+    writer = None  # TensorBoard, and W&B when log.wandb_project is set (train/writer.py)
+    if is_main:  # finished on any exit, a W&B run marked failed on an error
+        writer = cleanup.enter_context(open_writer(cfg, workdir, config_json(cfg)))
     preempt = Preemption()
     cleanup.callback(preempt.restore)
     profile = _parse_profile(cfg.profile_steps)
@@ -188,15 +187,6 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
         summary["compiles"] = prog.step.compile_count
     summary.update(end_step=step, state=state)
     return summary
-
-
-def _close_quietly(writer) -> None:
-    """Closing TensorBoard on a full disk must not replace the error that ended the run (the
-    checkpointer's one line naming the last good step) with its own."""
-    try:
-        writer.close()
-    except OSError as e:
-        log.warning("closing TensorBoard's event file failed: %s", e)
 
 
 def _check_fit(compiled, prog: Program, cfg) -> None:

@@ -34,6 +34,7 @@ class StepConfig:
     loss_type: str = "mse"  # "mse" | "huber" (pseudo-Huber, METHODS §15)
     huber_c: float = 0.1
     huber_schedule: str = "snr"
+    masked: bool = False  # mask-weighted mean under batch["loss_mask"] (METHODS §15)
 
     @classmethod
     def from_config(cls, cfg, latent_mean=None, latent_std=None):
@@ -45,7 +46,7 @@ class StepConfig:
                    latent_std=None if latent_std is None else tuple(latent_std),
                    max_chunks=int(cfg.text.max_chunks), tag_weighting=bool(cfg.loss.tag_weighting),
                    loss_type=cfg.loss.type, huber_c=float(cfg.loss.huber_c),
-                   huber_schedule=cfg.loss.huber_schedule)
+                   huber_schedule=cfg.loss.huber_schedule, masked=bool(cfg.loss.masked))
 
 
 def draw_t_and_noise(keys, sc: StepConfig, latents):
@@ -71,7 +72,9 @@ def per_sample_loss(predict_v: Callable, sc: StepConfig, batch, t, eps):
     w_snr = diffusion.snr_loss_weight(diffusion.snr(a, s), sc.weighting, sc.snr_gamma)
     w_tag = batch["loss_weight"] if sc.tag_weighting else None
     c = diffusion.huber_threshold(a, s, sc.huber_c, sc.huber_schedule) if sc.loss_type == "huber" else None
-    return diffusion.weighted_v_loss(predict_v(z, t), v, w_snr, w_tag, loss_type=sc.loss_type, huber_c=c)
+    mask = batch["loss_mask"] if sc.masked else None
+    return diffusion.weighted_v_loss(predict_v(z, t), v, w_snr, w_tag, loss_type=sc.loss_type, huber_c=c,
+                                     mask=mask)
 
 
 def text_conditioning(text_l, text_g, text_params, batch, max_chunks: int):
@@ -128,6 +131,10 @@ def unet_grad_fn(unet, text_l, text_g, sc: StepConfig, gather_dtype=jnp.float32,
         onehot = timestep_bins(t, sc.alphas_cumprod.shape[0])
         metrics = {"loss_bin_sum": jnp.where(jnp.isfinite(losses), losses, 0.0) @ onehot,
                    "loss_bin_count": jnp.sum(onehot, axis=0)}
+        if "source_onehot" in batch:  # ≥ 2 data sources (data.sources): the loss of each
+            rows = batch["source_onehot"]
+            metrics["loss_source_sum"] = jnp.where(jnp.isfinite(losses), losses, 0.0) @ rows
+            metrics["loss_source_count"] = jnp.sum(rows, axis=0)
         return loss, grads, metrics
 
     return grad_fn

@@ -29,14 +29,21 @@ FROZEN = ("text_l", "text_g")  # what the step reads besides the UNet (the VAE i
 def batch_spec(cfg):
     """The loader's batch contract for a (rows, height, width) pixel bucket."""
     from sdxl_jax.models import SEQ_LEN
-    chunks = int(cfg.text.max_chunks)
+    chunks, masked = int(cfg.text.max_chunks), bool(cfg.loss.masked)
+    from sdxl_jax.data.sources import source_names
+    sources = len(source_names(cfg))
 
     def spec(rows: int, height: int, width: int) -> dict:
         ids = jax.ShapeDtypeStruct((rows, chunks * SEQ_LEN), jnp.int32)
-        return {"latents": jax.ShapeDtypeStruct((rows, height // 8, width // 8, 4), jnp.float32),
-                "time_ids": jax.ShapeDtypeStruct((rows, 6), jnp.float32),
-                "loss_weight": jax.ShapeDtypeStruct((rows,), jnp.float32),
-                "input_ids_l": ids, "input_ids_g": ids}
+        out = {"latents": jax.ShapeDtypeStruct((rows, height // 8, width // 8, 4), jnp.float32),
+               "time_ids": jax.ShapeDtypeStruct((rows, 6), jnp.float32),
+               "loss_weight": jax.ShapeDtypeStruct((rows,), jnp.float32),
+               "input_ids_l": ids, "input_ids_g": ids}
+        if masked:  # loss.masked: the loader's per-latent-position mask (METHODS §15)
+            out["loss_mask"] = jax.ShapeDtypeStruct((rows, height // 8, width // 8, 1), jnp.float32)
+        if sources > 1:  # data.sources: each row's source, for the per-source loss
+            out["source_onehot"] = jax.ShapeDtypeStruct((rows, sources), jnp.float32)
+        return out
     return spec
 
 
@@ -75,7 +82,11 @@ def _spec(cfg, tr, latent_mean=None, latent_std=None, unet=None) -> ProgramSpec:
 # Data
 # ---------------------------------------------------------------------------------------------
 def resolve_stages(cfg, workdir: str) -> list[dict]:
-    """[{index, end_step, cache_dir, global_batch_size}] (config.validate checked the keys)."""
+    """[{index, end_step, cache_dir, sources, global_batch_size}] (config.validate checked the
+    keys). `sources`: the run's data sources (sdxl_jax.data.sources) for a stage without its own
+    cache_dir; [] = the single cache `cache_dir`."""
+    from sdxl_jax.data.sources import resolve_sources
+    sources = resolve_sources(cfg, workdir)
     default_cache = cfg.data.cache_dir or os.path.join(workdir, "cache")
     raw = list(cfg.train.stages) or [{"steps": cfg.train.steps}]
     out, end = [], 0
@@ -83,6 +94,7 @@ def resolve_stages(cfg, workdir: str) -> list[dict]:
         st = dict(st)
         end += int(st["steps"])
         out.append({"index": i, "end_step": end, "cache_dir": st.get("cache_dir") or default_cache,
+                    "sources": [] if st.get("cache_dir") else sources,
                     "global_batch_size": int(st.get("global_batch_size") or cfg.train.global_batch_size)})
     return out
 
@@ -109,22 +121,53 @@ def ensure_cache(cfg, cache_dir: str, workdir: str) -> None:
                 vae_params=source_params(cfg, components=("vae",))["vae"])
 
 
+def stage_data(st: dict):
+    """What the loaders read for a stage: its sources, or its one cache folder."""
+    return st["sources"] or st["cache_dir"]
+
+
+def ensure_source_caches(cfg, sources) -> None:
+    """Build each data source's missing cache from its images_dir / manifest, all with this
+    config's settings (so they hold the same latents)."""
+    missing = [s for s in sources if not os.path.exists(os.path.join(s.cache_dir, "manifest.json"))]
+    if not missing:
+        return
+    from sdxl_jax.data import build_cache
+    from sdxl_jax.runs import source_params
+    vae = source_params(cfg, components=("vae",))["vae"]
+    for s in missing:
+        if not (s.images_dir or s.manifest):
+            raise FileNotFoundError(f"data source {s.name!r}: no latent cache at {s.cache_dir} and no "
+                                    "images_dir / manifest to build one from")
+        log.info("building the latent cache of data source %r in %s", s.name, s.cache_dir)
+        build_cache(cfg, images_dir=s.images_dir or None, manifest=s.manifest or None, out=s.cache_dir,
+                    vae_params=vae)
+
+
 def use_demo_vae(cfg, workdir: str) -> None:
     """The tiny demo (no data configured) trains or reuses its own VAE first (train/demo_vae.py)
     and records it as model.vae_workdir, which the cache, previews, sample and export then use."""
-    no_data = not (cfg.data.cache_dir or cfg.data.images_dir or cfg.data.manifest or cfg.data.tfds)
+    no_data = not (cfg.data.cache_dir or cfg.data.images_dir or cfg.data.manifest or cfg.data.tfds
+                   or cfg.data.get("sources"))
     if cfg.model.preset == "tiny" and no_data and cfg.data.demo_vae_steps and not cfg.model.vae_workdir:
         from sdxl_jax.train.demo_vae import find_or_train
         cfg.model.vae_workdir = os.path.abspath(find_or_train(cfg, workdir, demo_images(cfg, workdir)))
 
 
-def latent_stats(cfg, cache_dir: str):
-    """Per-channel mean/std for `per_channel` normalisation: config first, else the manifest."""
+def latent_stats(cfg, cache_dir):
+    """Per-channel mean/std for `per_channel` normalisation: config first, else the manifest
+    (of several sources: their statistics pooled by latents × repeats × weight, i.e. those of
+    the mix the step is fed; sources.pooled_latent_stats)."""
     if cfg.latents.normalization != "per_channel":
         return None, None
     if cfg.latents.mean is not None and cfg.latents.std is not None:
         return tuple(cfg.latents.mean), tuple(cfg.latents.std)
     from sdxl_jax.data import load_manifest
+    if not isinstance(cache_dir, str):  # a list of data sources
+        if len(cache_dir) > 1:
+            from sdxl_jax.data.sources import pooled_latent_stats
+            return pooled_latent_stats(cache_dir, [load_manifest(s.cache_dir) for s in cache_dir])
+        cache_dir = cache_dir[0].cache_dir
     stats = load_manifest(cache_dir)["latent_stats"]
     return tuple(stats["mean"]), tuple(stats["std"])
 
@@ -145,6 +188,13 @@ def _log_line(s: int, out: dict) -> str:
             f"lr {out['lr']:.2e} | {out['steps_per_s']:.2f} steps/s | skipped {out['nonfinite']}")
 
 
+def _with_losses(names: list[str]):
+    """The log line followed by the per-source losses of the window (those with samples)."""
+    def line(s: int, out: dict) -> str:
+        return _log_line(s, out) + "".join(f" | {k} {out[k]:.4f}" for k in names if k in out)
+    return line
+
+
 def bin_labels(num_steps: int = 1000) -> list[str]:
     width = num_steps // NUM_T_BINS
     return [f"loss_t{i * width:03d}-{(i + 1) * width - 1:03d}" for i in range(NUM_T_BINS)]
@@ -163,8 +213,11 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     use_demo_vae(cfg, workdir)
     stages = resolve_stages(cfg, workdir)
     for st in stages:
-        ensure_cache(cfg, st["cache_dir"], workdir)
-    mean, std = latent_stats(cfg, stages[0]["cache_dir"])
+        if st["sources"]:
+            ensure_source_caches(cfg, st["sources"])
+        else:
+            ensure_cache(cfg, st["cache_dir"], workdir)
+    mean, std = latent_stats(cfg, stage_data(stages[0]))
     total_steps = stages[-1]["end_step"]
     tr = describe_trainable(cfg, total_steps=total_steps)
     program = build_program(_spec(cfg, tr, mean, std), plan)
@@ -203,7 +256,7 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     multiple = program.micro_rows or plan.data_parallel
 
     def batches(st):
-        return lambda: make_train_iterator(cfg, st["cache_dir"], tokenize_fn, jax.process_index(),
+        return lambda: make_train_iterator(cfg, stage_data(st), tokenize_fn, jax.process_index(),
                                            jax.process_count(), st["global_batch_size"], multiple)
 
     evaluate = None
@@ -215,14 +268,19 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
         shown = dict(frozen, vae=sources["vae"]) if "vae" not in frozen else frozen
         evaluate = Evaluator(cfg, workdir, plan.mesh, unet, text_l, text_g,
                              StepConfig.from_config(cfg, mean, std), shown, tokenize_fn,
-                             stages[0]["cache_dir"], mean, std, None,
+                             stage_data(stages[0]), mean, std, None,
                              view=lambda tree: tr.eval_view(tree, frozen))
 
+    labels = {"loss_bin": bin_labels()}
+    mixed = next((st["sources"] for st in stages if len(st["sources"]) > 1), [])
+    if mixed:  # data.sources: the loss of each source, logged as train/loss_<name>
+        labels["loss_source"] = [f"loss_{s.name}" for s in mixed]
     return Task(
         name="unet", program=program,
         stages=tuple(Stage(st["index"], st["end_step"], batches(st)) for st in stages),
         frozen=frozen, fresh_state=fresh_state,
-        lr_schedule=optim.learning_rate_schedule(cfg.train, total_steps), log_line=_log_line,
+        lr_schedule=optim.learning_rate_schedule(cfg.train, total_steps),
+        log_line=_log_line if not mixed else _with_losses(labels["loss_source"]),
         metadata=dict(run_metadata(cfg, mean, std), **tr.metadata), evaluate=evaluate,
-        eval_every=int(cfg.sample.every_steps), bin_labels={"loss_bin": bin_labels()})
+        eval_every=int(cfg.sample.every_steps), bin_labels=labels)
 
