@@ -17,13 +17,29 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 import pytest  # noqa: E402
 
 
+def _built_once(tmp_path_factory, name: str, build):
+    """`build(dir)` run once for the whole suite: the first xdist worker to ask builds under a
+    file lock in the directory the workers share; the others wait and reuse it (each worker
+    building its own copy of the reference run cost two minutes of both cores)."""
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp().parent  # shared by all workers of this run
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if out.exists():  # a worker died half-way: start that build again
+                import shutil
+                shutil.rmtree(out)
+            out.mkdir()
+            build(str(out))
+            done.touch()
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def demo_images(tmp_path_factory):
     """A small generated demo dataset (images + .txt captions), shared by the whole session."""
     from sdxl_jax.data.demo import make_demo_dataset
-    out = tmp_path_factory.mktemp("demo_images")
-    make_demo_dataset(str(out), n=48, seed=0)
-    return str(out)
+    return _built_once(tmp_path_factory, "demo_images", lambda out: make_demo_dataset(out, n=48, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -31,34 +47,70 @@ def demo_cache(demo_images, tmp_path_factory):
     """The latent cache of `demo_images`, encoded by the tiny VAE the trainer itself uses."""
     from helpers import tiny_config
     from sdxl_jax.data import build_cache
-    out = tmp_path_factory.mktemp("demo_cache")
-    build_cache(tiny_config(), images_dir=demo_images, out=str(out), progress=False)
-    return str(out)
+    return _built_once(tmp_path_factory, "demo_cache", lambda out: build_cache(
+        tiny_config(), images_dir=demo_images, out=out, progress=False))
 
 
 REFERENCE_STEPS = 8
 
 
+class _Finished:
+    """The final state of a run as host arrays (what the tests compare against)."""
+
+    def __init__(self, params, ema_params):
+        self.params, self.ema_params = params, ema_params
+
+
 @pytest.fixture(scope="session")
 def reference_run(demo_cache, tmp_path_factory):
     """The uninterrupted reference training run (tests/helpers.py config, 8 steps, checkpoint
-    every 2): resume, fault-injection and multi-host tests all compare against it."""
+    every 2): resume, fault-injection and multi-host tests all compare against it. Built once per
+    suite; a worker that did not run it reads its summary (JSON) and final state (the step-8
+    checkpoint), so everything it returns is the same on every worker."""
+    import json
     from helpers import tiny_config
-    from sdxl_jax.train.loop import train
-    wd = str(tmp_path_factory.mktemp("reference_run"))
     cfg = tiny_config(**{"data.cache_dir": demo_cache, "train.steps": REFERENCE_STEPS,
                          "checkpoint.every_steps": 2})
-    log = []
-    summary = train(cfg, wd, batch_log=log)
-    return cfg, wd, summary, log
+    ran = {}
+
+    def run(wd):
+        from sdxl_jax.train.loop import train
+        log = []
+        summary = train(cfg, wd, batch_log=log)
+        ran.update(summary=summary, log=log)
+        keep = {k: summary[k] for k in ("start_step", "end_step", "stopped", "compiles", "losses")}
+        with open(f"{wd}.json", "w") as f:
+            json.dump({"summary": keep, "log": log}, f)
+
+    wd = _built_once(tmp_path_factory, "reference_run", run)
+    if ran:
+        return cfg, wd, ran["summary"], ran["log"]
+    import jax
+    from sdxl_jax import checkpoint as ckpt_lib
+    with open(f"{wd}.json") as f:
+        saved = json.load(f)
+    ck = ckpt_lib.Checkpointer(f"{wd}/checkpoints", read_only=True)
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def read(which):
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host),
+                                ck.saved_tree(REFERENCE_STEPS, which))
+        return ck.restore_params(REFERENCE_STEPS, abstract, which, on_host=True)[0]
+    try:
+        trees = [read(which) for which in ("params", "ema_params")]
+    finally:
+        ck.close()
+    summary = dict(saved["summary"], state=_Finished(*trees))
+    return cfg, wd, summary, [tuple(x) for x in saved["log"]]
 
 
 # The suite runs on 2 xdist workers, one test module per worker at a time (pytest.ini). The
 # modules that compile train steps and run training subprocesses go first, longest first, so
 # the quick modules fill in behind them instead of leaving one worker alone at the end.
-_LONGEST_FIRST = ("test_reliability", "test_train", "test_trainable", "test_accumulation", "test_multihost",
+_LONGEST_FIRST = ("test_reliability", "test_scale", "test_train", "test_attention", "test_multihost",
+                  "test_trainable", "test_accumulation", "test_sources",
                   "test_vae_decoder", "test_lora_interop", "test_cli_errors", "test_demo_vae", "test_sample",
-                  "test_lora_runs", "test_scale", "test_interop", "test_attention", "test_sharding_golden",
+                  "test_lora_runs", "test_interop", "test_sharding_golden",
                   "test_models", "test_tfds", "test_export_safety", "test_checkpoints", "test_runs",
                   "test_step_sweep", "test_workdir_lock")
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import held_out_loss, tiny_config, unet_program
+from helpers import held_out_loss, override, tiny_config, unet_program
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import models, parallel
 from sdxl_jax.train.loop import train
@@ -77,10 +77,11 @@ def test_checkpoint_from_8_devices_restores_on_4(straight_run):
     jax.tree.map(np.testing.assert_array_equal, _params_np(summary["state"]), _params_np(restored.state))
 
 
-def test_sharded_step_equals_single_device(demo_cache):
-    """Same global batch, same initial state: 8-device FSDP×data step == 1-device step."""
+def test_sharded_step_equals_single_device(straight_run, demo_cache):
+    """Same global batch, same initial state: 8-device FSDP×data step == 1-device step (the
+    8-device program is the reference run's: same config and schedule length)."""
     from sdxl_jax.data import make_train_iterator
-    cfg = tiny_config(**{"data.cache_dir": demo_cache})  # 4×2 data×FSDP mesh
+    cfg = straight_run[0]  # 4×2 data×FSDP mesh
     tok_l, tok_g = models.get_tokenizers("tiny")
     tokenize = lambda c: (models.tokenize(tok_l, c, 1), models.tokenize(tok_g, c, 1))  # noqa: E731
     it = make_train_iterator(cfg, demo_cache, tokenize, 0, 1, 8, 8)
@@ -90,7 +91,7 @@ def test_sharded_step_equals_single_device(demo_cache):
     frozen = {k: models.init_params(k, "tiny", jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
     results = []
     for devices, fsdp in ((jax.devices()[:8], 2), (jax.devices()[:1], 1)):
-        prog = unet_program(tiny_config(**{"mesh.fsdp": fsdp}), devices)
+        prog = unet_program(override(cfg.copy_and_resolve_references(), {"mesh.fsdp": fsdp}), devices, STEPS)
         state = prog.init_state(params, jax.random.PRNGKey(1))
         new_state, metrics = prog.step(state, jax.device_put(frozen, prog.frozen_shardings),
                                        parallel.global_batch(batch, prog.plan.mesh))

@@ -3,6 +3,9 @@
 of the final params.
 
     python tests/train_driver.py WORKDIR LOGFILE [key=value ...]   (values parsed as JSON)
+
+When a `train()` call returns, its losses ("loss STEP VALUE") and "run START_STEP END_STEP" are
+appended to the log.
 """
 import hashlib
 import json
@@ -44,10 +47,17 @@ def main():
     from helpers import tiny_config
     from sdxl_jax.train.loop import train
     overrides = {k: json.loads(v) for k, v in (p.split("=", 1) for p in pairs)}
-    summary = train(tiny_config(**overrides), workdir, batch_log=FileLog(logfile))
+    # SDXL_JAX_TEST_RESTART_AT=N: stop after step N, then resume in the same process (a restart
+    # from the checkpoint without paying for a second process start)
+    restart = os.environ.get("SDXL_JAX_TEST_RESTART_AT")
+    log = FileLog(logfile)
+    for max_steps in ([int(restart)] if restart else []) + [None]:
+        summary = train(tiny_config(**overrides), workdir, max_steps=max_steps, batch_log=log)
+        with open(logfile, "a") as f:
+            for i, loss in enumerate(summary["losses"]):
+                f.write(f"loss {summary['start_step'] + i + 1} {loss!r}\n")
+            f.write(f"run {summary['start_step']} {summary['end_step']}\n")
     with open(logfile, "a") as f:
-        for i, loss in enumerate(summary["losses"]):
-            f.write(f"loss {summary['start_step'] + i + 1} {loss!r}\n")
         f.write(f"final {summary['stopped']} {summary['end_step']} {params_digest(summary['state'].params)}\n")
 
 
