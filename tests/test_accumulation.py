@@ -116,6 +116,37 @@ def test_schedule_optimizer_and_ema_count_optimizer_steps():
     assert last < 0.05 * first
 
 
+def test_weights_are_cast_and_gathered_per_micro_step_not_hoisted_out_of_the_scan():
+    """XLA's while-loop-invariant code motion would hoist every layer's bf16 cast and FSDP
+    all-gather out of the accumulation scan, keeping all gathered weights alive for the whole
+    loop (the SDXL default at k=2 needed 23.35 instead of 14.39 GiB per device). The step must
+    need exactly the memory of the same program compiled with that pass disabled."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    layers, width = 8, 512
+    w_sharding = NamedSharding(mesh, PartitionSpec(None, "fsdp"))
+    params = {f"w{i}": jax.ShapeDtypeStruct((width, width), jnp.float32, sharding=w_sharding)
+              for i in range(layers)}
+    batch = {"x": jax.ShapeDtypeStruct((32, width), jnp.float32,
+                                       sharding=NamedSharding(mesh, PartitionSpec()))}
+
+    def grad_fn(p, frozen, mb, ctx):
+        def loss_fn(p):
+            h = mb["x"].astype(jnp.bfloat16)
+            for i in range(layers):
+                h = jnp.tanh(h @ p[f"w{i}"].astype(jnp.bfloat16))
+            return jnp.mean(h.astype(jnp.float32) ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        return loss, grads, {}
+
+    shardings = {k: w_sharding for k in params}
+    lowered = jax.jit(lambda p, b: accumulate(grad_fn, p, None, b, jax.random.PRNGKey(0),
+                                              jnp.int32(0), 4, shardings)).lower(params, batch)
+    temp = lambda **opts: lowered.compile(compiler_options=opts).memory_analysis().temp_size_in_bytes  # noqa: E731
+    per_micro_step = temp(xla_disable_hlo_passes="while-loop-invariant-code-motion")
+    assert temp() <= 1.01 * per_micro_step  # without the barrier in `accumulate`: 1.10×
+
+
 @pytest.fixture(scope="module")
 def unet_batch(demo_cache):
     from sdxl_jax.data import make_train_iterator

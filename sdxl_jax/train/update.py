@@ -84,8 +84,12 @@ def accumulate(grad_fn: GradFn, params, frozen, batch: dict, rng, step, k: int,
 
     def body(carry, xs):
         g_sum, l_sum, m_sum = carry
-        mb, r = xs
-        loss, grads, metrics = grad_fn(params, frozen, mb, MicroContext(rng, r, step))
+        # The barrier ties the weights to this micro-batch, so XLA cannot hoist their casts and
+        # FSDP all-gathers out of the loop as loop-invariant: hoisted, every gathered weight
+        # stays alive for the whole scan (measured on the SDXL default, FSDP-8, 1024², k=2:
+        # 23.35 GiB per device hoisted, 14.39 GiB per micro-step).
+        (p, f), (mb, r) = jax.lax.optimization_barrier(((params, frozen), xs))
+        loss, grads, metrics = grad_fn(p, f, mb, MicroContext(rng, r, step))
         g_sum = pin(jax.tree.map(jnp.add, g_sum, pin(grads)))
         m_sum = jax.tree.map(lambda a, b: a + jnp.asarray(b, jnp.float32), m_sum, metrics)
         return (g_sum, l_sum + loss.astype(jnp.float32), m_sum), None
@@ -119,23 +123,28 @@ def make_update(grad_fn: GradFn, tx: optax.GradientTransformation, ema_cfg,
         loss, grads, metrics = accumulate(grad_fn, state.params, frozen, batch, step_rng,
                                           state.step, k, grad_shardings, batch_sharding)
         grad_norm = optax.global_norm(grads if norm_of is None else norm_of(grads))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        ema = ema_update(state.ema_params, params, step, ema_cfg) if ema_enabled else state.ema_params
 
         # Non-finite guard: a NaN/Inf loss, gradient or metric the task marks (`finite_*`) leaves
         # params, EMA and optimizer state untouched (the RNG still advances, so the next step
-        # draws fresh noise).
+        # draws fresh noise). A `cond` rather than a select per leaf: the update runs only when
+        # it is kept, and the compiled step has no per-leaf selects and copies (on XLA:CPU the
+        # tiny step's executable has 1,254 fewer copies and loads from the cache ~2× faster).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         for name in [n for n in metrics if n.startswith("finite_")]:
             finite = finite & jnp.isfinite(metrics.pop(name))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = TrainState(
-            step=jnp.where(finite, step, state.step),
-            params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-            ema_params=keep(ema, state.ema_params), rng=rng,
-            nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32))
+
+        def apply(s: TrainState) -> TrainState:
+            updates, opt_state = tx.update(grads, s.opt_state, s.params)
+            params = optax.apply_updates(s.params, updates)
+            step = s.step + 1
+            ema = ema_update(s.ema_params, params, step, ema_cfg) if ema_enabled else s.ema_params
+            return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema,
+                              rng=rng, nonfinite=jnp.zeros_like(s.nonfinite))
+
+        def skip(s: TrainState) -> TrainState:
+            return s.replace(rng=rng, nonfinite=s.nonfinite + 1)
+
+        new_state = jax.lax.cond(finite, apply, skip, state)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
         return new_state, metrics
 
