@@ -125,3 +125,20 @@ def test_config_is_locked_against_misspelt_keys():
 def test_sdxl_preset_requires_pretrained_weights():
     with pytest.raises(ConfigError, match="model.pretrained"):
         validate(config("ztsnr:sdxl"), num_devices=8)
+
+
+def test_a_program_is_built_once_per_fingerprint_and_plan(monkeypatch):
+    """A second train() of the same run in one process reuses its program (no second trace or
+    lowering); another fingerprint or another mesh builds a new one."""
+    from sdxl_jax.train import program
+    built = []
+    monkeypatch.setattr(program, "build_program", lambda spec, plan: built.append((spec, plan)) or object())
+    monkeypatch.setattr(program, "_PROGRAMS", {})
+    cfg = config("ztsnr:tiny").mesh
+    cfg.data, cfg.fsdp = -1, 2
+    eight, four = (parallel.ShardingPlan.from_config(cfg, d) for d in (jax.devices(), jax.devices()[:4]))
+    first = program.cached_program("run A", lambda: "spec A", eight)
+    assert program.cached_program("run A", lambda: "spec A", eight) is first
+    assert program.cached_program("run B", lambda: "spec B", eight) is not first
+    assert program.cached_program("run A", lambda: "spec A", four) is not first
+    assert [spec for spec, _ in built] == ["spec A", "spec B", "spec A"]

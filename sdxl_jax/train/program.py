@@ -90,6 +90,24 @@ def build_program(spec: ProgramSpec, plan: parallel.ShardingPlan) -> Program:
     return Program(spec, plan, abstract_state, shardings, frozen_shardings, step, micro_rows, update)
 
 
+# Programs built in this process, by (fingerprint of everything their spec is built from, plan).
+_PROGRAMS: dict = {}
+
+
+def cached_program(fingerprint: str, make_spec: Callable[[], ProgramSpec],
+                   plan: parallel.ShardingPlan) -> Program:
+    """`build_program(make_spec(), plan)`, built once per process for each `fingerprint` and
+    plan. A task's spec is a pure function of its config and a few values it derives from data
+    (the latent statistics), which is what the tasks put in the fingerprint. A second `train()`
+    of the same run in one process (an in-process restart, a notebook, the test suite) then
+    neither traces nor lowers its step again: ~25 s a call on the tiny model on CPU."""
+    key = (fingerprint, plan)
+    program = _PROGRAMS.get(key)
+    if program is None:
+        program = _PROGRAMS[key] = build_program(make_spec(), plan)
+    return program
+
+
 class CompiledStep:
     """AOT-compiles the step once per batch-shape signature (one per bucket) and counts it.
 
@@ -105,6 +123,7 @@ class CompiledStep:
             out_shardings=(state_shardings, parallel.replicated(mesh)),
             donate_argnums=(0,))
         self._compiled: dict = {}
+        self._lowered: dict = {}  # lowered, not yet compiled: by batch signature
         self.on_compile = None  # called with each new executable (the trainer's fit check)
 
     @staticmethod
@@ -116,14 +135,21 @@ class CompiledStep:
         return len(self._compiled)
 
     def lower(self, state, frozen, batch):
-        return self._jitted.lower(state, frozen, batch)
+        """The step lowered for this batch signature, kept until `compiled_for` compiles it: a
+        tool that reads the lowered cost analysis first does not trace the step twice."""
+        key = self.signature(batch)
+        if key not in self._lowered:
+            self._lowered[key] = self._jitted.lower(state, frozen, batch)
+        return self._lowered[key]
 
     def compiled_for(self, state, frozen, batch):
         """The executable for this batch signature (arrays or ShapeDtypeStructs), compiled once."""
         key = self.signature(batch)
         fn = self._compiled.get(key)
         if fn is None:
-            fn = self._compiled[key] = _compile_once(self.lower(state, frozen, batch), self._mesh)
+            lowered = self.lower(state, frozen, batch)
+            fn = self._compiled[key] = _compile_once(lowered, self._mesh)
+            del self._lowered[key]
             parallel.host_barrier(f"compiled_step_{len(self._compiled)}")
             if self.on_compile is not None:
                 self.on_compile(fn)

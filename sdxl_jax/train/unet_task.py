@@ -3,6 +3,7 @@ stages, previews and validation, as a `loop.Task`."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 
@@ -11,9 +12,9 @@ import jax.numpy as jnp
 
 from sdxl_jax import parallel
 from sdxl_jax.train import optim
-from sdxl_jax.train.common import demo_images, package_versions
+from sdxl_jax.train.common import config_json, demo_images, package_versions
 from sdxl_jax.train.loop import Stage, Task
-from sdxl_jax.train.program import ProgramSpec, build_program
+from sdxl_jax.train.program import ProgramSpec, cached_program
 from sdxl_jax.train.state import init_state
 from sdxl_jax.train.step import NUM_T_BINS, StepConfig, unet_grad_fn
 from sdxl_jax.train.trainable import frozen_values, initial_params
@@ -220,7 +221,8 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     mean, std = latent_stats(cfg, stage_data(stages[0]))
     total_steps = stages[-1]["end_step"]
     tr = describe_trainable(cfg, total_steps=total_steps)
-    program = build_program(_spec(cfg, tr, mean, std), plan)
+    fingerprint = json.dumps(["unet", config_json(cfg), total_steps, mean, std], sort_keys=True)
+    program = cached_program(fingerprint, lambda: _spec(cfg, tr, mean, std), plan)
 
     preset = cfg.model.preset
     # the run's sources (float32, placed straight onto the mesh): what a fresh run starts from,

@@ -18,6 +18,7 @@ stays decoder-only.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,9 +32,9 @@ from sdxl_jax import parallel
 from sdxl_jax.models.vae_parts import encoder_fingerprint, merge_vae_params, split_vae_params
 from sdxl_jax.train import optim
 from sdxl_jax.train import vae_losses as L
-from sdxl_jax.train.common import demo_images, package_versions
+from sdxl_jax.train.common import config_json, demo_images, package_versions
 from sdxl_jax.train.loop import Stage, Task
-from sdxl_jax.train.program import ProgramSpec, build_program
+from sdxl_jax.train.program import ProgramSpec, cached_program
 from sdxl_jax.train.state import init_state
 from sdxl_jax.train.update import per_sample_keys
 
@@ -256,7 +257,9 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     plan = parallel.ShardingPlan.from_config(cfg.mesh)
     preset, total_steps = cfg.model.preset, int(cfg.train.steps)
     perceptual = L.load_perceptual(cfg.loss.perceptual_weights) if cfg.loss.perceptual_weights else None
-    program = build_program(program_spec(cfg, total_steps, perceptual), plan)
+    shapes = jax.tree.map(lambda x: [list(x.shape), str(x.dtype)], perceptual)
+    fingerprint = json.dumps(["vae_decoder", config_json(cfg), total_steps, shapes], sort_keys=True)
+    program = cached_program(fingerprint, lambda: program_spec(cfg, total_steps, perceptual), plan)
     train_encoder = bool(cfg.model.train_encoder)
 
     vae_sh = plan.shardings(models.abstract_params("vae", preset))
