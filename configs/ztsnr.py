@@ -33,9 +33,8 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # uses float32: XLA:CPU has no bf16 speed-up and compiles bf16 graphs ~2× slower.
     m.dtype = "float32" if tiny else "bfloat16"
     # Memory (docs/memory.md): remat every block and chunked attention give 13.25 GiB per device at
-    # 1024², per-device batch 1, FSDP-8 without accumulation; with the in-step accumulation of the
-    # defaults (k ≥ 2) the estimate is 23.35 GiB, 14.39 GiB with XLA_FLAGS=
-    # --xla_disable_hlo_passes=while-loop-invariant-code-motion (issue 15). Tiny needs neither.
+    # 1024², per-device batch 1, FSDP-8 without accumulation, and 15.23 GiB with the in-step
+    # accumulation of the defaults (k = 2 measured). Tiny needs neither.
     m.remat = "none" if tiny else "blocks"  # gradient checkpointing: "none" | "blocks" | "dots"
     # "standard" | "memory_efficient" (chunked) | "dot_product" (jax.nn.dot_product_attention:
     # cuDNN flash on NVIDIA with bf16) | "splash" (Pallas, TPU) | "auto" (the backend's kernel)
