@@ -26,12 +26,13 @@ from sdxl_jax import cli
 PROMPT = "completely black"
 
 
-def run_config(ztsnr: str, steps: int, cache_dir: str):
+def run_config(ztsnr: str, steps: int, cache_dir: str, vae_steps: int = 800):
     from sdxl_jax.config import load_config
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ztsnr.py") + ":tiny")
     cfg.schedule.ztsnr = ztsnr
     cfg.train.steps = steps
     cfg.data.cache_dir = cache_dir
+    cfg.data.demo_vae_steps = vae_steps  # the demo's own VAE (the demo preset defaults to none)
     cfg.sample.every_steps = 0
     cfg.checkpoint.every_steps = steps
     # one 256² bucket (every demo image cropped into it): one compiled step per run
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     block_torch()
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--vae-steps", type=int, default=800, help="steps of the demo VAE (trained once, reused)")
     p.add_argument("--workdir", default="runs/black_check")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--png", default="", help="write the side-by-side picture here (e.g. docs/black_check.png)")
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     cache = os.path.join(a.workdir, "cache")
     rows, pictures = [], []
     for mode in ("rescale", "off"):
-        cfg = run_config(mode, a.steps, cache)
+        cfg = run_config(mode, a.steps, cache, a.vae_steps)
         cfg.model.vae_workdir = os.path.abspath(find_or_train(cfg, a.workdir, demo_images(cfg, a.workdir)))
         wd = os.path.join(a.workdir, f"ztsnr_{mode}")
         ensure_cache(cfg, cache, a.workdir)

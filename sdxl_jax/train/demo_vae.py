@@ -66,6 +66,9 @@ def finished(path: str, digest: str) -> bool:
 def find_or_train(unet_cfg, workdir: str, images_dir: str) -> str:
     """The run directory of a demo VAE trained with these settings (trained here if none is)."""
     from sdxl_jax.train.loop import train
+    if int(unet_cfg.data.demo_vae_steps) <= 0:
+        raise ValueError(f"data.demo_vae_steps={unet_cfg.data.demo_vae_steps}: the demo VAE needs "
+                         "training steps (800 reach 22 dB held-out PSNR)")
     vcfg = vae_config(unet_cfg, images_dir)
     digest = settings_hash(vcfg, unet_cfg.data.demo_size)
     local = os.path.join(workdir, "demo_vae", digest)
