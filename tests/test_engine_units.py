@@ -137,8 +137,8 @@ def test_a_program_is_built_once_per_fingerprint_and_plan(monkeypatch):
     cfg = config("ztsnr:tiny").mesh
     cfg.data, cfg.fsdp = -1, 2
     eight, four = (parallel.ShardingPlan.from_config(cfg, d) for d in (jax.devices(), jax.devices()[:4]))
-    first = program.cached_program("run A", lambda: "spec A", eight)
-    assert program.cached_program("run A", lambda: "spec A", eight) is first
-    assert program.cached_program("run B", lambda: "spec B", eight) is not first
-    assert program.cached_program("run A", lambda: "spec A", four) is not first
+    first = program.cached_program(["run A"], lambda: "spec A", eight)
+    assert program.cached_program(["run A"], lambda: "spec A", eight) is first
+    assert program.cached_program(["run B"], lambda: "spec B", eight) is not first
+    assert program.cached_program(["run A"], lambda: "spec A", four) is not first
     assert [spec for spec, _ in built] == ["spec A", "spec B", "spec A"]

@@ -6,6 +6,7 @@ tool can never measure a different step from the one that trains (maxtext's trai
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -94,14 +95,14 @@ def build_program(spec: ProgramSpec, plan: parallel.ShardingPlan) -> Program:
 _PROGRAMS: dict = {}
 
 
-def cached_program(fingerprint: str, make_spec: Callable[[], ProgramSpec],
+def cached_program(fingerprint: list, make_spec: Callable[[], ProgramSpec],
                    plan: parallel.ShardingPlan) -> Program:
-    """`build_program(make_spec(), plan)`, built once per process for each `fingerprint` and
-    plan. A task's spec is a pure function of its config and a few values it derives from data
-    (the latent statistics), which is what the tasks put in the fingerprint. A second `train()`
-    of the same run in one process (an in-process restart, a notebook, the test suite) then
-    neither traces nor lowers its step again: ~25 s a call on the tiny model on CPU."""
-    key = (fingerprint, plan)
+    """`build_program(make_spec(), plan)`, built once per process for each `fingerprint` (JSON
+    values) and plan. A task's spec is a pure function of its config and a few values it derives
+    from data (the latent statistics), which is what the tasks put in the fingerprint. A second
+    `train()` of the same run in one process (an in-process restart, a notebook, the test suite)
+    then neither traces nor lowers its step again: ~25 s a call on the tiny model on CPU."""
+    key = (json.dumps(fingerprint, sort_keys=True), plan)
     program = _PROGRAMS.get(key)
     if program is None:
         program = _PROGRAMS[key] = build_program(make_spec(), plan)

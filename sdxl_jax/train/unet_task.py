@@ -3,7 +3,6 @@ stages, previews and validation, as a `loop.Task`."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 
@@ -221,8 +220,8 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     mean, std = latent_stats(cfg, stage_data(stages[0]))
     total_steps = stages[-1]["end_step"]
     tr = describe_trainable(cfg, total_steps=total_steps)
-    fingerprint = json.dumps(["unet", config_json(cfg), total_steps, mean, std], sort_keys=True)
-    program = cached_program(fingerprint, lambda: _spec(cfg, tr, mean, std), plan)
+    program = cached_program(["unet", config_json(cfg), total_steps, mean, std],
+                             lambda: _spec(cfg, tr, mean, std), plan)
 
     preset = cfg.model.preset
     # the run's sources (float32, placed straight onto the mesh): what a fresh run starts from,

@@ -18,7 +18,6 @@ stays decoder-only.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -258,8 +257,8 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     preset, total_steps = cfg.model.preset, int(cfg.train.steps)
     perceptual = L.load_perceptual(cfg.loss.perceptual_weights) if cfg.loss.perceptual_weights else None
     shapes = jax.tree.map(lambda x: [list(x.shape), str(x.dtype)], perceptual)
-    fingerprint = json.dumps(["vae_decoder", config_json(cfg), total_steps, shapes], sort_keys=True)
-    program = cached_program(fingerprint, lambda: program_spec(cfg, total_steps, perceptual), plan)
+    program = cached_program(["vae_decoder", config_json(cfg), total_steps, shapes],
+                             lambda: program_spec(cfg, total_steps, perceptual), plan)
     train_encoder = bool(cfg.model.train_encoder)
 
     vae_sh = plan.shardings(models.abstract_params("vae", preset))
