@@ -1,14 +1,20 @@
-"""LoRA / LoCon / LoKr adapters (sdxl_jax/adapters): targets, init, the in-step merge, host
-merges and file round trips, on the tiny preset, against float64 numpy recomputations.
+"""LoRA / LoCon / LoKr adapters (sdxl_jax/adapters): targets, init, the in-step merge, the
+factorised in-step LoRA against it, host merges and file round trips, on the tiny preset,
+against float64 numpy recomputations.
 """
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdxl_jax.adapters import (AdapterConfig, abstract_adapters, apply_adapters, export_lora,
-                               init_adapters, kohya_layout, make_plan, merge_params, read_lora)
-from sdxl_jax.models import init_params
+from sdxl_jax.adapters import (AdapterConfig, Intercepted, Target, abstract_adapters, adapt,
+                               apply_adapters, export_lora, init_adapters, kohya_layout,
+                               make_plan, merge_params, read_lora)
+from sdxl_jax.models import build_text_encoders, encode_text, init_params, presets, unet_apply
+from sdxl_jax.models.remat import build_unet_variant
 from sdxl_jax.models.convert import flat_leaves
 from sdxl_jax.models.safetensors_io import SafetensorsFile, WeightsError
 
@@ -172,6 +178,160 @@ def test_rank_dropout_drops_whole_rank_components(base):
         assert np.allclose(c, np.round(c), atol=1e-3) and set(np.round(c)) <= {0.0, 2.0}, c
         kept_sets.add(tuple(np.round(c)))
     assert len(kept_sets) > 1  # a fresh mask per step
+
+
+# ---- the factorised in-step LoRA --------------------------------------------------------------
+
+class _Toy(nn.Module):
+    """A strided 3×3 conv, a 1×1 conv and a Dense: every layer kind LoRA / LoCon targets."""
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(6, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                    name="conv")(x)
+        h = nn.Conv(5, (1, 1), padding="VALID", dtype=self.dtype, name="shortcut")(h)
+        return nn.Dense(7, dtype=self.dtype, name="proj")(h)
+
+
+def toy_setup():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 4)), jnp.float32)
+    params = _Toy().init(jax.random.key(0), x)["params"]
+    plan = {"unet": {("conv",): Target("lora", "conv", (3, 3, 4, 6), 2, 3.0),
+                     ("proj",): Target("lora", "linear", (5, 7), 3, 1.5),
+                     ("shortcut",): Target("lora", "conv", (1, 1, 6, 5), 2, 2.0)}}
+    return x, {"unet": params}, plan, randomised(init_adapters(plan, seed=0), seed=6, std=0.3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_factorised_layers_equal_the_merged_ones(dtype):
+    """conv(x; W + ΔW) = conv(x; W) + up(conv(x; down)): the branch keeps the layer's strides
+    and padding, and runs in the layer's compute dtype."""
+    x, base, plan, ad = toy_setup()
+    toy = _Toy(dtype=jnp.dtype(dtype))
+    want = toy.apply({"params": apply_adapters(base, ad, plan, 0.8)["unet"]}, x)
+    params, branches = adapt(base, ad, plan, 0.8)
+    assert params["unet"] is base["unet"]  # no merged kernel
+    got = Intercepted(toy, branches["unet"]).apply({"params": params["unet"]}, x)
+    assert got.dtype == want.dtype == jnp.dtype(dtype)
+    plain = toy.apply({"params": base["unet"]}, x)
+    assert float(jnp.max(jnp.abs(want - plain))) > 0.1  # the adapters matter
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def perturbed(base):
+    """The tiny UNet params with every leaf perturbed (init leaves conv_out at 0: output 0)."""
+    rng = np.random.default_rng(0)
+    return {"unet": jax.tree.map(
+        lambda x: jnp.asarray(np.asarray(x) + 0.02 * rng.standard_normal(x.shape), jnp.float32),
+        base["unet"])}
+
+
+def unet_inputs():
+    rng = np.random.default_rng(2)
+    cfg = presets.unet_config(PRESET)
+    return (rng.standard_normal((2, 16, 16, 4)).astype(np.float32), np.array([10.0, 900.0]),
+            rng.standard_normal((2, 77, cfg["cross_attention_dim"])).astype(np.float32),
+            rng.standard_normal((2, presets.text_g_config(PRESET)["projection_dim"])
+                                ).astype(np.float32),
+            np.array([[256, 256, 0, 0, 256, 256], [128, 192, 16, 8, 128, 192]], np.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def unet_vjp(remat: str, form: str):
+    """jit((base, adapters, plan, cotangent) -> (UNet output, d<output, cotangent>/d adapters))
+    with the adapters merged ("merged") or factorised ("factorised")."""
+    unet = build_unet_variant(PRESET, "float32", remat=remat)
+    x = unet_inputs()
+
+    def run(base, ad, plan):
+        if form == "merged":
+            return unet_apply(unet, apply_adapters(base, ad, plan)["unet"], *x)
+        params, branches = adapt(base, ad, plan)
+        return unet_apply(Intercepted(unet, branches["unet"]), params["unet"], *x)
+
+    def fn(base, ad, plan, ct):
+        out, pull = jax.vjp(lambda a: run(base, a, plan), ad)
+        return out, pull(ct)[0]
+    return jax.jit(fn, static_argnums=2)
+
+
+class _Static(dict):
+    """A plan usable as a jit static argument (hashable by identity)."""
+    __hash__ = object.__hash__
+
+
+@pytest.fixture(scope="module")
+def unet_conv_plan(conv_plan):
+    return _Static(unet=conv_plan["unet"])
+
+
+@pytest.mark.parametrize("remat", ["none", "blocks"])
+def test_factorised_unet_equals_merged_with_its_gradients(perturbed, unet_conv_plan, remat):
+    ad = randomised(init_adapters(unet_conv_plan, seed=0), seed=7)
+    ct = jnp.asarray(np.random.default_rng(3).standard_normal((2, 16, 16, 4)), jnp.float32)
+    want, g_want = unet_vjp(remat, "merged")(perturbed, ad, unet_conv_plan, ct)
+    got, g_got = unet_vjp(remat, "factorised")(perturbed, ad, unet_conv_plan, ct)
+    big = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * big)
+    g_big = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_want))
+    assert g_big > 0
+    # atol: float32 sums of ~1e3 terms (the conv adapters' gradients reach ~10); and the
+    # resnets' time_emb_proj adapters get ~1e-8 gradients of pure rounding noise (a per-channel
+    # shift that the next GroupNorm, one channel per group in tiny, removes)
+    for (path, g), h in zip(jax.tree_util.tree_flatten_with_path(g_want)[0],
+                            jax.tree.leaves(g_got)):
+        np.testing.assert_allclose(h, g, rtol=1e-4, atol=1e-5 * g_big,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_zero_initialised_factorised_unet_is_the_base_bitwise(perturbed, unet_conv_plan):
+    """B = 0: every targeted layer returns y + 0 = y. Checked op by op (no jit): compiled, the
+    extra add changes how XLA rewrites the ops around a layer (seen with the attn2/to_q targets
+    of tiny on CPU, ~1e-6 relative), a last-bit difference that is not the adapter's."""
+    ad = init_adapters(unet_conv_plan, seed=0)  # lora_up = 0
+    unet = build_unet_variant(PRESET, "float32")
+    x = unet_inputs()
+    params, branches = adapt(perturbed, ad, unet_conv_plan)
+    with jax.disable_jit():
+        got = unet_apply(Intercepted(unet, branches["unet"]), params["unet"], *x)
+        plain = unet_apply(unet, perturbed["unet"], *x)
+    assert float(jnp.max(jnp.abs(plain))) > 0.1
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(plain))
+
+
+def test_factorised_rank_dropout_equals_merged_in_the_text_encoders(base):
+    """Rank dropout masks the r-dim activation (factorised) or the factors (merged): the same
+    ΔW, the same draw for one key; through transformers' CLIP towers (default text targets)."""
+    plan = _Static(make_plan(base, AdapterConfig(rank=8, alpha=4.0, models=("text_l", "text_g"))))
+    ad = randomised(init_adapters(plan, seed=0), seed=8)
+    text_l, text_g = build_text_encoders(PRESET, "float32")
+    ids = np.random.default_rng(4).integers(3, 1000, (2, 77)).astype(np.int32)
+
+    def run(a, key, form, p_drop):
+        kw = dict(rng=key, rank_dropout=p_drop)
+        if form == "merged":
+            p, tl, tg = apply_adapters(base, a, plan, **kw), text_l, text_g
+        else:
+            p, branches = adapt(base, a, plan, **kw)
+            tl, tg = Intercepted(text_l, branches["text_l"]), Intercepted(text_g, branches["text_g"])
+        return encode_text(tl, tg, p["text_l"], p["text_g"], ids, ids, 1)
+
+    @functools.partial(jax.jit, static_argnums=(2, 3))
+    def value_and_grad(a, key, form, p_drop):
+        return jax.value_and_grad(lambda a: sum(jnp.sum(jnp.sin(o)) for o in run(a, key, form, p_drop)))(a)
+
+    key = jax.random.key(11)
+    want, g_want = value_and_grad(ad, key, "merged", 0.5)
+    got, g_got = value_and_grad(ad, key, "factorised", 0.5)
+    undropped, _ = value_and_grad(ad, key, "factorised", 0.0)
+    assert abs(float(undropped) - float(want)) > 1e-3  # the mask did something
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    g_big = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_want))
+    for g, h in zip(jax.tree.leaves(g_want), jax.tree.leaves(g_got)):
+        np.testing.assert_allclose(h, g, rtol=1e-4, atol=1e-6 * g_big)
 
 
 # ---- files ------------------------------------------------------------------------------------

@@ -1,21 +1,35 @@
 """LoRA / LoCon / LoKr adapters as a pure function of (frozen base params, adapter params).
 
-METHODS §14. Nothing intercepts the Flax modules: `apply_adapters(base, adapters, plan)`
-returns a params tree in which every targeted kernel is replaced by W + s·ΔW, computed inside
-the jitted step, and the unchanged model runs on it. So
-- the base tree is never modified or extended (checkpoints of the base load unchanged) and
-  any Flax module works, remat'd or not (UNet, both CLIP text encoders);
-- jax.grad with respect to `adapters` alone gives the adapter gradients; the optimizer state
-  and EMA exist only for the adapter tree;
-- a zero-initialised adapter (B = 0) leaves every kernel bit-identical: W → f32 → + 0 → W.
+METHODS §14. The base tree is never modified or extended (checkpoints of the base load
+unchanged), jax.grad with respect to `adapters` alone gives the adapter gradients, and the
+optimizer state and EMA exist only for the adapter tree. Inside the jitted step (`adapt`):
+- LoRA / LoCon run factorised, as kohya's modules do: y = layer(x; W) + s·up(down(x)), added
+  by a `flax.linen.intercept_methods` interceptor around the model's apply (`lora_interceptor`,
+  `Intercepted`) to the `__call__` of each targeted nn.Dense / nn.Conv, found by its module
+  path. No merged kernel and no dL/dW exist: the backward pass forms dL/dx through the frozen
+  W and the small dL/dA, dL/dB (the merged form held a merged copy and a full dL/dW of every
+  targeted kernel across the step; SDXL rank 32 at 1024² on one device went from 23.79 to
+  18.88 GiB, README). The branch runs in the layer's compute dtype (bf16 in real runs; the
+  adapter params are cast to it), down is the layer itself with r outputs (a k×k LoCon conv
+  keeps its strides and padding), up a 1×1 projection. It works in any Flax model (diffusers'
+  UNet under every model.remat mode, the branch recomputed with its block; transformers' CLIP
+  text encoders). A zero-initialised adapter (B = 0) adds an exact 0 to every targeted layer
+  (op by op the output is bit-identical to the base model's; compiled, XLA may rewrite the
+  neighbouring ops differently: a last-bit difference).
+- LoKr keeps the merged form (`apply_adapters`: each targeted kernel replaced by W + s·ΔW,
+  cast back to W's dtype, and the unchanged model runs on that tree): its Kronecker product
+  has no cheap factorised form, so its backward pass forms dL/dW of each targeted kernel (as
+  full fine-tuning of those layers does) before projecting onto the factors.
+Previews, validation (`apply_adapters`, merged once per evaluation) and exports
+(`merge_params`, on the host) run on merged kernels.
 
 Why not qwix (Google's LoraProvider, which intercepts dot_general / conv): qwix 0.1.8
 installs with jax 0.10.2 / flax 0.12.8, but `apply_lora_to_model(FlaxUNet2DConditionModel)`
 fails (its module copy drops diffusers' `config`: AttributeError in setup); through a wrapper
 module it works, but then the adapter leaves live inside the base tree (`kernel_lora_a` next
 to `kernel`) under an extra path level, it has no LoKr, and the kohya/PEFT files need our own
-names anyway. The cost of merging instead: the backward pass forms dL/dW for each targeted
-kernel (as full fine-tuning of those layers does) before projecting onto A and B.
+names anyway. Flax's own method interception gives the same factorised compute with the
+adapter tree kept apart.
 
 Layout of the adapter params: a nested dict mirroring each model's module path, holding the
 tensors exactly as the kohya file stores them (PyTorch orientation), so export is a rename:
@@ -25,9 +39,10 @@ tensors exactly as the kohya file stores them (PyTorch orientation), so export i
 up the 1×1 conv), or (α/r)·(w1 ⊗ (w2_a·w2_b)) for LoKr (ComfyUI's and LyCORIS's scale: alpha
 over w2_b's rank). α and r are static (the `Plan`), never trained.
 
-Dropout: input dropout cannot be expressed on merged weights. `rank_dropout` (LyCORIS's
-rank_dropout) drops whole rank components of ΔW, one Bernoulli mask per targeted layer per
-step, shared by the batch, rescaled by 1/(1-p). No module dropout.
+Dropout: `rank_dropout` (LyCORIS's rank_dropout) drops whole rank components of ΔW, one
+Bernoulli mask per targeted layer per step (`rank_masks`), shared by the batch, rescaled by
+1/(1-p): on the r-dim activation in the factorised form, on the factors in the merged one
+(the same ΔW). No input or module dropout (the merged LoKr form cannot express them).
 """
 from __future__ import annotations
 
@@ -37,6 +52,7 @@ import re
 import zlib
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,31 +261,117 @@ def delta_flax(t: Target, p: dict, xp=jnp, mask=None):
     return xp.transpose(d, (2, 3, 1, 0)) if d.ndim == 4 else d.T
 
 
+def rank_masks(plan: Plan, rng=None, rank_dropout: float = 0.0) -> dict:
+    """{name: {path: (rank,) float32 mask or None}}: rank dropout's keep mask of each target,
+    rescaled by 1/(1-p), one draw per target per `rng` (None everywhere when p = 0)."""
+    if rank_dropout > 0.0 and rng is None:
+        raise ValueError("rank_dropout > 0 needs an rng")
+
+    def mask(name, i, t):
+        if rank_dropout <= 0.0:
+            return None
+        key = jax.random.fold_in(jax.random.fold_in(rng, MODELS.index(name)), i)
+        keep = jax.random.bernoulli(key, 1.0 - rank_dropout, (t.rank,))
+        return keep.astype(jnp.float32) / (1.0 - rank_dropout)
+    return {name: {path: mask(name, i, t) for i, (path, t) in enumerate(targets.items())}
+            for name, targets in plan.items()}
+
+
+def _merge(base: dict, adapters: dict, plan: Plan, scale, masks: dict) -> dict:
+    out = dict(base)
+    for name, targets in plan.items():
+        kernels = {path[:-1]: x for path, x in flat_leaves(base[name]) if path[-1] == "kernel"}
+        new = {}
+        for path, t in targets.items():
+            w = kernels[path]
+            d = delta_flax(t, _get(adapters[name], path), jnp, masks[name][path])
+            new[path + ("kernel",)] = (w.astype(jnp.float32) + scale * d).astype(w.dtype)
+        out[name] = unflatten([(path, new.get(path, x)) for path, x in flat_leaves(base[name])])
+    return out
+
+
 def apply_adapters(base: dict, adapters: dict, plan: Plan, scale=1.0, *, rng=None,
                    rank_dropout: float = 0.0) -> dict:
     """{name: params} with each targeted kernel W replaced by (W_f32 + scale·ΔW) cast back to
     W's dtype (what the module would cast it to anyway). Models without adapters pass through.
 
-    Call it inside the jitted loss, with `adapters` the differentiated argument. `rng` and
+    Traced (the step's LoKr targets, previews and validation) or eager. `rng` and
     `rank_dropout` > 0: rank dropout (training only).
     """
-    out = dict(base)
-    for name, targets in plan.items():
-        kernels = {path[:-1]: x for path, x in flat_leaves(base[name]) if path[-1] == "kernel"}
-        new = {}
-        for i, (path, t) in enumerate(targets.items()):
-            w = kernels[path]
-            mask = None
-            if rank_dropout > 0.0:
-                if rng is None:
-                    raise ValueError("rank_dropout > 0 needs an rng")
-                key = jax.random.fold_in(jax.random.fold_in(rng, MODELS.index(name)), i)
-                keep = jax.random.bernoulli(key, 1.0 - rank_dropout, (t.rank,))
-                mask = keep.astype(jnp.float32) / (1.0 - rank_dropout)
-            d = delta_flax(t, _get(adapters[name], path), jnp, mask)
-            new[path + ("kernel",)] = (w.astype(jnp.float32) + scale * d).astype(w.dtype)
-        out[name] = unflatten([(path, new.get(path, x)) for path, x in flat_leaves(base[name])])
-    return out
+    return _merge(base, adapters, plan, scale, rank_masks(plan, rng, rank_dropout))
+
+
+def _down_kernel(t: Target, down):
+    """lora_down (r, in) | (r, in, kh, kw) as the Flax kernel of the layer with r outputs."""
+    return jnp.transpose(down, (2, 3, 1, 0)) if t.kind == "conv" else down.T
+
+
+def lora_branch(module, t: Target, p: dict, x, dtype, scale=1.0, mask=None):
+    """scale·(α/r)·up(down(x)) for one call of the nn.Dense / nn.Conv `module` on x, in `dtype`
+    (the dtype of module(x), its compute dtype; the adapter params are cast to it, as kohya
+    runs them).
+
+    down is `module` itself with r outputs, no bias and kernel lora_down (a k×k conv keeps its
+    strides, padding and dilation); up is lora_up applied to the r channels (a 1×1 conv). The
+    scale and the rank-dropout `mask` multiply the r-dim activation in float32."""
+    down = module.clone(parent=None, name=None, features=t.rank, use_bias=False)
+    h = down.apply({"params": {"kernel": _down_kernel(t, p["lora_down"]).astype(dtype)}}, x)
+    c = jnp.float32(scale * t.scale) if mask is None else scale * t.scale * mask
+    h = (h.astype(jnp.float32) * c).astype(dtype)
+    up = p["lora_up"].reshape(p["lora_up"].shape[0], t.rank).astype(dtype)
+    return h @ up.T
+
+
+def lora_interceptor(targets: dict, adapters: dict, scale=1.0, masks: dict | None = None):
+    """A `flax.linen.intercept_methods` interceptor for one model: every `__call__` of a module
+    whose path is a LoRA target of `targets` ({path: Target}, one model of a plan) returns
+    module(x) + lora_branch(x), from the (traced) adapter tree `adapters` of that model.
+    Works under nn.remat (the branch is recomputed with its block) and in any Flax model:
+    Dense and Conv layers of diffusers' UNet, transformers' CLIP."""
+    masks = masks or {}
+
+    def intercept(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        if context.method_name != "__call__":
+            return y
+        path = context.module.path
+        t = targets.get(path)
+        if t is None or t.algo != "lora":
+            return y
+        return y + lora_branch(context.module, t, _get(adapters, path), args[0], y.dtype,
+                               scale, masks.get(path))
+    return intercept
+
+
+class Intercepted:
+    """`module` (a Flax module) whose `apply` runs under flax.linen.intercept_methods(
+    `interceptor`); every other attribute is the module's."""
+
+    def __init__(self, module, interceptor):
+        self.module, self.interceptor = module, interceptor
+
+    def apply(self, *args, **kwargs):
+        with nn.intercept_methods(self.interceptor):
+            return self.module.apply(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def adapt(base: dict, adapters: dict, plan: Plan, scale=1.0, *, rng=None,
+          rank_dropout: float = 0.0) -> tuple[dict, dict]:
+    """What the train step runs on: (params, {name: interceptor}). LoRA / LoCon targets are
+    factorised (`lora_interceptor`: the params keep the frozen kernels), LoKr targets merged
+    into the params (`apply_adapters`). Wrap each model with an interceptor in `Intercepted`.
+    Both forms draw the same rank-dropout masks (`rank_masks` of the whole plan)."""
+    masks = rank_masks(plan, rng, rank_dropout)
+
+    def part(factorised):
+        return {name: sub for name, targets in plan.items()
+                if (sub := {p: t for p, t in targets.items() if (t.algo == "lora") == factorised})}
+    params = _merge(base, adapters, part(False), scale, masks)
+    return params, {name: lora_interceptor(targets, adapters[name], scale, masks[name])
+                    for name, targets in part(True).items()}
 
 
 def merge_params(base: dict, adapters: dict, plan: Plan, scale=1.0) -> dict:

@@ -103,14 +103,24 @@ def cast_for_compute(params, dtype, shardings=None):
 
 def frozen_text_view(params, frozen, ctx):
     """train.trainable="unet": the params are the UNet, the text encoders are frozen."""
-    return params, frozen
+    return params, frozen, {}
+
+
+def intercepted(module, interceptor):
+    """`module`, or `module` running under a Flax method interceptor (LoRA branches)."""
+    if interceptor is None:
+        return module
+    from sdxl_jax.adapters import Intercepted
+    return Intercepted(module, interceptor)
 
 
 def unet_grad_fn(unet, text_l, text_g, sc: StepConfig, gather_dtype=jnp.float32, unet_shardings=None,
                  view=frozen_text_view):
     """The UNet task's `grad_fn(params, frozen, micro_batch, ctx) -> (loss, grads, metrics)`
-    (train/update.py). `view(params, frozen, ctx) -> (UNet params, {"text_l", "text_g"})` says
-    where the weights of this step come from (trained tree, frozen trees, adapters merged)."""
+    (train/update.py). `view(params, frozen, ctx) -> (UNet params, {"text_l", "text_g"},
+    {model name: interceptor})` says where the weights of this step come from (trained tree,
+    frozen trees, LoKr adapters merged) and which models run with a Flax method interceptor
+    (the low-rank branches of LoRA, sdxl_jax.adapters.adapt)."""
     from sdxl_jax.models import unet_apply  # model layer: diffusers/transformers Flax
     from sdxl_jax.train.update import per_sample_keys
 
@@ -118,12 +128,14 @@ def unet_grad_fn(unet, text_l, text_g, sc: StepConfig, gather_dtype=jnp.float32,
         t, eps = draw_t_and_noise(per_sample_keys(ctx), sc, batch["latents"])
 
         def loss_fn(params):
-            unet_params, text_params = view(params, frozen, ctx)
-            context, pooled = text_conditioning(text_l, text_g, text_params, batch, sc.max_chunks)
+            unet_params, text_params, branches = view(params, frozen, ctx)
+            tl, tg, un = (intercepted(m, branches.get(k)) for k, m in
+                          (("text_l", text_l), ("text_g", text_g), ("unet", unet)))
+            context, pooled = text_conditioning(tl, tg, text_params, batch, sc.max_chunks)
             p = cast_for_compute(unet_params, gather_dtype, unet_shardings)
 
             def predict_v(z, tt):
-                return unet_apply(unet, p, z, tt, context, pooled, batch["time_ids"])
+                return unet_apply(un, p, z, tt, context, pooled, batch["time_ids"])
             losses = per_sample_loss(predict_v, sc, batch, t, eps)
             return jnp.mean(losses), losses
 

@@ -4,8 +4,10 @@
 - "unet+text": the UNet and the text encoders chosen in `text_encoders.*`, each encoder with its
   own learning rate and optional stop step; params = {"unet", "text_l"?, "text_g"?}.
 - "lora": adapters only (sdxl_jax.adapters: LoRA / LoCon / LoKr on the UNet and optionally the
-  text encoders); params = the adapter tree, the base weights frozen in the compute dtype and
-  merged with the adapters on the fly inside the step (the base tree itself is untouched).
+  text encoders); params = the adapter tree, the base weights frozen in the compute dtype. In the
+  step LoRA / LoCon layers run factorised (the frozen layer plus its low-rank branch, added by a
+  Flax method interceptor), LoKr kernels are merged on the fly; previews and validation run on
+  kernels merged once (the base tree itself is untouched either way).
 
 Optimizer state and EMA exist only for the trained tree. Frozen weights sit in the compute
 dtype (bf16 for SDXL: half the bytes), sharded like the trained ones.
@@ -34,8 +36,9 @@ class Trainable:
     abstract_params: Any  # the trained tree
     abstract_frozen: dict  # what the step reads besides it
     tx: optax.GradientTransformation
-    view: Callable  # (params, frozen, ctx) → (UNet params, {"text_l", "text_g"}) inside the step
-    eval_view: Callable  # (params, frozen) → the same, for previews and validation (no dropout)
+    view: Callable  # (params, frozen, ctx) → (UNet params, {"text_l", "text_g"}, {model: interceptor})
+    #                 inside the step (step.unet_grad_fn)
+    eval_view: Callable  # (params, frozen) → the two params parts, for previews and validation
     unet_of: Callable  # the trained tree's UNet part (for the bf16 gather), or None
     trained_text: tuple = ()
     plan: Any = None  # the adapter plan (lora)
@@ -77,7 +80,7 @@ def describe(cfg, abstract_unet, total_steps: int | None = None) -> Trainable:
     if mode == "unet":
         return Trainable(mode, abstract_unet, _as(abstract_text, dtype),
                          optim.make_optimizer(cfg.train, total_steps),
-                         view=lambda p, f, ctx: (p, f), eval_view=lambda p, f: (p, f),
+                         view=lambda p, f, ctx: (p, f, {}), eval_view=lambda p, f: (p, f),
                          unet_of=lambda tree: tree, metadata={"trainable": mode})
     if mode == "unet+text":
         trained = tuple(k for k in TEXT if cfg.text_encoders[f"train_{k[-1]}"])
@@ -87,27 +90,29 @@ def describe(cfg, abstract_unet, total_steps: int | None = None) -> Trainable:
                **{k: _text_optimizer(cfg, k, total_steps) for k in trained}}
         tx = optax.multi_transform(txs, lambda p: {k: k for k in p})
 
-        def view(p, f, ctx=None):
+        def eval_view(p, f):
             return p["unet"], {k: p[k] if k in p else f[k] for k in TEXT}
-        return Trainable(mode, params, frozen, tx, view, view, unet_of=lambda tree: tree["unet"],
+        return Trainable(mode, params, frozen, tx, lambda p, f, ctx: eval_view(p, f) + ({},), eval_view,
+                         unet_of=lambda tree: tree["unet"],
                          trained_text=trained, metadata={"trainable": mode, "trained_text": list(trained)})
     if mode == "lora":
-        from sdxl_jax.adapters import abstract_adapters, apply_adapters, make_plan
+        from sdxl_jax.adapters import abstract_adapters, adapt, apply_adapters, make_plan
         settings = lora_settings(cfg)
         plan = make_plan({"unet": abstract_unet, **abstract_text}, settings)
         frozen = {"unet": _as(abstract_unet, dtype), **_as(abstract_text, dtype)}
-
-        def merged(p, f, rng=None):
-            base = {k: f[k] for k in ("unet",) + TEXT}
-            out = apply_adapters(base, p, plan, 1.0, rng=rng,
-                                 rank_dropout=settings.rank_dropout if rng is not None else 0.0)
-            return out["unet"], {k: out[k] for k in TEXT}
+        names = ("unet",) + TEXT
 
         def view(p, f, ctx):
-            rng = jax.random.fold_in(ctx.rng, _LORA_STREAM) if settings.rank_dropout > 0 else None
-            return merged(p, f, rng)
+            drop = settings.rank_dropout
+            rng = jax.random.fold_in(ctx.rng, _LORA_STREAM) if drop > 0 else None
+            out, branches = adapt({k: f[k] for k in names}, p, plan, 1.0, rng=rng, rank_dropout=drop)
+            return out["unet"], {k: out[k] for k in TEXT}, branches
+
+        def eval_view(p, f):  # merged once: previews run many denoising steps on it
+            out = apply_adapters({k: f[k] for k in names}, p, plan, 1.0)
+            return out["unet"], {k: out[k] for k in TEXT}
         return Trainable(mode, abstract_adapters(plan), frozen, optim.make_optimizer(cfg.train, total_steps),
-                         view, lambda p, f: merged(p, f), unet_of=lambda tree: None, plan=plan,
+                         view, eval_view, unet_of=lambda tree: None, plan=plan,
                          metadata={"trainable": mode, "lora": dataclasses.asdict(settings)})
     raise ValueError(f"train.trainable={mode!r}: must be one of {MODES}")
 
