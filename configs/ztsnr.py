@@ -25,7 +25,7 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
 
     # ---- model -------------------------------------------------------------------------------
     c.model = m = ml_collections.ConfigDict()
-    m.preset = c.preset  # architecture sizes: "sdxl" (2.57 B UNet) or "tiny" (same blocks, small)
+    m.preset = c.preset  # model sizes: "sdxl" (2.57 B UNet), "tiny" (same blocks, small), "micro"
     # Weights to start from: a diffusers folder, a single-file SGM .safetensors, or a Hub id.
     # "" means random init (only sensible for `tiny`); the sdxl preset requires it.
     m.pretrained = ""

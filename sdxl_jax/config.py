@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 
+from sdxl_jax.config_sections import MODEL_PRESETS
 from sdxl_jax.diffusion import HUBER_SCHEDULES, LOSS_TYPES, NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
 
 OPTIMIZERS = ("adamw", "adafactor", "lion")  # sdxl_jax.train.optim builds them
@@ -94,7 +95,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
 
 
 def _check_common(cfg) -> None:
-    _choice(cfg, "model.preset", ("sdxl", "tiny"))
+    _choice(cfg, "model.preset", MODEL_PRESETS)
     _choice(cfg, "model.dtype", DTYPES)
     _choice(cfg, "train.optimizer", OPTIMIZERS)
     _choice(cfg, "train.lr_schedule", LR_SCHEDULES)

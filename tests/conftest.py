@@ -22,7 +22,9 @@ def _built_once(tmp_path_factory, name: str, build):
     file lock in the directory the workers share; the others wait and reuse it (each worker
     building its own copy of the reference run cost two minutes of both cores)."""
     from filelock import FileLock
-    root = tmp_path_factory.getbasetemp().parent  # shared by all workers of this run
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # gwN's basetemp is <this run's>/popen-gwN
+        root = root.parent  # shared by all workers of this run (and by this run only)
     out, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import tiny_config, unet_program
+from helpers import ENGINE_PRESET, tiny_config, unet_program
 from sdxl_jax import models, parallel
 from sdxl_jax.train import optim
 from sdxl_jax.train.state import create_state
@@ -160,8 +160,8 @@ def unet_batch(demo_cache):
 
 
 def test_unet_step_with_4_micro_batches_equals_one_batch(unet_batch):
-    params = jax.device_get(models.init_params("unet", "tiny", jax.random.PRNGKey(0)))  # host: init_state donates
-    frozen = {k: models.init_params(k, "tiny", jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
+    params = jax.device_get(models.init_params("unet", ENGINE_PRESET, jax.random.PRNGKey(0)))  # host: init_state donates
+    frozen = {k: models.init_params(k, ENGINE_PRESET, jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
     out = {}
     for micro in (0, 1):  # 0: the 4 rows at once; 1: 4 micro-batches of 1 row on the one device
         cfg = tiny_config(**{"mesh.fsdp": 1, "train.global_batch_size": 4,

@@ -35,9 +35,11 @@ LORA = AdapterConfig(rank=4, alpha=2.0, conv=True, conv_rank=2, conv_alpha=6.0,
 
 
 def run_config(trainable: str) -> dict:
-    """The tiny engine config as a checkpoint stores it (JSON), train.trainable (and lora.*) set."""
+    """The engine config with the tiny (SDXL-layout) model as a checkpoint stores it (JSON),
+    train.trainable (and lora.*) set."""
     lora = {f"lora.{k}": v for k, v in dataclasses.asdict(LORA).items()}
-    return json.loads(tiny_config(**{"train.trainable": trainable, **lora}).to_json_best_effort())
+    return json.loads(tiny_config(**{"model.preset": PRESET, "train.trainable": trainable, **lora})
+                      .to_json_best_effort())
 
 
 def save_run(workdir: str, config: dict, raw, ema, meta: dict, step: int = 5) -> str:

@@ -56,29 +56,46 @@ def _wait_for_step(proc, log, step, timeout=600):
     raise TimeoutError(f"step {step} not reached")
 
 
+class _TermAt:
+    """A batch log that sends this process SIGTERM when step `at` is fetched: the loop's
+    preemption handler (installed by train()) then finishes the step in flight, checkpoints and
+    returns "preempted", as a run on a preempted VM does."""
+
+    def __init__(self, log, at):
+        self._log, self._at = log, at
+
+    def append(self, item):
+        self._log.append(item)
+        if item[0] == self._at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def test_kill_and_preempt_resume_bitwise(demo_cache, reference_run, tmp_path):
-    from train_driver import params_digest
+    from train_driver import FileLog, params_digest
     _, _, ref, ref_log = reference_run
     wd, log = str(tmp_path / "faulty"), str(tmp_path / "faulty.log")
-    # SIGTERM after step 3 (clean preemption: finish the step, checkpoint 3, exit 0), then
-    # SIGKILL after step 6 (lines are logged before a step runs, so "step k+1 fetched" means
-    # step k has been dispatched; the kill lands while step 6's async checkpoint may be in
-    # flight, which must not matter: an unfinished save never counts as a checkpoint).
-    for sig, step in ((signal.SIGTERM, 4), (signal.SIGKILL, 7)):
-        proc = _start(wd, log, demo_cache)
-        start_lines = sum(1 for _ in open(log)) if os.path.exists(log) else 0
-        _wait_for_step(proc, log, start_lines + 1)  # this run has started stepping
-        steps_seen, _ = _read_log(log)
-        if max(steps_seen) < step:
-            _wait_for_step(proc, log, start_lines + (step - max(steps_seen)) + 1)
-        proc.send_signal(sig)
-        rc = proc.wait(timeout=600)
-        assert rc == (0 if sig == signal.SIGTERM else -signal.SIGKILL), proc.stderr.read()[-2000:]
-    # the last leg runs here, in the test's process (the killed run's stale workdir lock is
-    # taken over; the step program is the reference run's, so nothing compiles again)
-    from train_driver import FileLog
+    # every leg has the config of the driver's subprocess; the in-process legs run the reference
+    # run's step program (already compiled), the subprocess loads it from the persistent cache
     cfg = tiny_config(**{"data.cache_dir": demo_cache, "train.steps": STEPS, "checkpoint.every_steps": 2,
                          "checkpoint.async_save": True})
+    # 1. SIGTERM when step 4 is fetched (clean preemption: finish the step, checkpoint, stop)
+    out = train(cfg, wd, batch_log=_TermAt(FileLog(log), 4))
+    ck = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), read_only=True)
+    saved = ck.steps
+    ck.close()
+    assert out["stopped"] == "preempted" and out["end_step"] == 4 and saved == [2, 4]
+    # 2. a fresh process resumes and is SIGKILLed after step 6 (lines are logged before a step
+    # runs, so "step 7 fetched" means step 6 has been dispatched; the kill lands while step 6's
+    # async checkpoint may be in flight, which must not matter: an unfinished save never counts)
+    proc = _start(wd, log, demo_cache)
+    start_lines = sum(1 for _ in open(log))
+    _wait_for_step(proc, log, start_lines + 1)  # this run has started stepping
+    steps_seen, _ = _read_log(log)
+    if max(steps_seen) < 7:
+        _wait_for_step(proc, log, start_lines + (7 - max(steps_seen)) + 1)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=600) == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    # 3. the last leg, here again (the killed run's stale workdir lock is taken over)
     out = train(cfg, wd, batch_log=FileLog(log))
     steps, _ = _read_log(log)
     assert steps == dict(ref_log)  # every step fed exactly the uninterrupted run's batch

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import tiny_config, unet_program
+from helpers import ENGINE_PRESET, tiny_config, unet_program
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import models
 
@@ -24,7 +24,7 @@ def saved_run(tmp_path_factory, demo_cache):
                          "sample.seeds": (0, 1), "sample.val_batches": 1})
     prog = unet_program(cfg)
     mesh = prog.plan.mesh
-    params = models.init_params("unet", "tiny", 0)
+    params = models.init_params("unet", ENGINE_PRESET, 0)
     params["conv_out"]["kernel"] = params["conv_out"]["kernel"] + 0.05  # non-zero output
     state = prog.init_state(params, jax.random.PRNGKey(0))
     state = state.replace(ema_params=jax.tree.map(lambda x: x * 0.5, state.ema_params))
@@ -69,8 +69,8 @@ def test_evaluator_writes_previews_and_deterministic_validation(saved_run, demo_
     cfg, wd, state, mesh = saved_run
     tok_l, tok_g = models.get_tokenizers("tiny")
     tokenize = lambda c: (models.tokenize(tok_l, c, 1), models.tokenize(tok_g, c, 1))  # noqa: E731
-    unet = models.build_unet("tiny", "float32")
-    text_l, text_g = models.build_text_encoders("tiny", "float32")
+    unet = models.build_unet(ENGINE_PRESET, "float32")
+    text_l, text_g = models.build_text_encoders(ENGINE_PRESET, "float32")
     ev = Evaluator(cfg, wd, mesh, unet, text_l, text_g, StepConfig.from_config(cfg),
                    frozen_params(cfg), tokenize, demo_cache, None, None, None)
     first = ev.validation(7, {"ema": state.ema_params, "raw": state.params})

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import held_out_loss, override, tiny_config, unet_program
+from helpers import ENGINE_PRESET, held_out_loss, override, tiny_config, unet_program
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import models, parallel
 from sdxl_jax.train.loop import train
@@ -43,7 +43,7 @@ def test_training_converges_on_the_demo_data(straight_run):
     from sdxl_jax.models.weights import frozen_params
     cfg, _, summary, _ = straight_run
     text = frozen_params(cfg, components=("text_l", "text_g"))
-    initial = models.init_params("unet", "tiny", jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0))
+    initial = models.init_params("unet", ENGINE_PRESET, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0))
     before = held_out_loss(cfg, initial, text)
     after = held_out_loss(cfg, jax.device_get(summary["state"].params), text)
     assert after < 0.95 * before, (before, after)  # measured here: 0.2456 → 0.2253
@@ -71,7 +71,7 @@ def test_checkpoint_from_8_devices_restores_on_4(straight_run):
     ck = ckpt_lib.Checkpointer(f"{wd}/checkpoints")
     restored = ck.restore(STEPS, ckpt_lib.abstract_with_shardings(prog4.abstract_state, prog4.shardings))
     ck.close()
-    kernel = restored.state.params["down_blocks_1"]["attentions_0"]["proj_in"]["kernel"]
+    kernel = restored.state.params["mid_block"]["attentions_0"]["proj_in"]["kernel"]
     assert len(kernel.sharding.device_set) == 4
     assert int(restored.state.step) == STEPS
     jax.tree.map(np.testing.assert_array_equal, _params_np(summary["state"]), _params_np(restored.state))
@@ -87,8 +87,8 @@ def test_sharded_step_equals_single_device(straight_run, demo_cache):
     it = make_train_iterator(cfg, demo_cache, tokenize, 0, 1, 8, 8)
     batch = next(it)
     it.close()
-    params = jax.device_get(models.init_params("unet", "tiny", jax.random.PRNGKey(0)))  # host: init_state donates
-    frozen = {k: models.init_params(k, "tiny", jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
+    params = jax.device_get(models.init_params("unet", ENGINE_PRESET, jax.random.PRNGKey(0)))  # host: init_state donates
+    frozen = {k: models.init_params(k, ENGINE_PRESET, jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
     results = []
     for devices, fsdp in ((jax.devices()[:8], 2), (jax.devices()[:1], 1)):
         prog = unet_program(override(cfg.copy_and_resolve_references(), {"mesh.fsdp": fsdp}), devices, STEPS)

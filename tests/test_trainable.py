@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import held_out_loss, tiny_config
+from helpers import ENGINE_PRESET, held_out_loss, tiny_config
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import models
 from sdxl_jax.models.weights import frozen_params
@@ -39,12 +39,12 @@ def test_a_lora_run_trains_only_its_adapters_and_lowers_the_loss(lora_runs):
     adapters = _np(straight["state"].params)
     assert set(adapters) == {"unet"}  # the trained tree is the adapter tree, nothing else
     n_trained = sum(x.size for x in jax.tree.leaves(adapters))
-    n_unet = models.count_params(models.abstract_params("unet", "tiny"))
+    n_unet = models.count_params(models.abstract_params("unet", ENGINE_PRESET))
     assert 0 < n_trained < 0.5 * n_unet
     ups = [x for p, x in jax.tree_util.tree_flatten_with_path(adapters)[0] if "lora_up" in jax.tree_util.keystr(p)]
     assert any(np.abs(u).max() > 0 for u in ups)  # B started at zero and moved
     base = _np(frozen_params(cfg, components=("unet", "text_l", "text_g")))
-    plan = make_plan({k: models.abstract_params(k, "tiny") for k in ("unet", "text_l", "text_g")},
+    plan = make_plan({k: models.abstract_params(k, ENGINE_PRESET) for k in ("unet", "text_l", "text_g")},
                      lora_settings(cfg))
     merged = merge_params(base, adapters, plan)
     targeted = {("unet",) + path + ("kernel",) for path in plan["unet"]}

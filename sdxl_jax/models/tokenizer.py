@@ -23,6 +23,8 @@ import unicodedata
 
 import numpy as np
 
+from sdxl_jax.config_sections import offline_preset
+
 log = logging.getLogger(__name__)
 
 SEQ_LEN = 77  # CLIP context: BOS + 75 tokens + EOS
@@ -293,12 +295,12 @@ def tokenizers_from_files(vocab_file: str, merges_file: str, fast: bool = True):
 def get_tokenizers(preset: str, pretrained: str = "", fast: bool = True):
     """(tokenizer for CLIP-L, tokenizer for bigG).
 
-    pretrained "" (or preset "tiny"): the generated offline vocabulary; CLIP-L's pads with EOS,
+    pretrained "" (or a CPU-sized preset: tiny, micro): the generated offline vocabulary; CLIP-L's pads with EOS,
     bigG's with "!" (id 0) like SDXL's tokenizer / tokenizer_2. Otherwise a diffusers folder's
     tokenizer/ and tokenizer_2/ (a Hub id when online). `fast` (default): the Rust tokenizers,
     same ids as the Python ones (`fast=False`).
     """
-    if preset == "tiny" or not pretrained:
+    if offline_preset(preset) or not pretrained:
         folder = tiny_tokenizer_dir()
         return tokenizers_from_files(os.path.join(folder, "vocab.json"),
                                      os.path.join(folder, "merges.txt"), fast)

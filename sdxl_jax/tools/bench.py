@@ -309,8 +309,8 @@ def torch_unet_step_time(sizes: dict, batch: int, latent: int, n: int, threads: 
 
 
 def _sweep_main(a) -> None:
-    if a.models not in ("sdxl", "tiny"):
-        raise SystemExit("error: --backend sweeps one preset: --models sdxl or --models tiny")
+    if a.models not in ("sdxl", "tiny", "micro"):
+        raise SystemExit("error: --backend sweeps one preset: --models sdxl, tiny or micro")
     os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[a.backend]
     from sdxl_jax.models.hf import block_torch
     block_torch()
@@ -344,7 +344,7 @@ def main(argv=None) -> None:
     p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default="",
                    help="the sweep on one device of this backend (tools/step_sweep.py): the "
                         "trainer's step over --batches × remat × attention at --side² pixels; "
-                        "--models sdxl (full size, random weights) or tiny")
+                        "--models sdxl (full size, random weights), tiny or micro")
     p.add_argument("--batches", default="1,2,4,8", help="per-device batches of the sweep")
     p.add_argument("--side", type=int, default=1024, help="sweep image side in pixels")
     p.add_argument("--variants", default="", help="sweep remat/attention pairs, e.g. "

@@ -3,6 +3,7 @@ median step time, samples/s, TFLOP/s and MFU, peak device memory.
 
     python -m sdxl_jax.tools.bench --models sdxl --backend gpu [--batches 1,2,4,8] [--steps 10]
     python -m sdxl_jax.tools.bench --models tiny --backend cpu      # the same code, CI-sized
+    (--models micro: the one-level test UNet, the code path in seconds)
 
 Random full-size weights (UNet trained, CLIP-L and bigG frozen) on ONE device: the program is the
 one `train.py` runs (`unet_task.program_spec` + `build_program`), with the run's defaults
@@ -46,7 +47,8 @@ def _config(preset: str, remat: str, attention: str, batch: int):
     import os
     from sdxl_jax.config import load_config
     root = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ztsnr.py")
-    cfg = load_config(f"{root}:{preset}")
+    cfg = load_config(f"{root}:{'sdxl' if preset == 'sdxl' else 'tiny'}")  # the run's defaults
+    cfg.model.preset = preset  # model size: sdxl, tiny or micro
     cfg.model.remat, cfg.model.attention = remat, attention
     cfg.mesh.data, cfg.mesh.fsdp = 1, 1
     cfg.train.per_device_batch_size = 0  # the whole (one-device) batch in one micro-step

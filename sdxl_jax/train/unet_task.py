@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from sdxl_jax import parallel
+from sdxl_jax.config_sections import offline_preset
 from sdxl_jax.train import optim
 from sdxl_jax.train.common import config_json, demo_images, package_versions
 from sdxl_jax.train.loop import Stage, Task
@@ -111,7 +112,7 @@ def ensure_cache(cfg, cache_dir: str, workdir: str) -> None:
     from sdxl_jax.runs import source_params
     images, manifest, tfds = cfg.data.images_dir, cfg.data.manifest, tfds_from_config(cfg.data)
     if not images and not manifest and not tfds:
-        if cfg.model.preset != "tiny":
+        if not offline_preset(cfg.model.preset):
             raise FileNotFoundError(
                 f"no latent cache at {cache_dir}: set data.cache_dir to a built cache, or "
                 f"data.images_dir / data.manifest to build one (python -m data_tools.build_cache)")
@@ -149,7 +150,7 @@ def use_demo_vae(cfg, workdir: str) -> None:
     and records it as model.vae_workdir, which the cache, previews, sample and export then use."""
     no_data = not (cfg.data.cache_dir or cfg.data.images_dir or cfg.data.manifest or cfg.data.tfds
                    or cfg.data.get("sources"))
-    if cfg.model.preset == "tiny" and no_data and cfg.data.demo_vae_steps and not cfg.model.vae_workdir:
+    if offline_preset(cfg.model.preset) and no_data and cfg.data.demo_vae_steps and not cfg.model.vae_workdir:
         from sdxl_jax.train.demo_vae import find_or_train
         cfg.model.vae_workdir = os.path.abspath(find_or_train(cfg, workdir, demo_images(cfg, workdir)))
 

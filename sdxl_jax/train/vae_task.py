@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from sdxl_jax import parallel
+from sdxl_jax.config_sections import offline_preset
 from sdxl_jax.models.vae_parts import encoder_fingerprint, merge_vae_params, split_vae_params
 from sdxl_jax.train import optim
 from sdxl_jax.train import vae_losses as L
@@ -234,7 +235,7 @@ def _data_source(cfg, workdir: str) -> tuple[str | None, str | None]:
     """(images_dir, manifest); with neither given the tiny preset uses the generated demo set."""
     if cfg.data.images_dir or cfg.data.manifest:
         return cfg.data.images_dir or None, cfg.data.manifest or None
-    if cfg.model.preset != "tiny":
+    if not offline_preset(cfg.model.preset):
         raise FileNotFoundError("no training images: set data.images_dir (a folder of images) or "
                                 "data.manifest (JSONL of {\"path\", \"caption\"})")
     return demo_images(cfg, workdir), None
