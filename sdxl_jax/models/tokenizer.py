@@ -295,8 +295,8 @@ def tokenizers_from_files(vocab_file: str, merges_file: str, fast: bool = True):
 def get_tokenizers(preset: str, pretrained: str = "", fast: bool = True):
     """(tokenizer for CLIP-L, tokenizer for bigG).
 
-    pretrained "" (or a CPU-sized preset: tiny, micro): the generated offline vocabulary; CLIP-L's pads with EOS,
-    bigG's with "!" (id 0) like SDXL's tokenizer / tokenizer_2. Otherwise a diffusers folder's
+    pretrained "" (or a CPU-sized preset: tiny, micro): the generated offline vocabulary; CLIP-L's
+    pads with EOS, bigG's with "!" (id 0) like SDXL's tokenizer / tokenizer_2. Otherwise a diffusers folder's
     tokenizer/ and tokenizer_2/ (a Hub id when online). `fast` (default): the Rust tokenizers,
     same ids as the Python ones (`fast=False`).
     """

@@ -309,8 +309,9 @@ def torch_unet_step_time(sizes: dict, batch: int, latent: int, n: int, threads: 
 
 
 def _sweep_main(a) -> None:
-    if a.models not in ("sdxl", "tiny", "micro"):
-        raise SystemExit("error: --backend sweeps one preset: --models sdxl, tiny or micro")
+    from sdxl_jax.config_sections import MODEL_PRESETS
+    if a.models not in MODEL_PRESETS:
+        raise SystemExit(f"error: --backend sweeps one model preset: --models one of {MODEL_PRESETS}")
     os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[a.backend]
     from sdxl_jax.models.hf import block_torch
     block_torch()

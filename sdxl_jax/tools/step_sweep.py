@@ -46,8 +46,9 @@ def _flops(cost) -> float:
 def _config(preset: str, remat: str, attention: str, batch: int):
     import os
     from sdxl_jax.config import load_config
+    from sdxl_jax.config_sections import offline_preset
     root = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ztsnr.py")
-    cfg = load_config(f"{root}:{'sdxl' if preset == 'sdxl' else 'tiny'}")  # the run's defaults
+    cfg = load_config(f"{root}:{'tiny' if offline_preset(preset) else 'sdxl'}")  # the run's defaults
     cfg.model.preset = preset  # model size: sdxl, tiny or micro
     cfg.model.remat, cfg.model.attention = remat, attention
     cfg.mesh.data, cfg.mesh.fsdp = 1, 1
