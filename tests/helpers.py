@@ -89,7 +89,7 @@ def unet_init_args(unet_cfg: dict):
              "time_ids": jnp.zeros((1, 6))})
 
 
-def _micro_config():
+def _two_level_config():
     from sdxl_jax.models import presets
     return dict(presets.unet_config("tiny"), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
@@ -99,18 +99,18 @@ def _micro_config():
 # A 2-level cut of the tiny UNet (plain level, then cross-attention with 2 heads, mid block with
 # attention): every kind of block the remat and attention options touch, at half the tiny
 # preset's compile time.
-MICRO = _micro_config()
+TWO_LEVEL = _two_level_config()
 
 
-def micro_params(bias_std: float | None = None):
-    """Random float32 MICRO params: kernels N(0, 1/fan_in), norm scales 1, biases 0
+def two_level_params(bias_std: float | None = None):
+    """Random float32 TWO_LEVEL params: kernels N(0, 1/fan_in), norm scales 1, biases 0
     (`bias_std` None) or N(0, bias_std²), drawn in tree order from default_rng(0)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from sdxl_jax.models.remat import build_unet_variant
-    unet = build_unet_variant(MICRO, "float32")
-    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(MICRO)))["params"]
+    unet = build_unet_variant(TWO_LEVEL, "float32")
+    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(TWO_LEVEL)))["params"]
     rng = np.random.default_rng(0)
 
     def value(path, x):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import MICRO, micro_params, unet_init_args
+from helpers import TWO_LEVEL, two_level_params, unet_init_args
 from sdxl_jax import models
 from sdxl_jax.models import attention, hf, presets
 from sdxl_jax.models.remat import ATTENTION_MODES, REMAT_MODES, build_unet_variant, unet_class
@@ -123,11 +123,11 @@ MICRO_ATTENTION_LAYERS = 2 * (1 + 1 + 2)  # (self + cross) × transformer layers
 
 @pytest.fixture(scope="module")
 def problem():
-    """Random float32 MICRO params (N(0, 1/fan_in) kernels) and one batch of 2 (16×16, 77 tokens)."""
-    params = micro_params(bias_std=0.1)
+    """Random float32 TWO_LEVEL params (N(0, 1/fan_in) kernels) and one batch of 2 (16×16, 77 tokens)."""
+    params = two_level_params(bias_std=0.1)
     k = jax.random.split(jax.random.key(1), 4)
     inputs = dict(z=jax.random.normal(k[0], (2, 16, 16, 4)), t=jnp.array([10.0, 700.0]),
-                  context=jax.random.normal(k[1], (2, 77, MICRO["cross_attention_dim"])),
+                  context=jax.random.normal(k[1], (2, 77, TWO_LEVEL["cross_attention_dim"])),
                   pooled=jax.random.normal(k[2], (2, presets.text_g_config("tiny")["projection_dim"])),
                   time_ids=jnp.tile(jnp.array([[128.0, 128, 0, 0, 128, 128]]), (2, 1)))
     return params, inputs, jax.random.normal(k[3], (2, 16, 16, 4))
@@ -143,7 +143,7 @@ def _loss_fn(unet, inputs, target):
 
 def _unet_value_and_grad(problem, dtype="float32", **variant):
     params, inputs, target = problem
-    unet = build_unet_variant(MICRO, dtype, **variant)
+    unet = build_unet_variant(TWO_LEVEL, dtype, **variant)
     return jax.jit(jax.value_and_grad(_loss_fn(unet, inputs, target)))(params)
 
 
@@ -168,9 +168,9 @@ def test_unet_with_kernel_matches_standard_fp32(problem, unet_reference):
 @pytest.mark.parametrize("remat,kernel", [("none", "dot_product"), ("blocks", "dot_product"),
                                           ("dots", "dot_product"), ("none", "splash")])
 def test_unet_parameter_tree_is_identical(problem, remat, kernel):
-    unet = unet_class(remat, kernel)(**MICRO, dtype=jnp.float32)
+    unet = unet_class(remat, kernel)(**TWO_LEVEL, dtype=jnp.float32)
     assert isinstance(unet, models.FlaxUNet2DConditionModel)
-    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(MICRO)))["params"]
+    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(TWO_LEVEL)))["params"]
     want = problem[0]  # the plain diffusers UNet's parameters
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \
@@ -181,7 +181,7 @@ def test_unet_parameter_tree_is_identical(problem, remat, kernel):
 def test_unet_runs_every_attention_layer_through_the_kernel(problem, remat):
     """Every self- and cross-attention layer of the UNet is the kernel class, with any remat."""
     params, inputs, target = problem
-    unet = build_unet_variant(MICRO, "float32", remat=remat, attention="dot_product")
+    unet = build_unet_variant(TWO_LEVEL, "float32", remat=remat, attention="dot_product")
     seen = []
 
     def spy(next_fun, args, kwargs, context):

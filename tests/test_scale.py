@@ -13,7 +13,7 @@ from sdxl_jax.models.remat import (ATTENTION_MODES, REMAT_MODES, build_unet_from
                                    build_unet_variant)
 from sdxl_jax.tools import memory_report
 
-from helpers import MICRO, micro_params, unet_init_args
+from helpers import TWO_LEVEL, two_level_params, unet_init_args
 
 PRESET = "tiny"
 # every remat mode and every attention option at least once (attention options only change
@@ -35,13 +35,13 @@ def test_variant_parameter_tree_is_identical(remat, attention, split):
 
 @pytest.fixture(scope="module")
 def problem():
-    """MICRO params and one fixed batch of 2 (16×16 latents, 77 context tokens)."""
-    params = micro_params()
+    """TWO_LEVEL params and one fixed batch of 2 (16×16 latents, 77 context tokens)."""
+    params = two_level_params()
     k = jax.random.split(jax.random.key(1), 4)
     batch = 2
     inputs = dict(
         z=jax.random.normal(k[0], (batch, 16, 16, 4)), t=jnp.array([10.0, 700.0]),
-        context=jax.random.normal(k[1], (batch, 77, MICRO["cross_attention_dim"])),
+        context=jax.random.normal(k[1], (batch, 77, TWO_LEVEL["cross_attention_dim"])),
         pooled=jax.random.normal(k[2], (batch, presets.text_g_config(PRESET)["projection_dim"])),
         time_ids=jnp.tile(jnp.array([[128.0, 128, 0, 0, 128, 128]]), (batch, 1)))
     target = jax.random.normal(k[3], (batch, 16, 16, 4))
@@ -58,7 +58,7 @@ def _loss_fn(unet, inputs, target):
 
 def _value_and_grad(problem, **variant):
     params, inputs, target = problem
-    unet = build_unet_variant(MICRO, "float32", **variant)
+    unet = build_unet_variant(TWO_LEVEL, "float32", **variant)
     return jax.jit(jax.value_and_grad(_loss_fn(unet, inputs, target)))(params)
 
 
@@ -99,12 +99,12 @@ def test_remat_modes_put_the_unet_under_checkpoint(problem):
     params, inputs, target = problem
 
     def jaxpr(**variant):
-        unet = build_unet_variant(MICRO, "float32", **variant)
+        unet = build_unet_variant(TWO_LEVEL, "float32", **variant)
         return jax.make_jaxpr(_loss_fn(unet, inputs, target))(params)
 
     assert _checkpoints(jaxpr(remat="none")) == []
     blocks = _checkpoints(jaxpr(remat="blocks"))
-    # MICRO (1 resnet per down level): resnets 1 + 1 down, 2 mid, 2 + 2 up; transformer
+    # TWO_LEVEL (1 resnet per down level): resnets 1 + 1 down, 2 mid, 2 + 2 up; transformer
     # layers 1 down, 1 mid, 2 up
     assert len(blocks) == (1 + 1 + 2 + 2 + 2) + (1 + 1 + 2)
     assert all(e.params["policy"] is None for e in blocks)
