@@ -95,7 +95,7 @@ def test_corrupted_bytes_are_named_on_read_and_rebuilt_with_verify(reference, co
     images, _, _, ref_latents = reference
     out, shard = copy
     data = bytearray(shard.read_bytes())
-    data[3000:3016] = b"\xff" * 16  # inside the first record: same size, same record count
+    data[1000:1016] = b"\xff" * 16  # inside the first record (~2 KiB): same size, same count
     shard.write_bytes(bytes(data))
     index = C.read_index(str(out))  # size and count still match: opening cannot tell
     src = C.RecordSource(index.files, index.counts)

@@ -68,7 +68,7 @@ def test_manifest_contents(demo):
     assert sum(m["bucket_counts"].values()) == N_DEMO
     assert sum(s["count"] for s in m["shards"]) == N_DEMO
     assert m["vae_fingerprint"] == "pool8" and m["settings"]["crop"] == "random"
-    assert m["buckets"] == [[192, 320], [256, 256], [320, 192]]  # the tiny preset's three
+    assert m["buckets"] == [[96, 160], [128, 128], [160, 96]]  # the tiny preset's three
     assert m["settings"]["latents_dtype"] == "float16"
     # tag frequencies equal a count over the caption files, done here independently
     expected = Counter()
@@ -293,9 +293,9 @@ def test_unusual_images_are_converted(bad_build):
     np.testing.assert_allclose(mean["la.png"][:3], [-1, -1, -1], atol=1e-3)  # opaque black
     np.testing.assert_allclose(mean["gray16.png"][:3], [128 / 127.5 - 1] * 3, atol=1e-3)  # not clipped
     np.testing.assert_allclose(mean["bilevel.png"][:3], [1, 1, 1], atol=1e-3)
-    pal = recs["palette.png"]["latent"].astype(np.float32)  # 256x256 bucket → 32x32 latents
-    np.testing.assert_allclose(pal[:14, :, :3].mean((0, 1)), [-1, -1, 1], atol=1e-2)  # blue top
-    np.testing.assert_allclose(pal[-14:, :, :3].mean((0, 1)), [1, 1, 1], atol=1e-2)  # white bottom
+    pal = recs["palette.png"]["latent"].astype(np.float32)  # 128x128 bucket → 16x16 latents
+    np.testing.assert_allclose(pal[:7, :, :3].mean((0, 1)), [-1, -1, 1], atol=1e-2)  # blue top
+    np.testing.assert_allclose(pal[-7:, :, :3].mean((0, 1)), [1, 1, 1], atol=1e-2)  # white bottom
     rot = recs["exif_rotated.jpg"]
     assert rot["time_ids"][:2].tolist() == [100, 200]  # displayed (h, w) after the EXIF rotation
     lat = rot["latent"].astype(np.float32)[..., 3]

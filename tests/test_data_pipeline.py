@@ -223,8 +223,8 @@ def test_batch_size_scaled_by_bucket_area(cache):
     cfg = config()
     cfg.data.buckets.scale_batch_by_area = True
     it = make_train_iterator(cfg, cache, TOKENIZE, global_batch_size=8)
-    # 8·65536/61440 = 8.53 → 9 for 192x320 and 320x192; 8 for the full-area 256x256
-    assert {k: v for k, v in it.batch_sizes.items()} == {(192, 320): 9, (256, 256): 8, (320, 192): 9}
+    # 8·16384/15360 = 8.53 → 9 for 96x160 and 160x96; 8 for the full-area 128x128
+    assert {k: v for k, v in it.batch_sizes.items()} == {(96, 160): 9, (128, 128): 8, (160, 96): 9}
     for batch in take(it, it.steps_per_epoch):
         h, w = batch["latents"].shape[1:3]
         assert batch["latents"].shape[0] == it.batch_sizes[(w * 8, h * 8)]

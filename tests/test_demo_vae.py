@@ -109,8 +109,8 @@ def test_a_finished_demo_vae_is_reused_only_when_its_settings_match(trained, dem
 
 
 def test_no_demo_vae_steps_is_one_clear_error(demo_images, tmp_path):
-    """The demo preset defaults to data.demo_vae_steps=0 (the seeded random VAE); a tool that asks
-    for the trained demo VAE with it unset gets the key named, not an empty run."""
+    """data.demo_vae_steps=0 means the seeded random VAE; a tool that asks for the trained demo
+    VAE with it set so gets the key named, not an empty run."""
     with pytest.raises(ValueError, match="data.demo_vae_steps=0"):
         demo_vae.find_or_train(unet_cfg(**{"data.demo_vae_steps": 0}), str(tmp_path), demo_images)
     assert not os.listdir(tmp_path)

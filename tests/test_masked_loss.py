@@ -16,7 +16,7 @@ from sdxl_jax.data.build import build_cache
 from sdxl_jax.data.images import list_folder, list_manifest
 from sdxl_jax.diffusion import weighted_v_loss
 
-SIDE = 256  # the tiny 256² bucket: no resize, no crop, so the expected masks are literal
+SIDE = 128  # the tiny 128² bucket: no resize, no crop, so the expected masks are literal
 LAT = SIDE // 8
 
 
@@ -98,7 +98,7 @@ def _write_images(root):
         img.save(root / name)
         (root / name).with_suffix(".txt").write_text(caption)
 
-    # alpha: transparent for x < 124, opaque from there: latent columns 0-14 → 0, 15 → 4/8, rest 1
+    # alpha: transparent for x < 124, opaque from there: latent columns 0-14 → 0, 15 (the last) → 4/8
     rgba = np.full((SIDE, SIDE, 4), 40, np.uint8)
     rgba[..., 3] = 255
     rgba[:, :124, 3] = 0
@@ -185,7 +185,7 @@ def test_masked_cache_stores_latent_masks(masked_cache):
     np.testing.assert_allclose(lat[:, 16:, :3], 40 / 127.5 - 1, atol=1e-3)
     skipped = [json.loads(x) for x in (out / C.SKIPPED).read_text().splitlines()]
     assert [(s["key"], s["reason"]) for s in skipped] == [
-        ("wrong.png", "mask file wrong.mask.png: 256x128, the image is 256x256 (not the same aspect ratio)")]
+        ("wrong.png", "mask file wrong.mask.png: 128x64, the image is 128x128 (not the same aspect ratio)")]
     # a record without a mask is the format of before (no header key), and round-trips as None
     raw = C.encode_record(np.zeros((2, 3, 4), np.float16), None, "c", ["c"], np.zeros(6), "k")
     assert b"mask" not in raw and C.decode_record(raw)["mask"] is None

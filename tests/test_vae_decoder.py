@@ -341,7 +341,7 @@ def test_latent_stats_equal_numpy_and_normalisation_roundtrip(demo_images, tmp_p
     every = np.concatenate([np.asarray(decode_record(source[i])["latent"], np.float64).reshape(-1, 4)
                             for i in range(len(source))])
     source.close()
-    assert len(every) == manifest["num_records"] * 32 * 32 and manifest["num_records"] == 48
+    assert len(every) == manifest["num_records"] * 16 * 16 and manifest["num_records"] == 48
     want_mean, want_std = every.mean(0), every.std(0)
     stats = compute_latent_stats(cache)
     np.testing.assert_allclose(stats.mean, want_mean, rtol=1e-12)

@@ -1,6 +1,6 @@
 """The report's Fig. 2 claim at tiny scale: can the model make a "completely black" image?
 
-    python -m sdxl_jax.tools.black_check [--steps 300] [--workdir runs/black_check]
+    python -m sdxl_jax.tools.black_check [--steps 1500] [--workdir runs/black_check]
 
 Trains the tiny model on the demo data twice with identical steps and seeds, once with
 `schedule.ztsnr=rescale` and once with `schedule.ztsnr=off`, samples "completely black" from
@@ -30,13 +30,13 @@ def run_config(ztsnr: str, steps: int, cache_dir: str, vae_steps: int = 800):
     from sdxl_jax.config import load_config
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ztsnr.py") + ":tiny")
     cfg.schedule.ztsnr = ztsnr
-    cfg.train.steps = steps
+    cfg.train.steps = steps or cfg.train.steps  # 0: the tiny preset's (the README demo's) steps
     cfg.data.cache_dir = cache_dir
-    cfg.data.demo_vae_steps = vae_steps  # the demo's own VAE (the demo preset defaults to none)
+    cfg.data.demo_vae_steps = vae_steps  # the demo's own VAE (800: the preset's, reused from the demo)
     cfg.sample.every_steps = 0
-    cfg.checkpoint.every_steps = steps
-    # one 256² bucket (every demo image cropped into it): one compiled step per run
-    cfg.data.buckets.min_side = cfg.data.buckets.max_side = 256
+    cfg.checkpoint.every_steps = cfg.train.steps
+    # the preset's square bucket only (every demo image cropped into it): one compiled step per run
+    cfg.data.buckets.min_side = cfg.data.buckets.max_side = cfg.data.buckets.base[0]
     cfg.data.buckets.max_ar_error = 1.0
     cfg.data.val_fraction = 0.0
     return cfg
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from sdxl_jax.models.hf import block_torch
     block_torch()
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=0, help="UNet steps of each run (0: the tiny preset's)")
     p.add_argument("--vae-steps", type=int, default=800, help="steps of the demo VAE (trained once, reused)")
     p.add_argument("--workdir", default="runs/black_check")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         refs = refs[:, :pictures[0].shape[1], :pictures[0].shape[2]]
         save_png(rows_grid(pictures + [refs]), a.png)
         print(f"wrote {a.png} (rows: ztsnr=rescale, ztsnr=off, the dataset's black images)")
-    print(f"\n'{PROMPT}' after {a.steps} steps, {len(a.seeds)} seeds (brightness: 0 black … 1 white)")
+    print(f"\n'{PROMPT}' after {cfg.train.steps} steps, {len(a.seeds)} seeds (brightness: 0 black … 1 white)")
     print(f"{'run':<16}{'first σ':>10}{'brightness':>12}{'latent mean':>14}")
     for mode, first, bright, lat in rows:
         print(f"{'ztsnr=' + mode:<16}{first:>10.4g}{bright:>12.4f}{lat:>14.4f}")
