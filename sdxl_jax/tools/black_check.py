@@ -26,13 +26,13 @@ from sdxl_jax import cli
 PROMPT = "completely black"
 
 
-def run_config(ztsnr: str, steps: int, cache_dir: str, vae_steps: int = 800):
+def run_config(ztsnr: str, steps: int, cache_dir: str, vae_steps: int = 0):
     from sdxl_jax.config import load_config
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ztsnr.py") + ":tiny")
     cfg.schedule.ztsnr = ztsnr
     cfg.train.steps = steps or cfg.train.steps  # 0: the tiny preset's (the README demo's) steps
     cfg.data.cache_dir = cache_dir
-    cfg.data.demo_vae_steps = vae_steps  # the demo's own VAE (800: the preset's, reused from the demo)
+    cfg.data.demo_vae_steps = vae_steps or cfg.data.demo_vae_steps  # 0: the preset's (reused from the demo)
     cfg.sample.every_steps = 0
     cfg.checkpoint.every_steps = cfg.train.steps
     # the preset's square bucket only (every demo image cropped into it): one compiled step per run
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     block_torch()
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=0, help="UNet steps of each run (0: the tiny preset's)")
-    p.add_argument("--vae-steps", type=int, default=800, help="steps of the demo VAE (trained once, reused)")
+    p.add_argument("--vae-steps", type=int, default=0, help="steps of the demo VAE (0: the tiny preset's; trained once, reused)")
     p.add_argument("--workdir", default="runs/black_check")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--png", default="", help="write the side-by-side picture here (e.g. docs/black_check.png)")
