@@ -83,6 +83,29 @@ def test_evaluator_writes_previews_and_deterministic_validation(saved_run, demo_
     assert path.endswith("step_0000007.png") and grid.shape == (2 * SIDE, 2 * SIDE, 3)
 
 
+def test_evaluator_previews_a_trained_text_encoder(saved_run, demo_cache):
+    """train.trainable="unet+text": CLIP-L is trained, so it is not among the frozen weights;
+    the previews take it from the trained tree (through `view`), not from the frozen source."""
+    from sdxl_jax.train.evaluate import Evaluator
+    from sdxl_jax.train.step import StepConfig
+    from sdxl_jax.models.weights import frozen_params
+    cfg, wd, state, mesh = saved_run
+    frozen = frozen_params(cfg)
+    shown = {k: v for k, v in frozen.items() if k != "text_l"}
+    unet = models.build_unet(ENGINE_PRESET, "float32")
+    text_l, text_g = models.build_text_encoders(ENGINE_PRESET, "float32")
+    ev = Evaluator(cfg, wd, mesh, unet, text_l, text_g, StepConfig.from_config(cfg), shown,
+                   None, demo_cache, None, None, None,
+                   view=lambda tree: (tree["unet"], {"text_l": tree["text_l"], "text_g": frozen["text_g"]}))
+    grid = lambda step, tl: np.asarray(Image.open(ev.previews(step, {"unet": state.ema_params, "text_l": tl})))  # noqa: E731
+    source = grid(7, frozen["text_l"])
+    plain = Evaluator(cfg, wd, mesh, unet, text_l, text_g, StepConfig.from_config(cfg), frozen,
+                      None, demo_cache, None, None, None)
+    np.testing.assert_array_equal(source, np.asarray(Image.open(plain.previews(9, state.ema_params))))
+    moved = jax.tree.map(lambda x: x * 1.5, frozen["text_l"])  # a "trained" CLIP-L
+    assert not np.array_equal(grid(8, moved), source)
+
+
 @pytest.mark.parametrize("attention,split", [("standard", False), ("memory_efficient", False),
                                              ("standard", True)])
 def test_sampler_builds_the_runs_attention_options(attention, split):

@@ -47,7 +47,8 @@ class Evaluator:
         """`view(trained tree) -> (UNet params, {"text_l", "text_g"})`: where a run's weights come
         from (default: the tree is the UNet, the text encoders those of `frozen_all`)."""
         self.cfg, self.workdir, self.mesh, self.sc, self.writer = cfg, workdir, mesh, sc, writer
-        self.frozen_text = {k: frozen_all[k] for k in ("text_l", "text_g")}
+        # the frozen encoders only: a trained one (train.trainable="unet+text") comes from `view`
+        self.frozen_text = {k: frozen_all[k] for k in ("text_l", "text_g") if k in frozen_all}
         self.view = view or (lambda tree: (tree, self.frozen_text))
         self.eval_loss = make_eval_loss(unet, text_l, text_g, sc)
         self.tokenize_fn, self.cache_dir = tokenize_fn, cache_dir
