@@ -56,10 +56,11 @@ def test_default_targets_tiny(base):
     assert not any("resnets" in n or "time_emb" in n for n in names)
     conv = make_plan(base, AdapterConfig(conv=True, rank=4, conv_rank=2))
     extra = {"/".join(p): t for p, t in conv["unet"].items() if p not in plan["unet"]}
-    # tiny: 11 resnets (down 3, mid 2, up 6) × (conv1, conv2, time_emb_proj), 7 conv_shortcuts
-    # (down_blocks_2/resnets_0 and every up resnet, whose skip-concat input width differs),
-    # 2 downsamplers + 2 upsamplers
-    assert len(extra) == 11 * 3 + 7 + 4
+    # tiny: 11 resnets (down 3, mid 2, up 6) × (conv1, conv2, time_emb_proj), 8 conv_shortcuts
+    # (down_blocks_1/resnets_0: 64 → 32, down_blocks_2/resnets_0: 32 → 64, and every up resnet,
+    # whose skip-concat input width differs), 2 downsamplers + 2 upsamplers
+    assert len(extra) == 11 * 3 + 8 + 4
+    assert extra["down_blocks_1/resnets_0/conv_shortcut"].shape == (1, 1, 64, 32)
     assert extra["down_blocks_0/resnets_0/conv1"].rank == 2  # 3×3: conv_rank
     assert extra["down_blocks_2/resnets_0/conv_shortcut"].rank == 4  # 1×1: rank
     assert extra["mid_block/resnets_0/time_emb_proj"].kind == "linear"

@@ -132,3 +132,13 @@ def test_kl_term_equals_float64_numpy():
     np.testing.assert_allclose(np.asarray(gm), m / values, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(gs), (s - 1 / s) / values, rtol=1e-5)
     assert L.KL_WEIGHT == 1e-6
+
+
+def test_mean_leak_is_the_z_score_of_a_class_mean_under_noise():
+    from sdxl_jax.tools.black_check import mean_leak
+    assert mean_leak([3.0, 4.0, 0.0, 0.0], 10.0, (16, 16)) == pytest.approx(8.0)  # ‖(3,4)‖·16/10
+    assert mean_leak([3.0, 4.0, 0.0, 0.0], 10.0, (128, 128)) == pytest.approx(64.0)  # ∝ latent side
+    # the unit: the spatial mean of N(0, σ²) noise over h×w latents has std σ/√(h·w) per channel
+    rng = np.random.default_rng(0)
+    means = (10.0 * rng.standard_normal((2000, 16, 16, 4), np.float32)).mean(axis=(1, 2))
+    np.testing.assert_allclose(means.std(axis=0), 10.0 / 16, rtol=0.06)

@@ -290,3 +290,24 @@ def _unet_dummy_inputs():
     return (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 1, cfg["cross_attention_dim"])),
             {"text_embeds": jnp.zeros((1, M.text_g_config("tiny")["projection_dim"])),
              "time_ids": jnp.zeros((1, 6))})
+
+
+def test_tiny_unet_first_level_keeps_channel_means_through_its_group_norms():
+    """diffusers' Flax UNet hard-codes GroupNorm(32). At 32 channels that is a per-channel
+    instance norm, which removes each channel's spatial mean: a flat colour, and the time /
+    pooled-text embedding that resnets add before norm2, never reach conv_out (the tiny demo
+    sampled speckled textures instead of flat fields). The tiny preset's first level, which
+    feeds the output norm, has ≥ 2 channels per group, so per-channel offsets survive."""
+    import flax.linen as nn
+    from sdxl_jax.models import presets
+    channels = presets.unet_config("tiny")["block_out_channels"][0]
+    assert channels % 32 == 0 and channels // 32 >= 2
+    norm = nn.GroupNorm(num_groups=32, epsilon=1e-5)
+    key = jax.random.PRNGKey(0)
+    offset = jnp.tile(jnp.asarray([1.0, -1.0]), channels // 2)  # differs inside every group
+    x = jax.random.normal(key, (1, 8, 8, channels))
+    params = norm.init(key, x)
+    assert float(jnp.abs(norm.apply(params, x + offset) - norm.apply(params, x)).max()) > 0.5
+    x32 = x[..., :32]  # the same offset at 32 channels: erased
+    p32 = norm.init(key, x32)
+    np.testing.assert_allclose(norm.apply(p32, x32 + offset[:32]), norm.apply(p32, x32), atol=1e-5)

@@ -96,7 +96,35 @@ def main(argv=None) -> int:
         print(f"{'ztsnr=' + mode:<16}{first:>10.4g}{bright:>12.4f}{lat:>14.4f}")
     print(f"{'demo black imgs':<16}{'':>10}{ref_img.mean():>12.4f}{float(ref_z.mean()):>14.4f}"
           "   (their latents through the same VAE; the source pixels are 0.0)")
+    from sdxl_jax.data import load_manifest
+    data_z = diffusion.normalize_latents(jnp.asarray(load_manifest(cache)["latent_stats"]["mean"]),
+                                         run_cfg["latents"]["normalization"],
+                                         run_cfg["latents"]["scale_factor"], lat.get("mean"), lat.get("std"))
+    offset = np.asarray(ref_z, np.float64).mean(axis=(0, 1, 2)) - np.asarray(data_z, np.float64)
+    plain_first = rows[1][1]
+    latent = (s.height // 8, s.width // 8)
+    print(f"\nmean-colour leak at the plain schedule's first σ = {plain_first:.4g} (how many standard "
+          "deviations of the noise's spatial mean the black images' latent mean sits from the "
+          "dataset's; the sampler's pure-noise start has none of it):")
+    for hw, what in ((latent, "this run"), ((128, 128), "SDXL at 1024²")):
+        print(f"  {hw[0]}×{hw[1]} latents ({what}): {mean_leak(offset, plain_first, hw):.2f}")
     return 0
+
+
+def mean_leak(offset, sigma: float, latent_hw: tuple[int, int]) -> float:
+    """‖offset‖·√(h·w)/σ: the distance of an image class's per-channel latent mean from the
+    dataset's (`offset`, normalised units), in standard deviations of the spatial mean of
+    N(0, σ²) noise over h×w latents (σ/√(h·w) per channel).
+
+    Training at the plain schedule's last step sees z + σε, whose spatial mean still tells the
+    class's colour at this z-score; sampling starts from σε alone, which has the dataset's
+    mean. Where the z-score is small, the model cannot have learnt to read the colour from the
+    input and takes it from the prompt (the start does no harm); where it is large (it grows
+    with the latent side), the model reads the pure-noise start as a mean-coloured image: the
+    report's greyed "completely black". ZTSNR trains at σ = ∞, where the leak is 0.
+    """
+    offset = np.asarray(offset, np.float64)
+    return float(np.sqrt(np.sum(offset ** 2)) * np.sqrt(latent_hw[0] * latent_hw[1]) / sigma)
 
 
 def black_reference_latents(cache_dir: str) -> np.ndarray:
