@@ -142,8 +142,8 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
 
     # ---- training ------------------------------------------------------------------------------
     c.train = tr = ml_collections.ConfigDict()
-    # tiny: 1,500 steps of batch 8 at 128² (6.5 min on 2 CPU cores with the compiles): previews
-    # with flat backgrounds; tools/prompt_check 44 % of backgrounds right (2,400 steps: 62 %; README)
+    # tiny: 1,500 steps of batch 8 at 128² (8.3 min on 2 CPU cores with the compiles): previews
+    # of flat fields; tools/prompt_check 50 % of backgrounds right (3,000 steps: 66 %; README)
     tr.steps = 1500 if tiny else 100_000  # optimizer steps (one global batch each)
     # The recipe is stated per global batch (METHODS §13). Each device holds a micro-batch of
     # per_device_batch_size samples; the step accumulates k = global / (per-device × devices)
