@@ -8,8 +8,9 @@ each (ZTSNR from σ = ∞; the baseline from its σ_max = 14.6) and prints the m
 brightness and latent mean of each next to those of the demo's own black images through the same
 VAE — the demo's own VAE trained from scratch (train/demo_vae.py, reused from the README demo when
 its settings match): with a random VAE a black image's latent sits at the dataset mean and the
-experiment cannot show anything. Writes the samples side by side (`--png`, rows: ZTSNR, plain,
-the dataset's black images decoded). Reuses finished runs in --workdir, so a second invocation
+experiment cannot show anything. Then prints the mean-colour leak (`mean_leak`) at this latent
+size and at SDXL's, the measured reason the plain schedule's greying needs large latents. Writes
+the samples side by side (`--png`, rows: ZTSNR, plain, the dataset's black images decoded). Reuses finished runs in --workdir, so a second invocation
 only samples.
 """
 from __future__ import annotations
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
         print(f"wrote {a.png} (rows: ztsnr=rescale, ztsnr=off, the dataset's black images)")
     print(f"\n'{PROMPT}' after {cfg.train.steps} steps, {len(a.seeds)} seeds (brightness: 0 black … 1 white)")
     print(f"{'run':<16}{'first σ':>10}{'brightness':>12}{'latent mean':>14}")
-    for mode, first, bright, lat in rows:
-        print(f"{'ztsnr=' + mode:<16}{first:>10.4g}{bright:>12.4f}{lat:>14.4f}")
+    for mode, first, bright, z_mean in rows:
+        print(f"{'ztsnr=' + mode:<16}{first:>10.4g}{bright:>12.4f}{z_mean:>14.4f}")
     print(f"{'demo black imgs':<16}{'':>10}{ref_img.mean():>12.4f}{float(ref_z.mean()):>14.4f}"
           "   (their latents through the same VAE; the source pixels are 0.0)")
     from sdxl_jax.data import load_manifest
