@@ -99,9 +99,10 @@ def test_evaluator_previews_a_trained_text_encoder(saved_run, demo_cache):
                    view=lambda tree: (tree["unet"], {"text_l": tree["text_l"], "text_g": frozen["text_g"]}))
     grid = lambda step, tl: np.asarray(Image.open(ev.previews(step, {"unet": state.ema_params, "text_l": tl})))  # noqa: E731
     source = grid(7, frozen["text_l"])
-    plain = Evaluator(cfg, wd, mesh, unet, text_l, text_g, StepConfig.from_config(cfg), frozen,
-                      None, demo_cache, None, None, None)
-    np.testing.assert_array_equal(source, np.asarray(Image.open(plain.previews(9, state.ema_params))))
+    from sdxl_jax import prompts  # the same sampler fed the frozen encoders directly
+    want = prompts.render_grid(ev.sampler, state.ema_params, ev.jobs,
+                               text_params={k: frozen[k] for k in ("text_l", "text_g")})
+    np.testing.assert_array_equal(source, want)
     moved = jax.tree.map(lambda x: x * 1.5, frozen["text_l"])  # a "trained" CLIP-L
     assert not np.array_equal(grid(8, moved), source)
 

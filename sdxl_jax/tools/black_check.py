@@ -10,8 +10,8 @@ VAE — the demo's own VAE trained from scratch (train/demo_vae.py, reused from 
 its settings match): with a random VAE a black image's latent sits at the dataset mean and the
 experiment cannot show anything. Then prints the mean-colour leak (`mean_leak`) at this latent
 size and at SDXL's, the measured reason the plain schedule's greying needs large latents. Writes
-the samples side by side (`--png`, rows: ZTSNR, plain, the dataset's black images decoded). Reuses finished runs in --workdir, so a second invocation
-only samples.
+the samples side by side (`--png`, rows: ZTSNR, plain, the dataset's black images decoded).
+Reuses finished runs in --workdir, so a second invocation only samples.
 """
 from __future__ import annotations
 
