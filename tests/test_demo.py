@@ -49,6 +49,9 @@ def test_specs_match_the_rendered_pixels():
         assert want.background == spec.background
         assert set(want.shapes) == {(s.color, s.shape) for s in spec.shapes}
         assert want.plain == (not spec.shapes)
+        # the background is the first tag: where the prompts name it and keep_first_n=1 keeps it
+        first = demo.caption_expectation(spec.tags[0])
+        assert first.background == spec.background and not first.shapes, i
         kinds.add("plain" if not spec.shapes else "shapes")
     assert demo.example_spec(0).tags[0] == "completely black" and demo.example_spec(8).background == "white"
     assert kinds == {"plain", "shapes"}
@@ -142,3 +145,19 @@ def test_mean_leak_is_the_z_score_of_a_class_mean_under_noise():
     rng = np.random.default_rng(0)
     means = (10.0 * rng.standard_normal((2000, 16, 16, 4), np.float32)).mean(axis=(1, 2))
     np.testing.assert_allclose(means.std(axis=0), 10.0 / 16, rtol=0.06)
+
+
+def test_a_folder_written_with_older_captions_is_rewritten(tmp_path):
+    """demo.json records the caption version: a folder from before the background-first
+    captions is written again instead of being kept as this dataset."""
+    import json
+    files = demo.make_demo_dataset(str(tmp_path), n=3, side=32)
+    caption = (tmp_path / files[1]).with_suffix(".txt")
+    new = caption.read_text()
+    marker = tmp_path / demo.MARKER
+    done = json.loads(marker.read_text())
+    done["spec"]["captions"] = 1
+    marker.write_text(json.dumps(done))
+    caption.write_text("red circle, 1 shape, blue background\n")
+    assert demo.make_demo_dataset(str(tmp_path), n=3, side=32) == files
+    assert caption.read_text() == new and new.startswith(demo.example_spec(1, side=32).tags[0])

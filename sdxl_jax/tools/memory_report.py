@@ -49,6 +49,21 @@ TABLE_VARIANTS = (("none", "standard"), ("blocks", "memory_efficient"))
 # runs, so LLVM's optimisations are skipped: buffer assignment happens before them.
 SIMULATION_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
                       "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# XLA:CPU has no bfloat16 kernels for dots, convolutions or collectives: its pass
+# float-normalization-bf16 rewrites each such op to float32 (converts around it) before buffer
+# assignment, and the converts then move before the FSDP all-gathers. TPU and GPU run those ops
+# in bfloat16. Left on, the simulated SDXL step gathered every weight in float32 (all 1,796
+# all-gathers f32, the step casts to bf16 before gathering) and held float32 dot inputs and
+# outputs. With --until-buffers the pass is skipped, so buffers have the accelerators' dtypes;
+# code generation, which the pass exists for, then fails, but --until-buffers never needs it.
+ACCELERATOR_DTYPE_OPTIONS = {"xla_disable_hlo_passes": "float-normalization-bf16"}
+
+
+def simulation_options(until_buffers: bool) -> dict:
+    """Compiler options of a simulated compile (see SIMULATION_OPTIONS and
+    ACCELERATOR_DTYPE_OPTIONS); bfloat16 ops keep their dtype only when the compile stops
+    after buffer assignment."""
+    return dict(SIMULATION_OPTIONS, **(ACCELERATOR_DTYPE_OPTIONS if until_buffers else {}))
 
 
 # ---- pure helpers (no JAX) -----------------------------------------------------------------------
@@ -234,11 +249,20 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
         import threading
         if "xla_dump_to" not in options:
             raise ValueError("until_buffers needs compiler_options['xla_dump_to']")
-        compile_thread = threading.Thread(target=lambda: lowered.compile(compiler_options=options),
-                                          daemon=True)
+        failed = []
+
+        def compile_quietly():
+            try:
+                lowered.compile(compiler_options=options)
+            except Exception as e:  # after buffer assignment: codegen without the bf16 pass
+                failed.append(e)
+        compile_thread = threading.Thread(target=compile_quietly, daemon=True)
         compile_thread.start()
-        stats = buffer_assignment_stats(wait_for_buffer_assignment(options["xla_dump_to"],
-                                                                   compile_thread.is_alive))
+        try:
+            path = wait_for_buffer_assignment(options["xla_dump_to"], compile_thread.is_alive)
+        except RuntimeError as e:  # the compile failed before buffer assignment: say why
+            raise RuntimeError(f"{e}: {failed[0] if failed else 'no error raised'}") from None
+        stats = buffer_assignment_stats(path)
         cost = None
     else:
         compiled = lowered.compile(compiler_options=options)
@@ -272,6 +296,7 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
         "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
         "until_buffers": until_buffers,
         "scheduler": options.get("xla_cpu_scheduler_type", "default"),
+        "bf16_kept": "float-normalization-bf16" in options.get("xla_disable_hlo_passes", ""),
     }
 
 
@@ -281,7 +306,13 @@ def print_report(r: dict) -> None:
           f"remat {r['remat']} | attention {r['attention']}{' split_head_dim' if r['split_head_dim'] else ''}")
     print(f"trains {r['trainable']}: {r['trained_params'] / 1e9:.3f} B params, frozen {r['frozen_params'] / 1e9:.3f} B; "
           f"optimizer {r['optimizer']}, EMA {'on' if r['ema'] else 'off'}")
-    print("per device (GiB, XLA:CPU estimate):")
+    simulated = r.get("scheduler") == SIMULATION_OPTIONS["xla_cpu_scheduler_type"]
+    note = ""
+    if simulated and r["dtype"] == "bfloat16":
+        note = ("; bfloat16 ops kept in bfloat16 as on TPU/GPU" if r.get("bf16_kept") else
+                "; XLA:CPU ran bfloat16 dots, convolutions and gathers in float32 (an overestimate): "
+                "--until-buffers keeps the accelerators' dtypes")
+    print(f"per device (GiB, XLA:CPU estimate{note}):")
     for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"):
         print(f"  {k[:-6]:<10} {fmt_gib(r[k]):>8}")
     print(f"  {'total':<10} {fmt_gib(r['total_bytes']):>8}   (argument + output − alias + temp)")
@@ -456,7 +487,9 @@ def main(argv=None) -> None:
     options = {}
     if a.devices:
         _set_device_count(a.devices)
-        options.update(SIMULATION_OPTIONS)
+        options.update(simulation_options(a.until_buffers))
+        if a.until_buffers:  # XLA logs the expected code-generation failure (see simulation_options)
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     dump_dir = ""
     if a.explain or a.until_buffers:
         import tempfile
