@@ -256,13 +256,30 @@ def test_table_lists_every_grid_run_and_marks_the_missing(tmp_path):
     assert "| 32 | 4 | none | not run |" in md
 
 
+def _compile_until_buffers(lowered, until_buffers: bool, dump, module: str):
+    """(optimized HLO text, temp bytes) of a simulated compile with memory_report's options."""
+    import threading
+    options = dict(memory_report.simulation_options(until_buffers), xla_dump_to=str(dump))
+
+    def compile_it():
+        try:
+            lowered.compile(compiler_options=options)
+        except Exception:  # XLA:CPU cannot generate code without the skipped passes: after the buffers
+            assert until_buffers
+    thread = threading.Thread(target=compile_it)
+    thread.start()
+    thread.join()
+    path = memory_report.wait_for_buffer_assignment(str(dump), lambda: False, module=module, poll_s=0.01)
+    with open(path.replace("-buffer-assignment.txt", ".txt")) as f:
+        return f.read(), memory_report.buffer_assignment_stats(path)["temp_bytes"]
+
+
 def test_simulated_compile_keeps_the_fsdp_gathers_in_bfloat16(tmp_path):
     """XLA:CPU runs bf16 dots and all-gathers in f32 (float-normalization-bf16), so a simulated
     FSDP step that casts its weights to bf16 before gathering them still gathered float32 and
     the report doubled every gathered weight. The options of an --until-buffers compile keep
     them bf16, as TPU/GPU compilers do: the gather is bf16 and its buffers half the size."""
     import re
-    import threading
     from jax.sharding import NamedSharding, PartitionSpec as P
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     w_sh, x_sh = NamedSharding(mesh, P(None, "fsdp")), NamedSharding(mesh, P("fsdp"))
@@ -276,22 +293,8 @@ def test_simulated_compile_keeps_the_fsdp_gathers_in_bfloat16(tmp_path):
         jax.ShapeDtypeStruct((8 * 512, 256), jnp.float32, sharding=x_sh))
     found = {}
     for until_buffers in (False, True):
-        dump = tmp_path / str(until_buffers)
-        options = dict(memory_report.simulation_options(until_buffers), xla_dump_to=str(dump))
-
-        def compile_it():
-            try:
-                lowered.compile(compiler_options=options)
-            except Exception:  # bf16 dots have no XLA:CPU code generation: after the buffers
-                assert until_buffers
-        thread = threading.Thread(target=compile_it)
-        thread.start()
-        thread.join()
-        path = memory_report.wait_for_buffer_assignment(str(dump), lambda: False, module="jit_loss",
-                                                        poll_s=0.01)
-        hlo = open(path.replace("-buffer-assignment.txt", ".txt")).read()
-        gathers = set(re.findall(r"= (\w+)\[256,256\]\{[\d,]*\} all-gather\(", hlo))
-        found[until_buffers] = gathers, memory_report.buffer_assignment_stats(path)["temp_bytes"]
+        hlo, temp = _compile_until_buffers(lowered, until_buffers, tmp_path / str(until_buffers), "jit_loss")
+        found[until_buffers] = set(re.findall(r"= (\w+)\[256,256\]\{[\d,]*\} all-gather\(", hlo)), temp
     assert found[False][0] == {"f32"} and found[True][0] == {"bf16"}
     # the temporaries are the gathered weight and the activations: all half as large in bf16
     assert found[True][1] * 2 == found[False][1]

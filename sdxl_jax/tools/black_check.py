@@ -1,6 +1,6 @@
 """The report's Fig. 2 claim at tiny scale: can the model make a "completely black" image?
 
-    python -m sdxl_jax.tools.black_check [--steps 1500] [--workdir runs/black_check]
+    python -m sdxl_jax.tools.black_check [--steps 1200] [--workdir runs/black_check]
 
 Trains the tiny model on the demo data twice with identical steps and seeds, once with
 `schedule.ztsnr=rescale` and once with `schedule.ztsnr=off`, samples "completely black" from

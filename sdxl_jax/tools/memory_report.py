@@ -50,20 +50,20 @@ TABLE_VARIANTS = (("none", "standard"), ("blocks", "memory_efficient"))
 SIMULATION_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
                       "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # XLA:CPU has no bfloat16 kernels for dots, convolutions or collectives: its pass
-# float-normalization-bf16 rewrites each such op to float32 (converts around it) before buffer
-# assignment, and the converts then move before the FSDP all-gathers. TPU and GPU run those ops
-# in bfloat16. Left on, the simulated SDXL step gathered every weight in float32 (all 1,796
-# all-gathers f32, the step casts to bf16 before gathering) and held float32 dot inputs and
-# outputs. With --until-buffers the pass is skipped, so buffers have the accelerators' dtypes;
-# code generation, which the pass exists for, then fails, but --until-buffers never needs it.
-ACCELERATOR_DTYPE_OPTIONS = {"xla_disable_hlo_passes": "float-normalization-bf16"}
+# float-normalization-bf16 rewrites each such op to float32 (converts around it), and the converts
+# then move ahead of the FSDP all-gathers. TPU and GPU run those ops in bfloat16. Left on, the
+# simulated SDXL step gathered every weight in float32 (all 1,796 all-gathers f32, though the step
+# casts each shard to bf16 before gathering). An --until-buffers compile skips it: code
+# generation, which needs it, is never reached. (Also skipping cse_barrier_expander, which drops
+# remat's optimization barriers early on XLA:CPU, made the batch-2 row worse, 23.47 GiB: not done.)
+ACCELERATOR_PASSES_SKIPPED = ("float-normalization-bf16",)
 
 
 def simulation_options(until_buffers: bool) -> dict:
-    """Compiler options of a simulated compile (see SIMULATION_OPTIONS and
-    ACCELERATOR_DTYPE_OPTIONS); bfloat16 ops keep their dtype only when the compile stops
-    after buffer assignment."""
-    return dict(SIMULATION_OPTIONS, **(ACCELERATOR_DTYPE_OPTIONS if until_buffers else {}))
+    """Compiler options of a simulated compile (SIMULATION_OPTIONS); with `until_buffers` also
+    without ACCELERATOR_PASSES_SKIPPED, so bfloat16 ops keep their dtype."""
+    skip = {"xla_disable_hlo_passes": ",".join(ACCELERATOR_PASSES_SKIPPED)} if until_buffers else {}
+    return dict(SIMULATION_OPTIONS, **skip)
 
 
 # ---- pure helpers (no JAX) -----------------------------------------------------------------------
@@ -296,7 +296,7 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
         "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
         "until_buffers": until_buffers,
         "scheduler": options.get("xla_cpu_scheduler_type", "default"),
-        "bf16_kept": "float-normalization-bf16" in options.get("xla_disable_hlo_passes", ""),
+        "accelerator_passes": "float-normalization-bf16" in options.get("xla_disable_hlo_passes", ""),
     }
 
 
@@ -309,7 +309,7 @@ def print_report(r: dict) -> None:
     simulated = r.get("scheduler") == SIMULATION_OPTIONS["xla_cpu_scheduler_type"]
     note = ""
     if simulated and r["dtype"] == "bfloat16":
-        note = ("; bfloat16 ops kept in bfloat16 as on TPU/GPU" if r.get("bf16_kept") else
+        note = ("; bfloat16 ops kept in bfloat16 as on TPU/GPU" if r.get("accelerator_passes") else
                 "; XLA:CPU ran bfloat16 dots, convolutions and gathers in float32 (an overestimate): "
                 "--until-buffers keeps the accelerators' dtypes")
     print(f"per device (GiB, XLA:CPU estimate{note}):")
