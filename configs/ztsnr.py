@@ -34,7 +34,7 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # uses float32: XLA:CPU has no bf16 speed-up and compiles bf16 graphs ~2× slower.
     m.dtype = "float32" if tiny else "bfloat16"
     # Memory (docs/memory.md): remat every block and chunked attention give 13.25 GiB per device at
-    # 1024², per-device batch 1, FSDP-8 without accumulation, and 15.23 GiB with the in-step
+    # 1024², per-device batch 1, FSDP-8 without accumulation, and 15.07 GiB with the in-step
     # accumulation of the defaults (k = 2 measured). Tiny needs neither.
     m.remat = "none" if tiny else "blocks"  # gradient checkpointing: "none" | "blocks" | "dots"
     # "standard" | "memory_efficient" (chunked) | "dot_product" (jax.nn.dot_product_attention:
