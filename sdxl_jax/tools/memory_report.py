@@ -296,7 +296,7 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
         "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
         "until_buffers": until_buffers,
         "scheduler": options.get("xla_cpu_scheduler_type", "default"),
-        "accelerator_passes": "float-normalization-bf16" in options.get("xla_disable_hlo_passes", ""),
+        "bf16_kept": "float-normalization-bf16" in options.get("xla_disable_hlo_passes", ""),
     }
 
 
@@ -309,7 +309,7 @@ def print_report(r: dict) -> None:
     simulated = r.get("scheduler") == SIMULATION_OPTIONS["xla_cpu_scheduler_type"]
     note = ""
     if simulated and r["dtype"] == "bfloat16":
-        note = ("; bfloat16 ops kept in bfloat16 as on TPU/GPU" if r.get("accelerator_passes") else
+        note = ("; bfloat16 ops kept in bfloat16 as on TPU/GPU" if r.get("bf16_kept") else
                 "; XLA:CPU ran bfloat16 dots, convolutions and gathers in float32 (an overestimate): "
                 "--until-buffers keeps the accelerators' dtypes")
     print(f"per device (GiB, XLA:CPU estimate{note}):")
