@@ -41,6 +41,9 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # cuDNN flash on NVIDIA with bf16) | "splash" (Pallas, TPU) | "auto" (the backend's kernel)
     m.attention = "standard" if tiny else "auto"
     m.split_head_dim = False  # diffusers Flax option: split the head dim in attention
+    # run each transformer layer's feed-forward over this many token chunks (checkpointed scan:
+    # one chunk's GEGLU intermediates live in the backward; same parameters); 1 = unchunked
+    m.ff_chunks = 1
     # FSDP gathers each weight in the compute dtype: the shard is cast before the all-gather, so
     # gathers move and hold half the bytes with bf16 (no effect with float32 compute)
     m.gather_in_compute_dtype = True

@@ -146,6 +146,9 @@ def _check_unet(cfg) -> None:
     from sdxl_jax.models.attention import ATTENTION_MODES  # jax only (no diffusers)
     _choice(cfg, "model.attention", ATTENTION_MODES)
     _choice(cfg, "model.remat", ("none", "blocks", "dots"))  # models.remat.REMAT_MODES (diffusers-free copy)
+    chunks = cfg.model.get("ff_chunks", 1)
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ConfigError(f"model.ff_chunks={chunks!r}: must be an integer ≥ 1 (1 = the feed-forward unchunked)")
     _choice(cfg, "train.trainable", ("unet", "unet+text", "lora"))
     if cfg.train.trainable == "unet+text" and not (cfg.text_encoders.train_l or cfg.text_encoders.train_g):
         raise ConfigError("train.trainable='unet+text' with text_encoders.train_l and train_g both "

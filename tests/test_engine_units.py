@@ -101,6 +101,7 @@ def test_optimizers_build_and_update_once_per_call(name):
     ("data.cache_dir", "/nonexistent/cache", "data.cache_dir"),
     ("data.images_dir", "/nonexistent/images", "data.images_dir"),
     ("data.buckets.min_side", 4096, "data.buckets"),
+    ("model.ff_chunks", 0, "model.ff_chunks"),
 ])
 def test_config_validation_names_the_key(key, value, msg):
     cfg = config("ztsnr:tiny")

@@ -10,7 +10,7 @@ import pytest
 from sdxl_jax import models
 from sdxl_jax.models import presets
 from sdxl_jax.models.remat import (ATTENTION_MODES, REMAT_MODES, build_unet_from_config,
-                                   build_unet_variant)
+                                   build_unet_variant, unet_class)
 from sdxl_jax.tools import memory_report
 
 from helpers import TWO_LEVEL, two_level_params, unet_init_args
@@ -18,13 +18,15 @@ from helpers import TWO_LEVEL, two_level_params, unet_init_args
 PRESET = "tiny"
 # every remat mode and every attention option at least once (attention options only change
 # module fields, remat modes change the module classes)
-VARIANTS = [("none", "standard", False), ("blocks", "memory_efficient", False), ("dots", "standard", True)]
+# (the blocks variant also chunks the feed-forward: model.ff_chunks)
+VARIANTS = [("none", "standard", False, 1), ("blocks", "memory_efficient", False, 2), ("dots", "standard", True, 1)]
 assert {v[0] for v in VARIANTS} == set(REMAT_MODES) and {v[1] for v in VARIANTS} <= set(ATTENTION_MODES)
 
 
-@pytest.mark.parametrize("remat,attention,split", VARIANTS)
-def test_variant_parameter_tree_is_identical(remat, attention, split):
-    unet = build_unet_variant(PRESET, "float32", remat=remat, attention=attention, split_head_dim=split)
+@pytest.mark.parametrize("remat,attention,split,ff_chunks", VARIANTS)
+def test_variant_parameter_tree_is_identical(remat, attention, split, ff_chunks):
+    unet = build_unet_variant(PRESET, "float32", remat=remat, attention=attention, split_head_dim=split,
+                              ff_chunks=ff_chunks)
     assert isinstance(unet, models.FlaxUNet2DConditionModel)
     got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(presets.unet_config(PRESET))))["params"]
     want = models.abstract_params("unet", PRESET)
@@ -67,10 +69,11 @@ def reference(problem):
     return _value_and_grad(problem)
 
 
-# Each remat mode is paired with one attention option, so three compiles cover every choice:
-# if a pair matches the plain model, each of its two changes preserves the computation.
+# Each remat mode is paired with one attention option (and blocks with the chunked feed-forward),
+# so three compiles cover every choice: if a variant matches the plain model, each of its changes
+# preserves the computation.
 @pytest.mark.parametrize("variant", [
-    dict(remat="blocks", attention="memory_efficient"),
+    dict(remat="blocks", attention="memory_efficient", ff_chunks=2),
     dict(remat="dots", split_head_dim=True),
 ])
 def test_variant_objective_and_gradients_match_plain_model(problem, reference, variant):
@@ -113,6 +116,7 @@ def test_remat_modes_put_the_unet_under_checkpoint(problem):
     assert dots[0].params["policy"] is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     assert "scan" not in str(jaxpr())
     assert "scan" in str(jaxpr(attention="memory_efficient"))
+    assert "scan" in str(jaxpr(ff_chunks=2))  # the feed-forward over token chunks
 
 
 def test_build_unet_from_config_threads_model_options():
@@ -127,6 +131,8 @@ def test_build_unet_from_config_threads_model_options():
     cfg.model.remat, cfg.model.attention, cfg.model.split_head_dim = "dots", "standard", True
     unet = build_unet_from_config(cfg)
     assert unet.split_head_dim and not unet.use_memory_efficient_attention
+    cfg.model.remat, cfg.model.ff_chunks = "none", 4
+    assert build_unet_from_config(cfg).__class__ is unet_class("none", "", 4)
 
 
 class _Built(Exception):
@@ -156,6 +162,7 @@ def test_train_loop_builds_the_configured_unet(demo_cache, tmp_path, monkeypatch
     (dict(remat="layers"), "model.remat='layers'"),
     (dict(attention="flash"), "model.attention='flash'"),
     (dict(attention="memory_efficient", split_head_dim=True), "model.split_head_dim"),
+    (dict(ff_chunks=0), "model.ff_chunks=0"),
 ])
 def test_bad_options_name_the_config_key(kwargs, match):
     with pytest.raises(ValueError, match=match):

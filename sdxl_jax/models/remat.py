@@ -16,6 +16,12 @@ checkpoints and converted SDXL weights load unchanged: Flax's lifted `nn.remat` 
 level, and the rematerialised classes are subclasses of diffusers' own, built with the same
 fields under the same attribute names.
 
+`model.ff_chunks` (N > 1): every transformer layer's feed-forward (GEGLU, 4× the width: the
+largest activations of SDXL's 32×32 levels) runs over N token chunks in an `nn.scan` whose body is
+checkpointed, so its backward holds one chunk's intermediates instead of the whole layer's
+(same parameters; a token count N does not divide runs unchunked). Measured on the SDXL step at
+1024², FSDP-8, per-device batch 2: README / docs/memory.md.
+
 `model.attention`: "standard" / "memory_efficient" are passed to diffusers' modules as
 `use_memory_efficient_attention` (chunked attention, arXiv 2112.05682), `model.split_head_dim`
 as `split_head_dim`; "dot_product" / "splash" / "auto" swap every FlaxAttention of the
@@ -49,6 +55,7 @@ class Rule:
     checkpoint: bool = False
     kernel: str = ""
     plan: tuple = ()
+    ff_chunks: int = 0  # > 1: run a FlaxFeedForward over this many token chunks
 
 
 # "blocks" checkpoints each resnet and each transformer layer, the units of diffusers' PyTorch
@@ -56,17 +63,46 @@ class Rule:
 # holds 30 transformer layers at 1024 tokens (checkpointing whole blocks left the peak at
 # ~43 GiB per device on 8-way FSDP at 1024²). A kernel replaces attn1 (self) and attn2 (cross)
 # of every transformer layer (FlaxBasicTransformerBlock).
-def unet_plan(remat: str, kernel: str = "") -> tuple:
-    """The plan of the UNet for a remat mode ("dots" is applied to the whole UNet instead) and
-    an attention kernel ("" = diffusers' own attention); () when nothing is swapped."""
+def unet_plan(remat: str, kernel: str = "", ff_chunks: int = 1) -> tuple:
+    """The plan of the UNet for a remat mode ("dots" is applied to the whole UNet instead), an
+    attention kernel ("" = diffusers' own attention) and a feed-forward chunk count; () when
+    nothing is swapped."""
     blocks = remat == "blocks"
-    attn = tuple((name, Rule(kernel=kernel)) for name in ("attn1", "attn2")) if kernel else ()
-    if not (blocks or attn):
+    layer = tuple((name, Rule(kernel=kernel)) for name in ("attn1", "attn2")) if kernel else ()
+    if ff_chunks > 1:
+        layer += (("ff", Rule(ff_chunks=ff_chunks)),)
+    if not (blocks or layer):
         return ()
-    layers = (("transformer_blocks", Rule(checkpoint=blocks, plan=attn)),)  # FlaxTransformer2DModel
+    layers = (("transformer_blocks", Rule(checkpoint=blocks, plan=layer)),)  # FlaxTransformer2DModel
     block = ((("resnets", Rule(checkpoint=True)),) if blocks else ()) + (
         ("attentions", Rule(plan=layers)),)  # down / mid / up blocks
     return tuple((name, Rule(plan=block)) for name in ("down_blocks", "mid_block", "up_blocks"))
+
+
+@functools.lru_cache(maxsize=None)
+def chunked_feed_forward_class(base: type, chunks: int) -> type:
+    """A subclass of diffusers' FlaxFeedForward `base` that runs over `chunks` token chunks.
+
+    The chunks go through a Flax `nn.scan` (parameters broadcast, not stacked: the same tree)
+    whose body is checkpointed, so the backward recomputes one chunk's GEGLU intermediates at a
+    time; in the forward they live one chunk at a time as well. Tokens are independent in a
+    feed-forward, so the result is the unchunked one up to summation order."""
+
+    def __call__(self, hidden_states, deterministic=True):
+        b, length, d = hidden_states.shape
+        if length % chunks:
+            return base.__call__(self, hidden_states, deterministic)
+        xs = hidden_states.reshape(b, chunks, length // chunks, d).swapaxes(0, 1)
+
+        def body(module, carry, x):
+            return carry, base.__call__(module, x, deterministic)
+        scan = nn.scan(nn.remat(body), variable_broadcast="params",
+                       split_rngs={"params": False, "dropout": True}, length=chunks)
+        _, ys = scan(self, None, xs)
+        return ys.swapaxes(0, 1).reshape(b, length, d)
+
+    return type(f"Chunked{base.__name__}", (base,), {
+        "__call__": __call__, "__doc__": f"{base.__name__} over {chunks} token chunks; same parameters."})
 
 
 def _is_static(value) -> bool:
@@ -125,6 +161,8 @@ def _swap(module: nn.Module, rule: Rule) -> nn.Module:
     cls = type(module)
     if rule.kernel:
         cls = attention_kernels.kernel_class(cls, rule.kernel)
+    if rule.ff_chunks > 1:
+        cls = chunked_feed_forward_class(cls, rule.ff_chunks)
     if rule.plan:
         cls = planned_class(cls, rule.plan)
     if rule.checkpoint:
@@ -142,13 +180,13 @@ def _register_config(cls: type) -> type:
 
 
 @functools.lru_cache(maxsize=None)
-def unet_class(remat: str, kernel: str = "") -> type:
-    """The UNet module class for a `model.remat` value and an attention kernel
-    (`attention.KERNELS` name; "" = diffusers' own attention)."""
+def unet_class(remat: str, kernel: str = "", ff_chunks: int = 1) -> type:
+    """The UNet module class for a `model.remat` value, an attention kernel
+    (`attention.KERNELS` name; "" = diffusers' own attention) and `model.ff_chunks`."""
     if remat not in REMAT_MODES:
         raise ValueError(f"model.remat={remat!r}: must be one of {REMAT_MODES}")
     cls = hf.FlaxUNet2DConditionModel
-    plan = unet_plan(remat, kernel)
+    plan = unet_plan(remat, kernel, ff_chunks)
     if plan:
         cls = planned_class(cls, plan)
     if remat == "dots":
@@ -157,7 +195,7 @@ def unet_class(remat: str, kernel: str = "") -> type:
 
 
 def build_unet_variant(preset: str | dict, dtype="bfloat16", *, remat: str = "none",
-                       attention: str = "standard", split_head_dim: bool = False):
+                       attention: str = "standard", split_head_dim: bool = False, ff_chunks: int = 1):
     """The SDXL UNet of `preset` (a preset name, or FlaxUNet2DConditionModel kwargs such as
     `presets.unet_config` returns) with a remat mode and attention options. The parameters are
     those of `build.build_unet(preset, dtype)` for every choice. "auto" attention is resolved
@@ -173,14 +211,17 @@ def build_unet_variant(preset: str | dict, dtype="bfloat16", *, remat: str = "no
                          "heads folded into the batch); set one of them back")
     sizes = presets.unet_config(preset) if isinstance(preset, str) else dict(preset)
     kernel = mode if mode in attention_kernels.KERNEL_MODES else ""
-    return unet_class(remat, kernel)(
+    if not isinstance(ff_chunks, int) or ff_chunks < 1:
+        raise ValueError(f"model.ff_chunks={ff_chunks!r}: must be an integer ≥ 1 (1 = unchunked)")
+    return unet_class(remat, kernel, ff_chunks)(
         **sizes, dtype=build._dtype(dtype),
         use_memory_efficient_attention=mode == "memory_efficient",
         split_head_dim=bool(split_head_dim))
 
 
 def build_unet_from_config(cfg):
-    """The UNet described by `cfg.model` (preset, dtype, remat, attention, split_head_dim)."""
+    """The UNet described by `cfg.model` (preset, dtype, remat, attention, split_head_dim,
+    ff_chunks)."""
     m = cfg.model
     return build_unet_variant(m.preset, m.dtype, remat=m.remat, attention=m.attention,
-                              split_head_dim=m.split_head_dim)
+                              split_head_dim=m.split_head_dim, ff_chunks=int(m.get("ff_chunks", 1)))

@@ -279,7 +279,8 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
         "global_batch": global_batch, "bucket": f"{width}x{height}", "dtype": cfg.model.dtype,
         "remat": cfg.model.remat, "attention": cfg.model.attention,
         "trainable": cfg.train.get("trainable", "unet"),
-        "split_head_dim": bool(cfg.model.split_head_dim), "optimizer": cfg.train.optimizer,
+        "split_head_dim": bool(cfg.model.split_head_dim), "ff_chunks": int(cfg.model.get("ff_chunks", 1)),
+        "optimizer": cfg.train.optimizer,
         "ema": bool(cfg.ema.enabled),
         "trained_params": models.count_params(abstract_params),
         "frozen_params": sum(models.count_params(v) for v in frozen_abs.values()),
@@ -303,7 +304,8 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
 def print_report(r: dict) -> None:
     print(f"{r['preset']} train step | {r['devices']} devices mesh {r['mesh']} | bucket {r['bucket']} | "
           f"per-device batch {r['per_device_batch']} (global {r['global_batch']}) | dtype {r['dtype']} | "
-          f"remat {r['remat']} | attention {r['attention']}{' split_head_dim' if r['split_head_dim'] else ''}")
+          f"remat {r['remat']} | attention {r['attention']}{' split_head_dim' if r['split_head_dim'] else ''}"
+          f"{' | ff_chunks ' + str(r['ff_chunks']) if r.get('ff_chunks', 1) > 1 else ''}")
     print(f"trains {r['trainable']}: {r['trained_params'] / 1e9:.3f} B params, frozen {r['frozen_params'] / 1e9:.3f} B; "
           f"optimizer {r['optimizer']}, EMA {'on' if r['ema'] else 'off'}")
     simulated = r.get("scheduler") == SIMULATION_OPTIONS["xla_cpu_scheduler_type"]
@@ -453,6 +455,8 @@ def main(argv=None) -> None:
                    help="override model.attention (simulated CPU devices cannot run the fused "
                         "kernels: auto / splash are measured as memory_efficient there)")
     p.add_argument("--split-head-dim", action="store_true", help="set model.split_head_dim")
+    p.add_argument("--ff-chunks", type=int, default=0, help="override model.ff_chunks (the "
+                   "feed-forward over N token chunks)")
     p.add_argument("--trainable", choices=("unet", "unet+text", "lora"), help="override train.trainable")
     p.add_argument("--lora-rank", type=int, default=0, help="lora.rank (and alpha) for --trainable lora")
     p.add_argument("--text-encoders", default="", help="with --trainable unet+text: l, g or l,g")
@@ -504,6 +508,8 @@ def main(argv=None) -> None:
             cfg.model[key] = value
     if a.split_head_dim:
         cfg.model.split_head_dim = True
+    if a.ff_chunks:
+        cfg.model.ff_chunks = a.ff_chunks
     if a.trainable:
         cfg.train.trainable = a.trainable
     if a.lora_rank:
