@@ -89,8 +89,12 @@ def test_suggestions_estimate_the_batch_that_fits():
     # state 10 GiB + activations 12 GiB at batch 4 (3 GiB each): 16 GiB holds batch 2
     assert tips[0].startswith("train.per_device_batch_size=2 (≈16.00 GiB;")
     assert tips[1].startswith("model.remat=blocks") and tips[2].startswith("model.attention=auto")
-    assert tips[3].startswith("mesh.fsdp=-1 with mesh.data=1") and "all 8 devices instead of 2" in tips[3]
-    assert len(tips) == 4
+    assert tips[3].startswith("model.ff_chunks=4")
+    assert tips[4].startswith("mesh.fsdp=-1 with mesh.data=1") and "all 8 devices instead of 2" in tips[4]
+    assert len(tips) == 5
+    chunked = _cfg()
+    chunked.model["ff_chunks"] = 4
+    assert not any(t.startswith("model.ff_chunks") for t in fit.suggestions(chunked, stats, 16 * g))
     state_bound = fit.suggestions(_cfg(), stats, 9 * g, {"data": 1, "fsdp": 8})
     assert state_bound[0].startswith("train.per_device_batch_size=1")
     assert "arguments alone" in state_bound[-1] and "10.00 GiB" in state_bound[-1]
