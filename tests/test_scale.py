@@ -265,18 +265,8 @@ def test_table_lists_every_grid_run_and_marks_the_missing(tmp_path):
 
 def _compile_until_buffers(lowered, until_buffers: bool, dump, module: str):
     """(optimized HLO text, temp bytes) of a simulated compile with memory_report's options."""
-    import threading
     options = dict(memory_report.simulation_options(until_buffers), xla_dump_to=str(dump))
-
-    def compile_it():
-        try:
-            lowered.compile(compiler_options=options)
-        except Exception:  # XLA:CPU cannot generate code without the skipped passes: after the buffers
-            assert until_buffers
-    thread = threading.Thread(target=compile_it)
-    thread.start()
-    thread.join()
-    path = memory_report.wait_for_buffer_assignment(str(dump), lambda: False, module=module, poll_s=0.01)
+    path = memory_report.compile_until_buffers(lowered, options, module=module, poll_s=0.1)
     with open(path.replace("-buffer-assignment.txt", ".txt")) as f:
         return f.read(), memory_report.buffer_assignment_stats(path)["temp_bytes"]
 

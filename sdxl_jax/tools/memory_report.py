@@ -176,6 +176,29 @@ def buffer_assignment_stats(path: str) -> dict:
     return stats
 
 
+def compile_until_buffers(lowered, options: dict, module: str = "train_step", poll_s: float = 2.0) -> str:
+    """Compile `lowered` with `options` (which must name "xla_dump_to") in a background daemon
+    thread and return the path of its buffer-assignment dump as soon as XLA has written it; the
+    compile goes on (or fails in code generation, without ACCELERATOR_PASSES_SKIPPED) unwatched.
+    A compile that ends without the dump raises, naming its error."""
+    import threading
+    if "xla_dump_to" not in options:
+        raise ValueError("compiling until buffer assignment needs compiler_options['xla_dump_to']")
+    failed = []
+
+    def compile_quietly():
+        try:
+            lowered.compile(compiler_options=options)
+        except Exception as e:  # after buffer assignment: code generation without the bf16 pass
+            failed.append(e)
+    thread = threading.Thread(target=compile_quietly, daemon=True)
+    thread.start()
+    try:
+        return wait_for_buffer_assignment(options["xla_dump_to"], thread.is_alive, module, poll_s)
+    except RuntimeError as e:  # the compile failed before buffer assignment: say why
+        raise RuntimeError(f"{e}: {failed[0] if failed else 'no error raised'}") from None
+
+
 def wait_for_buffer_assignment(dump_dir: str, compiling, module: str = "train_step",
                                poll_s: float = 2.0) -> str:
     """Path of the buffer-assignment dump of `module` once XLA has written it (its memory-usage
@@ -246,23 +269,7 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
     t1 = time.perf_counter()
     options = dict(compiler_options or {})
     if until_buffers:
-        import threading
-        if "xla_dump_to" not in options:
-            raise ValueError("until_buffers needs compiler_options['xla_dump_to']")
-        failed = []
-
-        def compile_quietly():
-            try:
-                lowered.compile(compiler_options=options)
-            except Exception as e:  # after buffer assignment: codegen without the bf16 pass
-                failed.append(e)
-        compile_thread = threading.Thread(target=compile_quietly, daemon=True)
-        compile_thread.start()
-        try:
-            path = wait_for_buffer_assignment(options["xla_dump_to"], compile_thread.is_alive)
-        except RuntimeError as e:  # the compile failed before buffer assignment: say why
-            raise RuntimeError(f"{e}: {failed[0] if failed else 'no error raised'}") from None
-        stats = buffer_assignment_stats(path)
+        stats = buffer_assignment_stats(compile_until_buffers(lowered, options))
         cost = None
     else:
         compiled = lowered.compile(compiler_options=options)
@@ -297,7 +304,7 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
         "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
         "until_buffers": until_buffers,
         "scheduler": options.get("xla_cpu_scheduler_type", "default"),
-        "bf16_kept": "float-normalization-bf16" in options.get("xla_disable_hlo_passes", ""),
+        "bf16_kept": all(p in options.get("xla_disable_hlo_passes", "") for p in ACCELERATOR_PASSES_SKIPPED),
     }
 
 
