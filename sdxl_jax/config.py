@@ -146,8 +146,6 @@ def _check_profile(cfg) -> None:
 def _check_lora_targets(cfg) -> None:
     """lora.targets: each a regular expression (re.search on module paths)."""
     targets = cfg.get("lora", {}).get("targets", ()) or ()
-    if isinstance(targets, str):
-        raise ConfigError(f"lora.targets={targets!r}: give a tuple of patterns, e.g. ({targets!r},)")
     for i, pattern in enumerate(targets):
         try:
             re.compile(pattern)
