@@ -35,7 +35,8 @@ OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "d
            "l": ("cfg", float), "s": ("steps", int)}
 _OPTION_START = re.compile(r"(?:^|\s)--(?=\S)")
 SEED_LIMIT = 2 ** 32  # seeds are 0 … SEED_LIMIT - 1 (see the module docstring)
-DEFAULT_BATCH = 8  # images per sampling call: fits a full-size SDXL at 1024² on one 16 GB+ chip
+DEFAULT_BATCH = 8  # images per sampling call: the usual preview grids stay one call (not measured
+# against device memory: the sample CLI's --batch-size lowers it)
 GRID_FILL = 128  # grey around rows narrower or shorter than the widest
 
 
