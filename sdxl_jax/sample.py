@@ -59,6 +59,7 @@ def _open(workdir, checkpoint, step):
     return open_run(workdir, step)
 
 
+GRID_WARN = 64  # images in one --out grid beyond which the folder output is suggested
 ROTATION_RETRIES = 5  # a trainer saving every step can rotate a few chosen steps in a row
 
 
@@ -209,13 +210,17 @@ def main(argv=None) -> int:
         print(f"wrote {written} images to {a.out} ({what})")
         return 0
     from sdxl_jax.prompts import render_grid
+    images = sum(len(job.seeds) for job in jobs)
+    if images > GRID_WARN:
+        log.warning("%d images in one grid are kept in memory and written at the end; --out DIR/ "
+                    "writes each image as its batch finishes", images)
     save_png(render_grid(sampler, params, jobs, batch_size=batch_size), a.out)
     print(f"wrote {a.out} ({what})")
     return 0
 
 
 def check_out(out: str) -> bool:
-    """Whether `out` names a folder (a trailing slash, or an existing folder); a ValueError
+    """Whether `out` names a folder (a trailing slash, or an existing folder); NotADirectoryError
     naming the first existing parent that is not a folder, before any work."""
     folder = out.endswith(("/", os.sep)) or os.path.isdir(out)
     parent = os.path.abspath(out if folder else os.path.dirname(os.path.abspath(out)))
