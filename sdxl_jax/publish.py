@@ -155,22 +155,35 @@ def _writer(api, repo_id: str, endpoint: str) -> str:
     return user
 
 
-def push(folder: str, repo_id: str, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, token: str | None = None) -> str:
-    """Upload every file of `folder` to the model repo `repo_id` in one commit (the repo, and the
-    branch `revision`, created when missing); returns the commit's URL. `private` makes a new
-    repo private and refuses an existing public one. PublishError: one line, what to do."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+def _api(token: str | None = None):
+    from huggingface_hub import HfApi
 
-    check_repo_id(repo_id)
-    files = staged_files(folder)
-    endpoint = _endpoint()
     if _offline():
         raise PublishError("HF_HUB_OFFLINE is set: the Hub cannot be reached in offline mode; run "
                            "the same command with HF_HUB_OFFLINE=0")
     for name in ("httpx", "httpx2", "httpcore"):  # one INFO line per request otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
-    api = HfApi(endpoint=endpoint, token=token)
+    return HfApi(endpoint=_endpoint(), token=token)
+
+
+def check_access(repo_id: str, token: str | None = None) -> str:
+    """The token's user name once it is known to be able to write to `repo_id`'s namespace (a
+    check before minutes of export; the Hub has the last word at the push). PublishError."""
+    check_repo_id(repo_id)
+    return _writer(_api(token), repo_id, _endpoint())
+
+
+def push(folder: str, repo_id: str, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload every file of `folder` to the model repo `repo_id` in one commit (the repo, and the
+    branch `revision`, created when missing); returns the commit's URL. `private` makes a new
+    repo private and refuses an existing public one. PublishError: one line, what to do."""
+    from huggingface_hub import CommitOperationAdd
+
+    check_repo_id(repo_id)
+    files = staged_files(folder)
+    endpoint = _endpoint()
+    api = _api(token)
     user = _writer(api, repo_id, endpoint)
     message = commit_message or f"Upload {os.path.basename(os.path.abspath(folder))} with sdxl_jax"
     try:
@@ -207,7 +220,7 @@ def _parse(argv):
 
 def add_hub_flags(p, repo_flag: str = "--push-to-hub", required: bool = False) -> None:
     """The push flags, shared by this CLI and export's."""
-    p.add_argument(repo_flag, dest="repo", metavar="OWNER/NAME", required=required,
+    p.add_argument(repo_flag, metavar="OWNER/NAME", required=required,
                    default=None, help="Hugging Face model repo to push to (created when missing)")
     p.add_argument("--private", action="store_true",
                    help="create the repo private (an existing public repo is refused)")
