@@ -394,10 +394,11 @@ def usage_lines(facts: RunFacts, fmt: str, repo_id: str, files: dict) -> list[st
             + (", `zsnr` on" if ztsnr else "") + ") if the loader does not detect it.")]
     out += ["", "### A1111 / Forge", ""]
     if fmt == "single-file":
-        out += [f"Put `{weight}` in `models/Stable-diffusion/`. Forge and A1111 1.10 or later "
-                "read the `v_pred`" + (" / `ztsnr`" if ztsnr else "") + " marker keys; older "
-                "A1111 builds need a `.yaml` config beside the file with "
-                "`parameterization: \"v\"`."]
+        out += [f"Put `{weight}` in `models/Stable-diffusion/`. Forge and recent A1111 builds "
+                "read the `v_pred`" + (" / `ztsnr`" if ztsnr else "") + " marker keys; a build "
+                "that does not needs a `.yaml` config beside the file with "
+                "`parameterization: \"v\"`" + (" and zero terminal SNR enabled in its settings"
+                                                if ztsnr else "") + "."]
     elif fmt == "lora":
         out += [f"Put `{weight}` in `models/Lora/` and prompt with "
                 f"`<lora:{os.path.splitext(weight)[0]}:0.8>` on a v-prediction checkpoint of the "
@@ -420,12 +421,12 @@ def render_card(facts: RunFacts, fmt: str, repo_id: str, files: dict, license_id
     title = repo_id.split("/")[-1]
     kind = (f"{adapter_tag(facts).upper()} adapters for SDXL" if fmt in ADAPTER_FORMATS
             else "An SDXL model")
-    base = base_model(c) or str(c["model"].get("pretrained") or "") or "a seeded random init"
+    pretrained = str(c["model"].get("pretrained") or "")
+    source = f"`{pretrained}`" if pretrained else "a seeded random init (no base model)"
     lines = ["---", _yaml(card_metadata(facts, fmt, license_id, preview)).rstrip(), "---", "",
              f"# {title}", "",
-             f"{kind} trained with sdxl_jax (JAX/Flax, the NovelAI "
-             f"Diffusion V3 recipe) from `{base}`, model preset `{c['model']['preset']}`: "
-             f"{facts.step} steps.", ""]
+             f"{kind} trained with sdxl_jax (JAX/Flax, the NovelAI Diffusion V3 recipe) from "
+             f"{source}, model preset `{c['model']['preset']}`: {facts.step} steps.", ""]
     if preview:
         shown = ", ".join(f"“{p}”" for p in facts.prompts)
         lines += [f"![preview grid]({preview})", "",

@@ -181,6 +181,11 @@ def lora_run(reference_run, tmp_path_factory):
             {"latents": {"normalization": "scale", "mean": None, "std": None},
              "trainable": "lora", "lora": dataclasses.asdict(lora)})
     ck.close()
+    from PIL import Image  # the preview grids the trainer leaves: the card shows the newest <= 3
+    for step, value in ((2, 40), (4, 200)):
+        os.makedirs(os.path.join(wd, "samples"), exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(
+            os.path.join(wd, "samples", f"step_{step:07d}.png"))
     return wd
 
 
@@ -209,13 +214,18 @@ def test_export_pushes_each_format(hub, reference_run, lora_run, tmp_path, fmt, 
                 "tokenizer/vocab.json", "tokenizer_2/vocab.json"} <= set(files)
     else:
         want = {weights: out}
-        assert set(files) == {weights, "README.md"}
+        if fmt.startswith("lora"):
+            want["images/preview.png"] = os.path.join(lora_run, "samples", "step_0000002.png")
+        assert set(files) == set(want) | {"README.md"}
     for path, local in want.items():
         assert len(files[path]) == os.path.getsize(local), path
         with open(local, "rb") as f:
             assert files[path] == f.read(), path
-    assert hub.commits[0]["lfs"] == {p for p in files if p.endswith(".safetensors")}
+    assert hub.commits[0]["lfs"] == {p for p in files if p.endswith((".safetensors", ".png"))}
     header, body = parse_card(files["README.md"].decode())
     assert header["license"] == "mit"
     assert ("lora" in header["tags"]) == fmt.startswith("lora")
+    if fmt.startswith("lora"):
+        assert header["widget"][0]["output"] == {"url": "images/preview.png"}
+        assert "![preview grid](images/preview.png)" in body and "at step 2 " in body
     assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".hub-staging-")]
