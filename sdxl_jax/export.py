@@ -461,12 +461,9 @@ def _parse(argv):
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from sdxl_jax.models.hf import block_torch
-    block_torch()
-    from sdxl_jax.runs import open_run
+    from sdxl_jax import hub_export
 
     lora_fmt = args.format in LORA_FORMATS
-    from sdxl_jax import hub_export
     hub = hub_export.wanted(args)
     if not args.out and not hub:
         raise ValueError("--out is required: where to write the export (or --push-to-hub "
@@ -480,7 +477,11 @@ def main(argv=None) -> int:
         check_out(args.out, "diffusers" if args.format == "diffusers" else "single-file",
                   args.overwrite)
     if hub:
-        hub_export.check_args(args)  # license, repo, token: before the export's minutes
+        hub_export.check_args(args)  # repo, card, token: before the model libraries load
+    from sdxl_jax.models.hf import block_torch
+    block_torch()
+    from sdxl_jax.runs import open_run
+
     run = open_run(args.workdir, args.step)
     which = args.weights or run.default_weights()
     if hub:

@@ -240,8 +240,10 @@ def settings_rows(facts: RunFacts, fmt: str, dtype: str) -> list[tuple[str, str]
                  + (f" × {c['latents']['scale_factor']:g}"
                     if c["latents"]["normalization"] == "scale" else " (per-channel μ/σ)")))
     rows.append(("compute dtype", str(c["model"]["dtype"])))
+    merged = (", the adapters merged into the base" if facts.trainable == "lora"
+              and fmt not in ADAPTER_FORMATS else "")
     rows.append(("published weights", f"{facts.weights.upper()} at step {facts.step}, {dtype}, "
-                                       f"format {fmt}"))
+                                       f"format {fmt}{merged}"))
     return rows
 
 

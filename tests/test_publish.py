@@ -189,38 +189,47 @@ def lora_run(reference_run, tmp_path_factory):
     return wd
 
 
-@pytest.mark.parametrize("fmt, weights", [
-    ("diffusers", None), ("single-file", "tiny-single-file.safetensors"),
-    ("lora", "tiny-lora.safetensors"), ("lora-diffusers", "pytorch_lora_weights.safetensors")])
-def test_export_pushes_each_format(hub, reference_run, lora_run, tmp_path, fmt, weights):
+@pytest.mark.parametrize("fmt, weights, keep", [
+    ("diffusers", None, True), ("single-file", "tiny-single-file.safetensors", False),
+    ("lora", "tiny-lora.safetensors", True),
+    ("lora-diffusers", "pytorch_lora_weights.safetensors", False)])
+def test_export_pushes_each_format(hub, reference_run, lora_run, tmp_path, fmt, weights, keep):
+    """With --out the export is kept there and the push is that export byte for byte; without,
+    it is staged in the workdir and the staging folder is gone afterwards."""
+    from safetensors.numpy import load
+
     from sdxl_jax.model_card import parse_card
 
     wd = lora_run if fmt.startswith("lora") else reference_run[1]
     repo = f"alice/tiny-{fmt}"
     out = str(tmp_path / ("out" if fmt == "diffusers" else "out.safetensors"))
     proc = run_cli("sdxl_jax.export", ["--workdir", wd, "--format", fmt, "--push-to-hub", repo,
-                                       "--license", "mit", "--out", out, "--private"],
-                   hub.url, hf_home=str(tmp_path / "hf"))
+                                       "--license", "mit", "--private"]
+                   + (["--out", out] if keep else []), hub.url, hf_home=str(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [c["repo"] for c in hub.commits] == [repo] and hub.repos[repo]["private"] is True
+    step = 3 if fmt.startswith("lora") else 8
+    assert hub.commits[0]["message"] == f"sdxl_jax export: {fmt}, step {step} (ema weights)"
     files = hub.commits[0]["files"]
-    # the export kept at --out is what was pushed, byte for byte
     if fmt == "diffusers":
         want = local_files(out)
-        assert set(files) == set(want) | {"README.md"}
         assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors",
                 "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
                 "text_encoder_2/model.safetensors", "scheduler/scheduler_config.json",
-                "tokenizer/vocab.json", "tokenizer_2/vocab.json"} <= set(files)
+                "tokenizer/vocab.json", "tokenizer_2/vocab.json"} <= set(want)
     else:
         want = {weights: out}
-        if fmt.startswith("lora"):
-            want["images/preview.png"] = os.path.join(lora_run, "samples", "step_0000002.png")
-        assert set(files) == set(want) | {"README.md"}
+    if fmt.startswith("lora"):
+        want["images/preview.png"] = os.path.join(lora_run, "samples", "step_0000002.png")
+    assert set(files) == set(want) | {"README.md"}
     for path, local in want.items():
-        assert len(files[path]) == os.path.getsize(local), path
-        with open(local, "rb") as f:
-            assert files[path] == f.read(), path
+        if os.path.exists(local):  # kept at --out, or the run's own preview
+            assert len(files[path]) == os.path.getsize(local), path
+            with open(local, "rb") as f:
+                assert files[path] == f.read(), path
+        else:  # staged only: a whole safetensors file (every tensor's bytes present)
+            tensors = load(files[path])
+            assert tensors and len(files[path]) > sum(t.nbytes for t in tensors.values())
     assert hub.commits[0]["lfs"] == {p for p in files if p.endswith((".safetensors", ".png"))}
     header, body = parse_card(files["README.md"].decode())
     assert header["license"] == "mit"
@@ -228,4 +237,19 @@ def test_export_pushes_each_format(hub, reference_run, lora_run, tmp_path, fmt, 
     if fmt.startswith("lora"):
         assert header["widget"][0]["output"] == {"url": "images/preview.png"}
         assert "![preview grid](images/preview.png)" in body and "at step 2 " in body
-    assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".hub-staging-")]
+    for folder in (wd, str(tmp_path)):
+        assert not [n for n in os.listdir(folder) if n.startswith(".hub-staging-")]
+
+
+def test_export_checks_access_before_exporting(hub, reference_run, tmp_path):
+    """A push that cannot succeed fails before the checkpoint is read, in one line."""
+    out = str(tmp_path / "m.safetensors")
+    args = ["--workdir", reference_run[1], "--format", "single-file", "--push-to-hub",
+            "alice/m", "--license", "mit", "--out", out]
+    line = error_line(run_cli("sdxl_jax.export", args, hub.url, "hf_read",
+                              hf_home=str(tmp_path / "hf")))
+    assert "the token of rita is read-only" in line
+    url = f"http://127.0.0.1:{_closed_port()}"
+    line = error_line(run_cli("sdxl_jax.export", args, url, hf_home=str(tmp_path / "hf")))
+    assert f"cannot reach the Hugging Face Hub at {url}" in line
+    assert not os.path.exists(out) and hub.commits == [] and not hub.repos
