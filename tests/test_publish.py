@@ -203,8 +203,13 @@ def test_export_pushes_each_format(hub, reference_run, lora_run, tmp_path, fmt, 
     wd = lora_run if fmt.startswith("lora") else reference_run[1]
     repo = f"alice/tiny-{fmt}"
     out = str(tmp_path / ("out" if fmt == "diffusers" else "out.safetensors"))
+    card = []
+    if fmt == "lora-diffusers":  # a card written by --model-card and edited, uploaded as is
+        edited = tmp_path / "card.md"
+        edited.write_text("---\nlicense: mit\ntags:\n- lora\n---\n# edited by hand\n")
+        card = ["--card", str(edited)]
     proc = run_cli("sdxl_jax.export", ["--workdir", wd, "--format", fmt, "--push-to-hub", repo,
-                                       "--license", "mit", "--private"]
+                                       "--license", "mit", "--private", *card]
                    + (["--out", out] if keep else []), hub.url, hf_home=str(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [c["repo"] for c in hub.commits] == [repo] and hub.repos[repo]["private"] is True
@@ -234,7 +239,9 @@ def test_export_pushes_each_format(hub, reference_run, lora_run, tmp_path, fmt, 
     header, body = parse_card(files["README.md"].decode())
     assert header["license"] == "mit"
     assert ("lora" in header["tags"]) == fmt.startswith("lora")
-    if fmt.startswith("lora"):
+    if card:
+        assert body == "# edited by hand\n"
+    elif fmt.startswith("lora"):
         assert header["widget"][0]["output"] == {"url": "images/preview.png"}
         assert "![preview grid](images/preview.png)" in body and "at step 2 " in body
     for folder in (wd, str(tmp_path)):
