@@ -114,11 +114,11 @@ def stage(args, run, which: str, write, staging: str) -> str:
         write(os.path.join(repo, target))
     else:
         write(repo)
-    text, facts = card_text(args, run, which, repo_id) if not args.card else (None, None)
     if args.card:
         shutil.copyfile(args.card, os.path.join(repo, "README.md"))
         facts = model_card.run_facts(run, which)
     else:
+        text, facts = card_text(args, run, which, repo_id)
         with open(os.path.join(repo, "README.md"), "w", encoding="utf-8") as f:
             f.write(text)
     if facts.preview:

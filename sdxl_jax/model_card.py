@@ -31,7 +31,8 @@ PREVIEW_IN_REPO = "images/preview.png"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PREVIEW = re.compile(r"step_(\d+)\.png$")
 _WEIGHTINGS = {  # loss.weighting -> how the card states it (METHODS §6)
-    "min_snr_plus_one": "MinSNR+1: w = min(SNR+1, γ)/(SNR+1) (weight 1 at the ZTSNR terminal step)",
+    "min_snr_plus_one":
+        "MinSNR+1: w = min(SNR+1, γ)/(SNR+1) (weight 1 at the ZTSNR terminal step)",
     "min_snr": "MinSNR (Hang et al., v-space): w = min(SNR, γ)/(SNR+1)",
     "debiased": "debiased estimation: w = √SNR/(SNR+1)",
     "none": "none (plain v-prediction MSE)",
@@ -335,82 +336,110 @@ def _scheduler_line(ztsnr: bool) -> str:
             f"prediction_type=\"v_prediction\",{z} timestep_spacing=\"trailing\")")
 
 
-def usage_lines(facts: RunFacts, fmt: str, repo_id: str, files: dict) -> list[str]:
-    """How to load the published files in diffusers, ComfyUI and A1111/Forge."""
+@dataclasses.dataclass(frozen=True)
+class _Usage:
+    """What the loading recipes need to know."""
+    fmt: str
+    repo_id: str
+    weight: str  # the file a user loads (single-file, LoRA formats)
+    base: str  # the base model, as the run named it
+    ztsnr: bool
+    lokr: bool
+    call: str  # the pipeline call with the run's sampling settings
+
+
+def _usage(facts: RunFacts, fmt: str, repo_id: str, files: dict) -> _Usage:
     c = facts.config
-    ztsnr = c["schedule"]["ztsnr"] != "off"
     sp = c.get("sample", {})
     prompt = json.dumps(facts.prompts[0] if facts.prompts else "a photo")
     call = (f"image = pipe({prompt}, num_inference_steps={sp.get('steps', 28)}, "
             f"guidance_scale={float(sp.get('cfg', 5.0)):g}"
             + (f", guidance_rescale={float(sp['rescale']):g}" if sp.get("rescale") else "")
             + ").images[0]")
-    weight = model_file(files, fmt)
-    base = base_model(c) or str(c["model"].get("pretrained") or "") or "BASE_MODEL"
+    return _Usage(fmt, repo_id, model_file(files, fmt),
+                  str(c["model"].get("pretrained") or ""), c["schedule"]["ztsnr"] != "off",
+                  adapter_tag(facts) == "lokr", call)
+
+
+def _base_pipeline(base: str) -> str:
+    """The line that loads the base model of a LoRA: a Hub id or folder, or a single file."""
+    if base.endswith((".safetensors", ".ckpt")):
+        return (f"pipe = StableDiffusionXLPipeline.from_single_file(\"{base}\", "
+                "torch_dtype=torch.float16).to(\"cuda\")")
+    return (f"pipe = StableDiffusionXLPipeline.from_pretrained(\"{base or 'BASE_MODEL'}\", "
+            "torch_dtype=torch.float16).to(\"cuda\")")
+
+
+def _diffusers_lines(u: _Usage) -> list[str]:
     sdxl_import = "from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline"
-    out = ["## How to use", "",
-           "This is a **v-prediction" + (", zero terminal SNR" if ztsnr else "") + "** model: "
-           "sampled as epsilon-prediction (what most tools assume of an SDXL file) it gives grey "
-           "or burnt images. Each recipe below sets the sampler to match.", "", "### diffusers", ""]
-    if fmt == "diffusers":
-        out += ["The folder's scheduler is already v-prediction"
-                + (", zero terminal SNR" if ztsnr else "") + ", trailing timesteps:", "",
+    if u.fmt == "diffusers":
+        return ["The folder's scheduler is already v-prediction"
+                + (", zero terminal SNR" if u.ztsnr else "") + ", trailing timesteps:", "",
                 "```python", "import torch", "from diffusers import StableDiffusionXLPipeline",
-                f"pipe = StableDiffusionXLPipeline.from_pretrained(\"{repo_id}\", "
-                "torch_dtype=torch.float16).to(\"cuda\")", call, "```"]
-    elif fmt == "single-file":
-        out += ["```python", "import torch", "from huggingface_hub import hf_hub_download",
-                sdxl_import,
-                f"path = hf_hub_download(\"{repo_id}\", \"{weight}\")",
+                f"pipe = StableDiffusionXLPipeline.from_pretrained(\"{u.repo_id}\", "
+                "torch_dtype=torch.float16).to(\"cuda\")", u.call, "```"]
+    if u.fmt == "single-file":
+        return ["```python", "import torch", "from huggingface_hub import hf_hub_download",
+                sdxl_import, f"path = hf_hub_download(\"{u.repo_id}\", \"{u.weight}\")",
                 "pipe = StableDiffusionXLPipeline.from_single_file(path, "
                 "torch_dtype=torch.float16).to(\"cuda\")",
                 "# from_single_file builds an epsilon scheduler: make it v-prediction",
-                _scheduler_line(ztsnr), call, "```"]
-    elif adapter_tag(facts) == "lokr":
-        out += ["diffusers' `load_lora_weights` does not read LoKr; use ComfyUI or "
+                _scheduler_line(u.ztsnr), u.call, "```"]
+    if u.lokr:
+        return ["diffusers' `load_lora_weights` does not read LoKr; use ComfyUI or "
                 "A1111/Forge (LyCORIS support) below."]
-    else:
-        name = "" if fmt == "lora-diffusers" else f", weight_name=\"{weight}\""
-        out += [f"The adapters fit the base model `{base}`"
-                + (" (the seeded random init of the run's train.seed: a test run)"
-                   if not c["model"].get("pretrained") else "") + ".", "",
-                "```python", "import torch", sdxl_import,
-                f"pipe = StableDiffusionXLPipeline.from_pretrained(\"{base}\", "
-                "torch_dtype=torch.float16).to(\"cuda\")", _scheduler_line(ztsnr),
-                f"pipe.load_lora_weights(\"{repo_id}\"{name})", call, "```"]
-    out += ["", "### ComfyUI", ""]
-    if fmt == "single-file":
-        out += [f"Put `{weight}` in `models/checkpoints/` and load it with **Load Checkpoint**: "
-                "it reads the file's `v_pred`" + (" and `ztsnr`" if ztsnr else "") + " marker "
-                "keys. Where a build does not, add **ModelSamplingDiscrete** (sampling "
-                "`v_prediction`" + (", `zsnr` on" if ztsnr else "") + ") after the loader."]
-    elif fmt == "lora":
-        out += [f"Put `{weight}` in `models/loras/` and use **LoraLoader** on a v-prediction"
-                + (" ZTSNR" if ztsnr else "") + f" checkpoint of the base model (`{base}`)."]
-    else:
-        out += ["ComfyUI loads single files: " + (
-            "the kohya-layout LoRA of the same run (`--format lora`) is the one to use there."
-            if fmt == "lora-diffusers" else
-            "the single-file export of the same run (`--format single-file`) is the one to use "
-            "there, with **ModelSamplingDiscrete** (sampling `v_prediction`"
-            + (", `zsnr` on" if ztsnr else "") + ") if the loader does not detect it.")]
-    out += ["", "### A1111 / Forge", ""]
-    if fmt == "single-file":
-        out += [f"Put `{weight}` in `models/Stable-diffusion/`. Forge and recent A1111 builds "
-                "read the `v_pred`" + (" / `ztsnr`" if ztsnr else "") + " marker keys; a build "
+    name = "" if u.fmt == "lora-diffusers" else f", weight_name=\"{u.weight}\""
+    base = (f"the base model `{u.base}`" if u.base else
+            "the seeded random init of the run's train.seed (a test run: BASE_MODEL below)")
+    return [f"The adapters fit {base}.", "", "```python", "import torch", sdxl_import,
+            _base_pipeline(u.base), _scheduler_line(u.ztsnr),
+            f"pipe.load_lora_weights(\"{u.repo_id}\"{name})", u.call, "```"]
+
+
+def _comfyui_lines(u: _Usage) -> list[str]:
+    sampling = ("**ModelSamplingDiscrete** (sampling `v_prediction`"
+                + (", `zsnr` on" if u.ztsnr else "") + ")")
+    if u.fmt == "single-file":
+        return [f"Put `{u.weight}` in `models/checkpoints/` and load it with **Load Checkpoint**: "
+                "it reads the file's `v_pred`" + (" and `ztsnr`" if u.ztsnr else "") + " marker "
+                f"keys. Where a build does not, add {sampling} after the loader."]
+    if u.fmt == "lora":
+        return [f"Put `{u.weight}` in `models/loras/` and use **LoraLoader** on a v-prediction"
+                + (" ZTSNR" if u.ztsnr else "") + " checkpoint of the base model"
+                + (f" (`{u.base}`)." if u.base else ".")]
+    if u.fmt == "lora-diffusers":
+        return ["ComfyUI loads kohya-layout LoRAs: the same run's `--format lora` export is the "
+                "one to use there."]
+    return ["ComfyUI loads single files: the same run's `--format single-file` export is the one "
+            f"to use there, with {sampling} if the loader does not detect it."]
+
+
+def _a1111_lines(u: _Usage) -> list[str]:
+    if u.fmt == "single-file":
+        return [f"Put `{u.weight}` in `models/Stable-diffusion/`. Forge and recent A1111 builds "
+                "read the `v_pred`" + (" / `ztsnr`" if u.ztsnr else "") + " marker keys; a build "
                 "that does not needs a `.yaml` config beside the file with "
                 "`parameterization: \"v\"`" + (" and zero terminal SNR enabled in its settings"
-                                                if ztsnr else "") + "."]
-    elif fmt == "lora":
-        out += [f"Put `{weight}` in `models/Lora/` and prompt with "
-                f"`<lora:{os.path.splitext(weight)[0]}:0.8>` on a v-prediction checkpoint of the "
-                "base model" + (" (LoKr through the built-in LyCORIS support)."
-                                if adapter_tag(facts) == "lokr" else ".")]
-    else:
-        out += ["A1111 and Forge load single files: use the "
-                + ("kohya-layout LoRA (`--format lora`)" if fmt == "lora-diffusers"
-                   else "single-file export (`--format single-file`)") + " of the same run."]
-    return out
+                                                if u.ztsnr else "") + "."]
+    if u.fmt == "lora":
+        return [f"Put `{u.weight}` in `models/Lora/` and prompt with "
+                f"`<lora:{os.path.splitext(u.weight)[0]}:0.8>` on a v-prediction checkpoint of "
+                "the base model" + (" (LoKr through the built-in LyCORIS support)."
+                                    if u.lokr else ".")]
+    return ["A1111 and Forge load single files: use the same run's "
+            + ("`--format lora` (kohya layout)" if u.fmt == "lora-diffusers"
+               else "`--format single-file`") + " export."]
+
+
+def usage_lines(facts: RunFacts, fmt: str, repo_id: str, files: dict) -> list[str]:
+    """How to load the published files in diffusers, ComfyUI and A1111/Forge."""
+    u = _usage(facts, fmt, repo_id, files)
+    return ["## How to use", "",
+            "This is a **v-prediction" + (", zero terminal SNR" if u.ztsnr else "") + "** model: "
+            "sampled as epsilon-prediction (what most tools assume of an SDXL file) it gives grey "
+            "or burnt images. Each recipe below sets the sampler to match.", "",
+            "### diffusers", "", *_diffusers_lines(u), "", "### ComfyUI", "", *_comfyui_lines(u),
+            "", "### A1111 / Forge", "", *_a1111_lines(u)]
 
 
 def render_card(facts: RunFacts, fmt: str, repo_id: str, files: dict, license_id: str,

@@ -144,3 +144,15 @@ def test_model_card_flag_writes_the_card_alone(reference_run, tmp_path):
                                          r"--model-card"):
         export.main(["--workdir", wd, "--format", "single-file", "--push-to-hub", "me/tiny",
                      "--card", str(tmp_path / "missing.md")])
+
+
+def test_lora_card_loads_its_base_as_the_run_named_it(facts):
+    lora = copy.deepcopy(facts)
+    lora.trainable = "lora"
+    lora.lora = {"algo": "lora", "rank": 4, "alpha": 4.0, "models": ["unet"]}
+    _, body = card(lora, fmt="lora", repo="me/style")
+    assert 'StableDiffusionXLPipeline.from_pretrained("BASE_MODEL", ' in body  # random init
+    lora.config["model"]["pretrained"] = "/models/noob.safetensors"
+    _, body = card(lora, fmt="lora", repo="me/style")
+    assert "The adapters fit the base model `/models/noob.safetensors`." in body
+    assert 'StableDiffusionXLPipeline.from_single_file("/models/noob.safetensors", ' in body
