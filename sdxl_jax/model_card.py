@@ -434,8 +434,9 @@ def _a1111_lines(u: _Usage) -> list[str]:
 def usage_lines(facts: RunFacts, fmt: str, repo_id: str, files: dict) -> list[str]:
     """How to load the published files in diffusers, ComfyUI and A1111/Forge."""
     u = _usage(facts, fmt, repo_id, files)
+    what = ("These adapters belong to a" if fmt in ADAPTER_FORMATS else "This is a")
     return ["## How to use", "",
-            "This is a **v-prediction" + (", zero terminal SNR" if u.ztsnr else "") + "** model: "
+            f"{what} **v-prediction" + (", zero terminal SNR" if u.ztsnr else "") + "** model: "
             "sampled as epsilon-prediction (what most tools assume of an SDXL file) it gives grey "
             "or burnt images. Each recipe below sets the sampler to match.", "",
             "### diffusers", "", *_diffusers_lines(u), "", "### ComfyUI", "", *_comfyui_lines(u),
@@ -450,8 +451,8 @@ def render_card(facts: RunFacts, fmt: str, repo_id: str, files: dict, license_id
     preview grid (None: no image)."""
     c = facts.config
     title = repo_id.split("/")[-1]
-    kind = (f"{adapter_tag(facts).upper()} adapters for SDXL" if fmt in ADAPTER_FORMATS
-            else "An SDXL model")
+    kind = ({"lora": "LoRA", "lokr": "LoKr"}[adapter_tag(facts)] + " adapters for SDXL"
+            if fmt in ADAPTER_FORMATS else "An SDXL model")
     pretrained = str(c["model"].get("pretrained") or "")
     source = f"`{pretrained}`" if pretrained else "a seeded random init (no base model)"
     lines = ["---", _yaml(card_metadata(facts, fmt, license_id, preview)).rstrip(), "---", "",

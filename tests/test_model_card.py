@@ -105,6 +105,9 @@ def test_adapter_cards(facts, algo, fmt):
     assert header["tags"] == ["stable-diffusion-xl", "text-to-image", "v-prediction",
                               "zero-terminal-snr", algo, "sdxl_jax"]
     assert header["instance_prompt"] == PROMPTS[0]
+    kind = {"lora": "LoRA", "lokr": "LoKr"}[algo]
+    assert body.startswith(f"\n# style\n\n{kind} adapters for SDXL trained with sdxl_jax")
+    assert "These adapters belong to a **v-prediction, zero terminal SNR** model" in body
     assert "| trained | " + algo + " adapters on unet: rank 4, α 2; base frozen |" in body
     if algo == "lokr":
         assert "`load_lora_weights` does not read LoKr" in body
