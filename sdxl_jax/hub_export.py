@@ -17,14 +17,11 @@ preview grid at or before the exported step). They are staged in a temporary fol
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
 
 from sdxl_jax import model_card, publish
-
-log = logging.getLogger("sdxl_jax.hub_export")
 
 
 def add_flags(p) -> None:
@@ -53,6 +50,9 @@ def check_args(args) -> None:
         if args.card:
             raise ValueError("--model-card FILE writes the card and stops; --card FILE uploads "
                              "one: give one of them")
+        if args.out:
+            raise ValueError("--model-card FILE writes the card alone, no export: leave --out "
+                             "out (export with --out in a command of its own)")
         if os.path.exists(args.model_card) and not args.overwrite:
             raise FileExistsError(f"{args.model_card} already exists; pass --overwrite to "
                                   "replace it, or choose another --model-card")

@@ -143,6 +143,8 @@ def test_model_card_flag_writes_the_card_alone(reference_run, tmp_path):
     assert not [n for n in os.listdir(wd) if n.startswith(".hub-staging-")]
     with pytest.raises(SystemExit, match="card.md already exists; pass --overwrite"):
         export.main(base + ["--license", "mit"])
+    with pytest.raises(SystemExit, match="writes the card alone, no export: leave --out out"):
+        export.main(base + ["--license", "mit", "--overwrite", "--out", str(tmp_path / "m.safetensors")])
     with pytest.raises(SystemExit, match=r"--card .*missing.md: no such file; write one with "
                                          r"--model-card"):
         export.main(["--workdir", wd, "--format", "single-file", "--push-to-hub", "me/tiny",
