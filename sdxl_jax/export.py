@@ -5,6 +5,7 @@
         --format diffusers --dtype bf16 --out nai3_diffusers/
     python -m sdxl_jax.export --workdir runs/lora --format lora --out style.safetensors
     python -m sdxl_jax.export --workdir runs/lora --format single-file --merge-lora --out m.safetensors
+    python -m sdxl_jax.export --workdir runs/nai3 --format single-file --push-to-hub me/nai3
 
 Every model comes as the run trained it (`runs.Run.params`, EMA weights by default): the UNet
 from the checkpoint, the text encoders from it too when they trained (train.trainable
@@ -27,7 +28,8 @@ latents_std with scaling_factor 1) and into the single file's metadata.
 Everything is written to a temporary name and renamed when complete; an existing export at
 --out is replaced only with --overwrite. A per_channel run's single file decodes wrongly in
 other tools (they know only the 0.13025 scale; METHODS §16): it needs --allow-per-channel.
-No pickle.
+--push-to-hub OWNER/NAME uploads the export with its model card; --model-card FILE writes the
+card alone (sdxl_jax.hub_export). No pickle.
 """
 from __future__ import annotations
 
@@ -481,8 +483,9 @@ def _parse(argv):
                    help="a LoRA run as a full diffusers / single-file model: its base with the "
                         "adapters merged in float32 (required to be explicit for LoRA runs)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
-    p.add_argument("--out", required=True,
-                   help="output folder (diffusers) or .safetensors file (single-file, LoRA)")
+    p.add_argument("--out", default="",
+                   help="output folder (diffusers) or .safetensors file (single-file, LoRA); "
+                        "optional with --push-to-hub (then kept beside the upload)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing export at --out (default: refuse)")
     p.add_argument("--allow-per-channel", action="store_true",
@@ -496,6 +499,8 @@ def _parse(argv):
                         "the frozen VAE's in the export")
     p.add_argument("--vae-step", type=int, default=None, help="its checkpoint step (default: latest)")
     p.add_argument("--vae-weights", choices=("ema", "raw"), default="ema")
+    from sdxl_jax.hub_export import add_flags
+    add_flags(p)
     return p.parse_args(argv)
 
 
@@ -503,25 +508,42 @@ def _parse(argv):
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from sdxl_jax.models.hf import block_torch
-    block_torch()
-    from sdxl_jax.runs import open_run
+    from sdxl_jax import hub_export
 
     lora_fmt = args.format in LORA_FORMATS
-    if args.format != "diffusers" and not args.out.endswith(".safetensors"):
+    hub = hub_export.wanted(args)
+    if not args.out and not hub:
+        raise ValueError("--out is required: where to write the export (or --push-to-hub "
+                         "OWNER/NAME to upload it, --model-card FILE to write its card)")
+    if args.out and args.format != "diffusers" and not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out!r}: a {args.format} export must end in .safetensors")
     if lora_fmt and (args.merge_lora or args.vae_workdir):
         raise ValueError(f"--format {args.format} writes the adapters alone; --merge-lora and "
                          "--vae-workdir apply to --format single-file / diffusers")
-    check_out(args.out, "diffusers" if args.format == "diffusers" else "single-file",
-              args.overwrite)  # before reading the checkpoint
+    if args.out and not args.model_card:  # before reading the checkpoint
+        check_out(args.out, "diffusers" if args.format == "diffusers" else "single-file",
+                  args.overwrite)
+    if hub:
+        hub_export.check_args(args)  # repo, card, token: before the model libraries load
+    from sdxl_jax.models.hf import block_torch
+    block_torch()
+    from sdxl_jax.runs import open_run
+
     run = open_run(args.workdir, args.step)
     which = args.weights or run.default_weights()
-    if lora_fmt:
-        export_run_lora(run, args.out, args.format, args.dtype, which, args.overwrite)
-        print(f"exported the LoRA of step {run.step} ({which} weights) of {args.workdir} to "
-              f"{args.out} ({args.format})")
+    if hub:
+        print(hub_export.run(args, run, which, lambda out: write_export(args, run, which, out)))
         return 0
+    print(write_export(args, run, which, args.out))
+    return 0
+
+
+def write_export(args, run, which: str, out: str) -> str:
+    """Write the export the CLI's flags ask for to `out`; returns the line to print."""
+    if args.format in LORA_FORMATS:
+        export_run_lora(run, out, args.format, args.dtype, which, args.overwrite)
+        return (f"exported the LoRA of step {run.step} ({which} weights) of {args.workdir} to "
+                f"{out} ({args.format})")
     config, step = run.config, run.step
     preset = config["model"]["preset"]
     meta = export_meta(config, step, run.meta)
@@ -538,13 +560,12 @@ def main(argv=None) -> int:
         if args.tokenizers:
             from sdxl_jax.models.tokenizer import get_tokenizers
             tokenizers = get_tokenizers("sdxl", args.tokenizers)
-        export_diffusers(params, preset, args.out, args.dtype, meta, tokenizers,
+        export_diffusers(params, preset, out, args.dtype, meta, tokenizers,
                          overwrite=args.overwrite)
     else:
-        export_single_file(params, preset, args.out, args.dtype, meta,
+        export_single_file(params, preset, out, args.dtype, meta,
                            overwrite=args.overwrite, allow_per_channel=args.allow_per_channel)
-    print(f"exported step {step} ({which} weights) of {args.workdir} to {args.out}")
-    return 0
+    return f"exported step {step} ({which} weights) of {args.workdir} to {out}"
 
 
 if __name__ == "__main__":
