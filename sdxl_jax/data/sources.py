@@ -15,6 +15,7 @@ stands for one source per subfolder with repeats N (times the entry's own repeat
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -93,14 +94,19 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "source"
 
 
+def _path_hash(path: str) -> str:
+    return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+
+
 def resolve_sources(cfg, workdir: str | None = None) -> list[DataSource]:
     """The run's sources from `data.sources` (config.validate checked each entry), or from a
     kohya-layout `data.images_dir`; [] means the single source of data.cache_dir / images_dir /
     manifest / tfds exactly as before sources existed.
 
-    A source without its own cache_dir gets `<data.cache_dir or <workdir>/cache>/<name>`. Names
-    come from the entry, else from the folder (kohya's N_ stripped) or file; a derived name
-    that is already taken gets a suffix "-2", "-3", …"""
+    A source without its own cache_dir gets `<data.cache_dir or <workdir>/cache>/<name>-<hash>`,
+    the hash of its input's absolute path: two folders both named `cat` never swap caches when
+    listed in another order. Names come from the entry, else from the folder (kohya's N_
+    stripped) or file; a derived name that is already taken gets a suffix "-2", "-3", …"""
     d = cfg.data
     root = d.cache_dir or (os.path.join(workdir, "cache") if workdir else "")
     entries = [_entry(s) for s in d.get("sources", ()) or ()]
@@ -150,7 +156,8 @@ def resolve_sources(cfg, workdir: str | None = None) -> list[DataSource]:
                 name = f"{derived}-{k}"
             taken.add(name)
         own = f.pop("cache_dir", "")
-        out.append(DataSource(name=name, cache_dir=own or os.path.join(root or "cache", name), **f))
+        folder = f"{name}-{_path_hash(f['images_dir'] or f['manifest'])}"
+        out.append(DataSource(name=name, cache_dir=own or os.path.join(root or "cache", folder), **f))
     return out
 
 

@@ -1,22 +1,21 @@
 """The UNet task (NAI-v3 recipe): the trained UNet, the frozen text encoders, the latent-cache
-stages, previews and validation, as a `loop.Task`."""
+stages, previews and validation, as a `loop.Task` built from the run's resolved inputs."""
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 
 from sdxl_jax import parallel
-from sdxl_jax.config_sections import offline_preset
+from sdxl_jax.run_inputs import RunInputs
 from sdxl_jax.train import optim
-from sdxl_jax.train.common import config_json, demo_images, package_versions
-from sdxl_jax.train.loop import Stage, Task
+from sdxl_jax.train.common import config_json, package_versions
 from sdxl_jax.train.program import ProgramSpec, cached_program
 from sdxl_jax.train.state import init_state
 from sdxl_jax.train.step import NUM_T_BINS, StepConfig, unet_grad_fn
+from sdxl_jax.train.task import Stage, Task
 from sdxl_jax.train.trainable import frozen_values, initial_params
 
 log = logging.getLogger("sdxl_jax.train")
@@ -79,100 +78,6 @@ def _spec(cfg, tr, latent_mean=None, latent_std=None, unet=None) -> ProgramSpec:
         batch_spec=batch_spec(cfg))
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-def resolve_stages(cfg, workdir: str) -> list[dict]:
-    """[{index, end_step, cache_dir, sources, global_batch_size}] (config.validate checked the
-    keys). `sources`: the run's data sources (sdxl_jax.data.sources) for a stage without its own
-    cache_dir; [] = the single cache `cache_dir`."""
-    from sdxl_jax.data.sources import resolve_sources
-    sources = resolve_sources(cfg, workdir)
-    default_cache = cfg.data.cache_dir or os.path.join(workdir, "cache")
-    raw = list(cfg.train.stages) or [{"steps": cfg.train.steps}]
-    out, end = [], 0
-    for i, st in enumerate(raw):
-        st = dict(st)
-        end += int(st["steps"])
-        out.append({"index": i, "end_step": end, "cache_dir": st.get("cache_dir") or default_cache,
-                    "sources": [] if st.get("cache_dir") else sources,
-                    "global_batch_size": int(st.get("global_batch_size") or cfg.train.global_batch_size)})
-    return out
-
-
-def ensure_cache(cfg, cache_dir: str, workdir: str) -> None:
-    """Build a missing cache from data.images_dir / data.manifest; with neither given (and no
-    data.cache_dir) the tiny preset falls back to the generated demo dataset so the demo runs
-    on a fresh machine with no network. A configured cache_dir that does not exist is an error
-    (config.validate), never silently replaced."""
-    if os.path.exists(os.path.join(cache_dir, "manifest.json")):
-        return
-    from sdxl_jax.data import build_cache
-    from sdxl_jax.data.tfds_source import tfds_from_config
-    from sdxl_jax.runs import source_params
-    images, manifest, tfds = cfg.data.images_dir, cfg.data.manifest, tfds_from_config(cfg.data)
-    if not images and not manifest and not tfds:
-        if not offline_preset(cfg.model.preset):
-            raise FileNotFoundError(
-                f"no latent cache at {cache_dir}: set data.cache_dir to a built cache, or "
-                f"data.images_dir / data.manifest to build one (python -m data_tools.build_cache)")
-        images = demo_images(cfg, workdir)
-    log.info("building the latent cache in %s", cache_dir)
-    build_cache(cfg, images_dir=images or None, manifest=manifest or None, out=cache_dir, tfds=tfds,
-                vae_params=source_params(cfg, components=("vae",))["vae"])
-
-
-def stage_data(st: dict):
-    """What the loaders read for a stage: its sources, or its one cache folder."""
-    return st["sources"] or st["cache_dir"]
-
-
-def ensure_source_caches(cfg, sources) -> None:
-    """Build each data source's missing cache from its images_dir / manifest, all with this
-    config's settings (so they hold the same latents)."""
-    missing = [s for s in sources if not os.path.exists(os.path.join(s.cache_dir, "manifest.json"))]
-    if not missing:
-        return
-    from sdxl_jax.data import build_cache
-    from sdxl_jax.runs import source_params
-    vae = source_params(cfg, components=("vae",))["vae"]
-    for s in missing:
-        if not (s.images_dir or s.manifest):
-            raise FileNotFoundError(f"data source {s.name!r}: no latent cache at {s.cache_dir} and no "
-                                    "images_dir / manifest to build one from")
-        log.info("building the latent cache of data source %r in %s", s.name, s.cache_dir)
-        build_cache(cfg, images_dir=s.images_dir or None, manifest=s.manifest or None, out=s.cache_dir,
-                    vae_params=vae)
-
-
-def use_demo_vae(cfg, workdir: str) -> None:
-    """The tiny demo (no data configured) trains or reuses its own VAE first (train/demo_vae.py)
-    and records it as model.vae_workdir, which the cache, previews, sample and export then use."""
-    no_data = not (cfg.data.cache_dir or cfg.data.images_dir or cfg.data.manifest or cfg.data.tfds
-                   or cfg.data.get("sources"))
-    if offline_preset(cfg.model.preset) and no_data and cfg.data.demo_vae_steps and not cfg.model.vae_workdir:
-        from sdxl_jax.train.demo_vae import find_or_train
-        cfg.model.vae_workdir = os.path.abspath(find_or_train(cfg, workdir, demo_images(cfg, workdir)))
-
-
-def latent_stats(cfg, cache_dir):
-    """Per-channel mean/std for `per_channel` normalisation: config first, else the manifest
-    (of several sources: their statistics pooled by latents × repeats × weight, i.e. those of
-    the mix the step is fed; sources.pooled_latent_stats)."""
-    if cfg.latents.normalization != "per_channel":
-        return None, None
-    if cfg.latents.mean is not None and cfg.latents.std is not None:
-        return tuple(cfg.latents.mean), tuple(cfg.latents.std)
-    from sdxl_jax.data import load_manifest
-    if not isinstance(cache_dir, str):  # a list of data sources
-        if len(cache_dir) > 1:
-            from sdxl_jax.data.sources import pooled_latent_stats
-            return pooled_latent_stats(cache_dir, [load_manifest(s.cache_dir) for s in cache_dir])
-        cache_dir = cache_dir[0].cache_dir
-    stats = load_manifest(cache_dir)["latent_stats"]
-    return tuple(stats["mean"]), tuple(stats["std"])
-
-
 def run_metadata(cfg, mean, std) -> dict:
     return {"task": "unet", "versions": package_versions(),
             "schedule": {k: cfg.schedule[k] for k in cfg.schedule},
@@ -204,22 +109,17 @@ def bin_labels(num_steps: int = 1000) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The task
 # ---------------------------------------------------------------------------------------------
-def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
+def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextlib.ExitStack) -> Task:
+    """The task from the config and the run's resolved inputs (run_inputs.py: its stages and
+    caches, latent statistics, VAE and frozen weights), on `plan`'s mesh. Reads the caches and
+    weights; makes nothing and leaves `cfg` as it is."""
+    del cleanup  # nothing of this task outlives the loop's own clean-up
     from sdxl_jax import models
     from sdxl_jax.data import make_train_iterator
     from sdxl_jax.models.weights import cached_abstract_params, load_pretrained
-    from sdxl_jax.runs import source_params
 
-    plan = parallel.ShardingPlan.from_config(cfg.mesh)
-    use_demo_vae(cfg, workdir)
-    stages = resolve_stages(cfg, workdir)
-    for st in stages:
-        if st["sources"]:
-            ensure_source_caches(cfg, st["sources"])
-        else:
-            ensure_cache(cfg, st["cache_dir"], workdir)
-    mean, std = latent_stats(cfg, stage_data(stages[0]))
-    total_steps = stages[-1]["end_step"]
+    stages, mean, std = inputs.stages, inputs.latent_mean, inputs.latent_std
+    total_steps = inputs.total_steps
     tr = describe_trainable(cfg, total_steps=total_steps)
     program = cached_program(["unet", config_json(cfg), total_steps, mean, std],
                              lambda: _spec(cfg, tr, mean, std), plan)
@@ -228,38 +128,16 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     # the run's sources (float32, placed straight onto the mesh): what a fresh run starts from,
     # and the frozen weights the step reads (cast to the compute dtype on the device)
     names = ("vae",) + FROZEN + (("unet",) if tr.mode == "lora" else ())
-    sources = source_params(cfg, {k: plan.shardings(cached_abstract_params(k, preset)) for k in names},
-                            components=names)
+    sources = inputs.weights.load(names, {k: plan.shardings(cached_abstract_params(k, preset)) for k in names})
     frozen = frozen_values(tr, sources, program.frozen_shardings)
     for k in set(sources) - {"vae"} - set(tr.trained_text):  # float32 copies no longer needed
         del sources[k]
-    tok_l, tok_g = models.get_tokenizers(preset, cfg.model.pretrained)
-
-    def tokenize_fn(captions):
-        return (models.tokenize(tok_l, captions, cfg.text.max_chunks),
-                models.tokenize(tok_g, captions, cfg.text.max_chunks))
-
-    rng = jax.random.PRNGKey(cfg.train.seed)
-
-    def fresh_state():  # pretrained or seeded random weights, each leaf placed straight onto the mesh
-        p_sh = program.shardings.params
-        if tr.mode != "lora":
-            unet_sh = tr.unet_of(p_sh)
-            if cfg.model.pretrained:
-                sources["unet"] = load_pretrained(cfg.model.pretrained, preset, ("unet",), {"unet": unet_sh})["unet"]
-            else:
-                sources["unet"] = models.init_params("unet", preset, jax.random.fold_in(rng, 0),
-                                                     out_shardings=unet_sh)
-        params = initial_params(tr, cfg, sources, p_sh, rng)
-        for k in ("unet",) + tr.trained_text:  # now owned by the state
-            sources.pop(k, None)
-        return init_state(params, program.spec.tx, jax.random.fold_in(rng, 99), program.shardings)
-
+    tok_l, tok_g = inputs.weights.tokenizers()
     multiple = program.micro_rows or plan.data_parallel
 
     def batches(st):
-        return lambda: make_train_iterator(cfg, stage_data(st), tokenize_fn, jax.process_index(),
-                                           jax.process_count(), st["global_batch_size"], multiple)
+        return lambda: make_train_iterator(cfg, st.data, tokenize_fn, jax.process_index(),
+                                           jax.process_count(), st.global_batch_size, multiple)
 
     evaluate = None
     if cfg.sample.every_steps:
@@ -268,21 +146,22 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
         unet = build_unet_from_config(cfg)
         text_l, text_g = models.build_text_encoders(preset, cfg.model.dtype)
         shown = dict(frozen, vae=sources["vae"]) if "vae" not in frozen else frozen
-        evaluate = Evaluator(cfg, workdir, plan.mesh, unet, text_l, text_g,
+        evaluate = Evaluator(cfg, inputs.workdir, plan.mesh, unet, text_l, text_g,
                              StepConfig.from_config(cfg, mean, std), shown, tokenize_fn,
-                             stage_data(stages[0]), mean, std, None,
+                             stages[0].data, mean, std, None,
                              view=lambda tree: tr.eval_view(tree, frozen))
 
     labels = {"loss_bin": bin_labels()}
-    mixed = next((st["sources"] for st in stages if len(st["sources"]) > 1), [])
+    mixed = next((st.sources for st in stages if len(st.sources) > 1), ())
     if mixed:  # data.sources: the loss of each source, logged as train/loss_<name>
         labels["loss_source"] = [f"loss_{s.name}" for s in mixed]
     return Task(
         name="unet", program=program,
-        stages=tuple(Stage(st["index"], st["end_step"], batches(st)) for st in stages),
+        stages=tuple(Stage(st.index, st.end_step, batches(st)) for st in stages),
         frozen=frozen, fresh_state=fresh_state,
         lr_schedule=optim.learning_rate_schedule(cfg.train, total_steps),
         log_line=_log_line if not mixed else _with_losses(labels["loss_source"]),
-        metadata=dict(run_metadata(cfg, mean, std), **tr.metadata), evaluate=evaluate,
+        metadata=dict(run_metadata(cfg, mean, std), vae=inputs.vae.describe(), **tr.metadata),
+        evaluate=evaluate,
         eval_every=int(cfg.sample.every_steps), bin_labels=labels)
 
