@@ -359,7 +359,7 @@ def _input_flags(source: str) -> list[str]:
         return [f"--{kind}", rest]
     if kind == "tfds":  # tfds:NAME:SPLIT@DIR image=K caption=C
         head, _, tail = rest.partition("@")
-        data_dir, image, caption = tail.split(" ")
+        data_dir, image, caption = tail.rsplit(" ", 2)
         return ["--tfds", head, "--tfds-data-dir", data_dir,
                 "--image-key", image.partition("=")[2], "--caption-key", caption.partition("=")[2]]
     raise ValueError(f"unknown cache source {source!r}")
@@ -391,20 +391,26 @@ def _fix(cache: CacheInput, inputs: RunInputs, command: Command | None, rebuild:
             "run's config, or point the run at a cache built with its VAE")
 
 
+def check_one_source_per_cache(inputs: RunInputs) -> None:
+    """Two inputs given one cache folder would train the second on the first one's records."""
+    owners: dict[str, CacheInput] = {}
+    for c in (c for st in inputs.stages for c in st.caches):
+        other = owners.setdefault(c.cache_dir, c)
+        if other.inputs and c.inputs and other.inputs != c.inputs:
+            raise C.CacheError(f"data sources {other.name!r} ({other.inputs}) and {c.name!r} "
+                               f"({c.inputs}) share the cache folder {c.cache_dir}: one cache "
+                               "holds one source; give each its own cache_dir")
+
+
 def check_caches(cfg, inputs: RunInputs, command: Command | None = None) -> None:
     """Every cache the run reads against the run: its VAE, bucket table and inputs, masks when
     loss.masked, and each file intact. One CacheError naming both sides and the fix."""
     from sdxl_jax.data.buckets import buckets_from_config
-    owners: dict[str, CacheInput] = {}
+    check_one_source_per_cache(inputs)
     table = tuple(tuple(b) for b in buckets_from_config(cfg.data.buckets))
     for st in inputs.stages:
         for c in st.caches:
             where = f"the cache {c.cache_dir} (data source {c.name!r})" if st.sources else f"the cache {c.cache_dir}"
-            other = owners.setdefault(c.cache_dir, c)
-            if other.inputs and c.inputs and other.inputs != c.inputs:
-                raise C.CacheError(f"data sources {other.name!r} ({other.inputs}) and {c.name!r} "
-                                   f"({c.inputs}) share the cache folder {c.cache_dir}: one cache "
-                                   "holds one source; give each its own cache_dir")
             if not c.exists:
                 raise C.CacheError(f"no latent cache at {c.cache_dir}: {_fix(c, inputs, command, False)}")
             if c.vae_fingerprint != inputs.vae.fingerprint:

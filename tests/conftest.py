@@ -49,8 +49,11 @@ def demo_cache(demo_images, tmp_path_factory):
     """The latent cache of `demo_images`, encoded by the tiny VAE the trainer itself uses."""
     from helpers import tiny_config
     from sdxl_jax.data import build_cache
+    from sdxl_jax.run_inputs import resolve_weights
+    cfg = tiny_config()
     return _built_once(tmp_path_factory, "demo_cache", lambda out: build_cache(
-        tiny_config(), images_dir=demo_images, out=out, progress=False))
+        cfg, images_dir=demo_images, out=out, progress=False,
+        vae_params=resolve_weights(cfg).load(("vae",))["vae"]))
 
 
 REFERENCE_STEPS = 8

@@ -242,6 +242,7 @@ def test_two_source_run_resumes_bitwise_and_logs_each_source(demo_cache, tmp_pat
     step-1 checkpoint (the straight run's checkpoints without step 2) resumed, give the same
     batches, losses and params bitwise; train/loss_<source> is logged to TensorBoard."""
     from sdxl_jax.train.loop import train
+    from sdxl_jax.train.prepare import prepare_run
     small = tmp_path / "2_small"
     make_demo_dataset(str(small), n=12, seed=1)
     cfg = tiny_config(**{"train.steps": 2, "checkpoint.every_steps": 1, "data.sources": (
@@ -250,7 +251,8 @@ def test_two_source_run_resumes_bitwise_and_logs_each_source(demo_cache, tmp_pat
     validate(cfg)
     assert [(s.name, s.repeats) for s in resolve_sources(cfg, str(tmp_path))] == [("demo", 1), ("small", 2)]
     log_a, metrics = [], []
-    straight = train(cfg, str(tmp_path / "straight"), batch_log=log_a, metrics_log=metrics)
+    straight = train(cfg, str(tmp_path / "straight"), prepare_run(cfg, str(tmp_path / "straight")),
+                     batch_log=log_a, metrics_log=metrics)
     wd, log_b = str(tmp_path / "killed"), []
     shutil.copytree(tmp_path / "straight" / "checkpoints", os.path.join(wd, "checkpoints"))
     shutil.rmtree(os.path.join(wd, "checkpoints", "2"))

@@ -103,9 +103,9 @@ def resolve_sources(cfg, workdir: str | None = None) -> list[DataSource]:
     kohya-layout `data.images_dir`; [] means the single source of data.cache_dir / images_dir /
     manifest / tfds exactly as before sources existed.
 
-    A source without its own cache_dir gets `<data.cache_dir or <workdir>/cache>/<name>-<hash>`,
-    the hash of its input's absolute path: two folders both named `cat` never swap caches when
-    listed in another order. Names come from the entry, else from the folder (kohya's N_
+    A source without its own cache_dir gets `<data.cache_dir or <workdir>/cache>/<name>`, or with
+    a derived name `<derived>-<hash>`, the hash of its input's absolute path: two folders both
+    named `cat` never swap caches when listed in another order. Names come from the entry, else from the folder (kohya's N_
     stripped) or file; a derived name that is already taken gets a suffix "-2", "-3", …"""
     d = cfg.data
     root = d.cache_dir or (os.path.join(workdir, "cache") if workdir else "")
@@ -149,6 +149,8 @@ def resolve_sources(cfg, workdir: str | None = None) -> list[DataSource]:
         raise ValueError(f"data.sources: two sources are named {dup[0]!r}; names must be distinct")
     out = []
     for name, derived, f in raw:
+        # an explicit name is unique; a derived one may be taken, and its "-2" follows the order
+        folder = name or f"{derived}-{_path_hash(f['images_dir'] or f['manifest'])}"
         if not name:
             name, k = derived, 1
             while name in taken:
@@ -156,7 +158,6 @@ def resolve_sources(cfg, workdir: str | None = None) -> list[DataSource]:
                 name = f"{derived}-{k}"
             taken.add(name)
         own = f.pop("cache_dir", "")
-        folder = f"{name}-{_path_hash(f['images_dir'] or f['manifest'])}"
         out.append(DataSource(name=name, cache_dir=own or os.path.join(root or "cache", folder), **f))
     return out
 

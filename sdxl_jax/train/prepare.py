@@ -14,7 +14,7 @@ import os
 
 import jax
 
-from sdxl_jax.run_inputs import Command, RunInputs, resolve_run
+from sdxl_jax.run_inputs import Command, RunInputs, check_one_source_per_cache, resolve_run
 from sdxl_jax.train import demo_vae
 from sdxl_jax.train.common import demo_images, use_compilation_cache
 from sdxl_jax.workdir_lock import WorkdirLock
@@ -62,6 +62,7 @@ def _build_missing_caches(cfg, inputs: RunInputs) -> bool:
     """Build every missing cache from its images / manifest / TFDS input with the run's VAE."""
     from sdxl_jax.data import build_cache
     from sdxl_jax.data.tfds_source import tfds_from_config
+    check_one_source_per_cache(inputs)  # before building one source into another's folder
     todo, seen = [], set()
     for st in inputs.stages:
         for c in st.caches:

@@ -133,6 +133,27 @@ def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextl
     for k in set(sources) - {"vae"} - set(tr.trained_text):  # float32 copies no longer needed
         del sources[k]
     tok_l, tok_g = inputs.weights.tokenizers()
+
+    def tokenize_fn(captions):
+        return (models.tokenize(tok_l, captions, cfg.text.max_chunks),
+                models.tokenize(tok_g, captions, cfg.text.max_chunks))
+
+    rng = jax.random.PRNGKey(cfg.train.seed)
+
+    def fresh_state():  # pretrained or seeded random weights, each leaf placed straight onto the mesh
+        p_sh = program.shardings.params
+        if tr.mode != "lora":
+            unet_sh = tr.unet_of(p_sh)
+            if cfg.model.pretrained:
+                sources["unet"] = load_pretrained(cfg.model.pretrained, preset, ("unet",), {"unet": unet_sh})["unet"]
+            else:
+                sources["unet"] = models.init_params("unet", preset, jax.random.fold_in(rng, 0),
+                                                     out_shardings=unet_sh)
+        params = initial_params(tr, cfg, sources, p_sh, rng)
+        for k in ("unet",) + tr.trained_text:  # now owned by the state
+            sources.pop(k, None)
+        return init_state(params, program.spec.tx, jax.random.fold_in(rng, 99), program.shardings)
+
     multiple = program.micro_rows or plan.data_parallel
 
     def batches(st):
