@@ -45,21 +45,6 @@ _VERIFY = flags.DEFINE_bool("verify", False, "also read back every record of the
                             "(slow: reads the whole cache) and rebuild any that fail")
 
 
-def build_inputs(cfg, images=None, manifest=None, tfds=None, out=None):
-    """(the config the build runs with, its RunInputs): `cfg` with the inputs and --out given
-    here written into data.*, resolved exactly as train.py resolves a run (run_inputs), so the
-    latents come from the VAE the trainer will compare them with."""
-    from sdxl_jax.run_inputs import resolve_run
-    cfg = cfg.copy_and_resolve_references()
-    with cfg.unlocked():
-        if images or manifest or tfds is not None:
-            cfg.data.images_dir, cfg.data.manifest = images or "", manifest or ""
-            cfg.data.tfds = f"{tfds.name}:{tfds.split}" if tfds is not None else ""
-        if out:
-            cfg.data.cache_dir = out
-    return cfg, resolve_run(cfg, None)
-
-
 def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -76,7 +61,8 @@ def main(argv) -> None:
     if tfds is None and (_TFDS_DATA_DIR.value or _IMAGE_KEY.value or _CAPTION_KEY.value):
         raise ValueError("--tfds-data-dir, --image-key and --caption-key describe a TFDS input: "
                          "name it with --tfds NAME[:SPLIT]")
-    cfg, inputs = build_inputs(cfg, images, manifest, tfds, _OUT.value)
+    from sdxl_jax.run_inputs import resolve_build
+    cfg, inputs = resolve_build(cfg, images, manifest, tfds, _OUT.value)
     logging.info("encoding with %s", inputs.vae.describe())
     m = build_cache(cfg, images_dir=images, manifest=manifest, out=_OUT.value, rebuild=_REBUILD.value,
                     tfds=tfds, verify=_VERIFY.value, vae_params=inputs.weights.load(("vae",))["vae"])

@@ -320,6 +320,20 @@ def resolve_run(cfg, workdir: str | None) -> RunInputs:
     return RunInputs(cfg.task, weights, stages, mean, std, demo_images=demo, workdir=workdir or "")
 
 
+def resolve_build(cfg, images=None, manifest=None, tfds=None, out=None):
+    """build_cache's (config, RunInputs): a copy of `cfg` with the inputs and `out` it was given
+    written into data.*, resolved as train.py resolves a run, so the cache is encoded by the VAE
+    the trainer will compare it with."""
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        if images or manifest or tfds is not None:
+            cfg.data.images_dir, cfg.data.manifest = images or "", manifest or ""
+            cfg.data.tfds = f"{tfds.name}:{tfds.split}" if tfds is not None else ""
+        if out:
+            cfg.data.cache_dir = out
+    return cfg, resolve_run(cfg, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks and repair commands
 # ---------------------------------------------------------------------------------------------

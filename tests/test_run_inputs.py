@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -48,7 +49,7 @@ def vae_run(demo_images, tmp_path_factory):
 @pytest.fixture(scope="module")
 def few_images(tmp_path_factory):
     out = tmp_path_factory.mktemp("few")
-    make_demo_dataset(str(out), n=6, seed=3)
+    make_demo_dataset(str(out), n=12, seed=3)  # 10+ training images: one global batch of 8
     return str(out)
 
 
@@ -77,13 +78,13 @@ def test_build_cache_cli_encodes_with_model_vae_workdir(vae_run, few_images, tmp
 def test_train_and_build_cache_resolve_the_same_inputs(vae_run, few_images, tmp_path):
     """The RunInputs train.py's prepare phase ends with (the cache it built, the VAE with its
     fingerprint, the loader, the stages) equal build_cache's for the same config."""
-    from data_tools.build_cache import build_inputs
+    from sdxl_jax.run_inputs import resolve_build
     from sdxl_jax.train.prepare import prepare_run
     cache = str(tmp_path / "cache")
     cfg = tiny_config(**{"model.vae_workdir": vae_run, "data.images_dir": few_images,
                          "data.cache_dir": cache})
     trained = prepare_run(cfg, str(tmp_path / "wd"))
-    _, built = build_inputs(cfg, images=few_images, out=cache)
+    _, built = resolve_build(cfg, images=few_images, out=cache)  # what data_tools.build_cache runs
     assert trained == built
     assert trained.vae.fingerprint == C.load_manifest(cache)["vae_fingerprint"]
     assert trained.stages[0].caches[0].exists and trained.stages[0].buckets == ((128, 128),)
@@ -212,8 +213,9 @@ def test_the_printed_repair_command_works_as_printed(few_images, tmp_path):
     train.py before compiling with the exact command; run verbatim, it rebuilds the shard and the
     run resumes."""
     wd, cache = str(tmp_path / "wd"), str(tmp_path / "cache")
-    first = _train_py(wd, few_images, cache, 1)
+    first = _train_py(wd, few_images, cache, 2)
     assert first.returncode == 0, first.stderr[-2000:]
+    shutil.rmtree(os.path.join(wd, "checkpoints", "2"))  # as if killed after step 1's checkpoint
     shard = os.path.join(cache, C.load_manifest(cache)["shards"][0]["name"] + C.SHARD_EXT)
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
