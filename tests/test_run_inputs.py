@@ -40,7 +40,7 @@ def vae_run(demo_images, tmp_path_factory):
     from sdxl_jax.config import apply_overrides
     from sdxl_jax.train import demo_vae
     vcfg = apply_overrides(demo_vae.vae_config(config("ztsnr:tiny"), demo_images),
-                           {"train.steps": 1, "checkpoint.every_steps": 1})
+                           {"train.steps": 1, "checkpoint.every_steps": 1, "train.warmup_steps": 0})
     wd = str(tmp_path_factory.mktemp("vae_run"))
     train(vcfg, wd)
     return wd

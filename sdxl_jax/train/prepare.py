@@ -14,7 +14,7 @@ import os
 
 import jax
 
-from sdxl_jax.run_inputs import Command, RunInputs, check_one_source_per_cache, resolve_run
+from sdxl_jax.run_inputs import Command, RunInputs, check_one_source_per_cache, demo_vae_dir, resolve_run
 from sdxl_jax.train import demo_vae
 from sdxl_jax.train.common import demo_images, use_compilation_cache
 from sdxl_jax.workdir_lock import WorkdirLock
@@ -37,6 +37,12 @@ def prepare_run(cfg, workdir: str, command: Command | None = None) -> RunInputs:
             inputs = resolve_run(cfg, workdir)
         built = _build_missing_caches(cfg, inputs)
     return resolve_run(cfg, workdir) if built else inputs
+
+
+def demo_vae_run(unet_cfg, workdir: str, images_dir: str) -> str:
+    """The run directory of a finished demo VAE of these settings, trained here if none is."""
+    path = demo_vae_dir(unet_cfg, workdir)
+    return path if demo_vae.finished(path) else train_demo_vae(unet_cfg, workdir, images_dir)
 
 
 def train_demo_vae(unet_cfg, workdir: str, images_dir: str) -> str:
