@@ -67,6 +67,9 @@ class Weights:
         """{name: params}, each leaf placed by `shardings[name]` when given (runs.source_params:
         the one rule open_run, sample and export read a run's sources by)."""
         from sdxl_jax.runs import source_params
+        if "vae" in components and self.vae.kind == "demo" and not _finished_demo_vae(self.vae.path):
+            raise FileNotFoundError(f"the demo VAE {self.vae.path} is not trained yet: train.py "
+                                    "trains it first (sdxl_jax.train.prepare.prepare_run)")
         vae_run = self.vae.path if self.vae.kind in ("run", "demo") else ""
         config = {"model": {"preset": self.preset, "pretrained": self.pretrained, "vae_workdir": vae_run},
                   "train": {"seed": self.seed}}
@@ -113,7 +116,7 @@ def resolve_vae(cfg, workdir: str | None, fingerprint: bool = True) -> VaeSource
         src = VaeSource("run", path)
     elif unet and demo_wanted(cfg) and int(_get(cfg, "data.demo_vae_steps", 0)):
         src = VaeSource("demo", demo_vae_dir(cfg, workdir))
-        if not _finished_demo_vae(cfg, src.path):
+        if not _finished_demo_vae(src.path):
             return src  # not trained yet: prepare_run trains it
     elif m.get("pretrained"):
         src = VaeSource("pretrained", m["pretrained"])
@@ -144,7 +147,7 @@ def demo_vae_dir(cfg, workdir: str | None) -> str:
     return next((p for p in (local, shared) if finished(p)), local)
 
 
-def _finished_demo_vae(cfg, path: str) -> bool:
+def _finished_demo_vae(path: str) -> bool:
     from sdxl_jax.train.demo_vae import finished
     return finished(path)
 
