@@ -229,3 +229,16 @@ def test_the_printed_repair_command_works_as_printed(few_images, tmp_path):
     resumed = _train_py(wd, few_images, cache, 2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step 1" in resumed.stdout and "finished at step 2" in resumed.stdout
+
+
+def test_a_resumed_run_keeps_its_latent_normalisation(reference_run, tmp_path):
+    """The reference run's checkpoints, resumed with other latent settings (as after its cache
+    was rebuilt from other data), stop at the restore with both settings named."""
+    cfg, ref_wd, _, _ = reference_run
+    wd = tmp_path / "wd"
+    shutil.copytree(os.path.join(ref_wd, "checkpoints"), wd / "checkpoints")
+    other = tiny_config(**{"data.cache_dir": cfg.data.cache_dir, "train.steps": cfg.train.steps + 1,
+                           "latents.scale_factor": 0.5})
+    with pytest.raises(ValueError, match=r"normalised latents with \{.*'scale_factor': 0.13025.*\}; this run "
+                                         r"would use \{.*'scale_factor': 0.5"):
+        train(other, str(wd))

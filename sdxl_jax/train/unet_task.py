@@ -89,6 +89,24 @@ def run_metadata(cfg, mean, std) -> dict:
             "model_preset": cfg.model.preset}
 
 
+def check_resumed(meta: dict, workdir: str):
+    """check_restored of the task: a resumed run reads latents of the same VAE, normalised the
+    same way, as its checkpoints were trained on (a cache rebuilt since with another VAE or
+    other data changes both); one error naming both sides otherwise."""
+    def check(restored) -> None:
+        where = f"the checkpoints in {workdir}/checkpoints (step {restored.step})"
+        old_vae = restored.meta.get("vae_fingerprint")
+        if old_vae and old_vae != meta["vae_fingerprint"]:
+            raise ValueError(f"{where} trained on latents of VAE {old_vae}; this run's VAE is "
+                             f"{meta['vae']}: use a new --workdir, or the caches and VAE it trained with")
+        old = restored.meta.get("latents")
+        if old is not None and old != meta["latents"]:
+            raise ValueError(f"{where} normalised latents with {old}; this run would use "
+                             f"{meta['latents']} (its caches changed since): use a new --workdir, or "
+                             "set latents.mean / latents.std to the values it trained with")
+    return check
+
+
 def _log_line(s: int, out: dict) -> str:
     return (f"step {s} | loss {out['loss']:.4f} | grad_norm {out['grad_norm']:.3f} | "
             f"lr {out['lr']:.2e} | {out['steps_per_s']:.2f} steps/s | skipped {out['nonfinite']}")
@@ -172,6 +190,8 @@ def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextl
                              stages[0].data, mean, std, None,
                              view=lambda tree: tr.eval_view(tree, frozen))
 
+    meta = dict(run_metadata(cfg, mean, std), vae=inputs.vae.describe(),
+                vae_fingerprint=inputs.vae.fingerprint, **tr.metadata)
     labels = {"loss_bin": bin_labels()}
     mixed = next((st.sources for st in stages if len(st.sources) > 1), ())
     if mixed:  # data.sources: the loss of each source, logged as train/loss_<name>
@@ -182,7 +202,6 @@ def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextl
         frozen=frozen, fresh_state=fresh_state,
         lr_schedule=optim.learning_rate_schedule(cfg.train, total_steps),
         log_line=_log_line if not mixed else _with_losses(labels["loss_source"]),
-        metadata=dict(run_metadata(cfg, mean, std), vae=inputs.vae.describe(), **tr.metadata),
-        evaluate=evaluate,
+        metadata=meta, check_restored=check_resumed(meta, inputs.workdir), evaluate=evaluate,
         eval_every=int(cfg.sample.every_steps), bin_labels=labels)
 
