@@ -242,3 +242,24 @@ def test_a_resumed_run_keeps_its_latent_normalisation(reference_run, tmp_path):
     with pytest.raises(ValueError, match=r"normalised latents with \{.*'scale_factor': 0.13025.*\}; this run "
                                          r"would use \{.*'scale_factor': 0.5"):
         train(other, str(wd))
+
+
+def test_the_repair_command_of_a_demo_run_names_its_vae(monkeypatch, tmp_path):
+    """The demo resolves its own VAE (no model.vae_workdir in its config): the command carries
+    it, with the trainer's config file and overrides as given (both flag forms)."""
+    from sdxl_jax.run_inputs import CacheInput, RunInputs, StageInputs, VaeSource, Weights, rebuild_command
+    monkeypatch.chdir(ROOT)
+    argv = ["--config", "configs/ztsnr.py:tiny", "--workdir", "wd", "--config.train.steps", "5",
+            "--config.data.shard_size=16"]
+    command = Command.from_argv("configs/ztsnr.py:tiny", argv)
+    assert command == Command(os.path.join(ROOT, "configs", "ztsnr.py") + ":tiny",
+                              ("--config.train.steps=5", "--config.data.shard_size=16"))
+    cache = CacheInput("data", "/r/cache", images_dir="/r/demo_data")
+    inputs = RunInputs("unet", Weights("tiny", "bfloat16", "", 0, VaeSource("demo", "/v/demo_vae/ab", "fp")),
+                       (StageInputs(0, 5, 8, (cache,)),))
+    got = shlex.split(rebuild_command(cache, inputs, command, verify=True))
+    assert got[1:] == ["-m", "data_tools.build_cache", "--images", "/r/demo_data", "--out", "/r/cache",
+                       "--config", os.path.join(ROOT, "configs", "ztsnr.py") + ":tiny",
+                       "--config.train.steps=5", "--config.data.shard_size=16",
+                       "--config.model.vae_workdir=/v/demo_vae/ab", "--verify"]
+    assert os.path.samefile(shutil.which(got[0]) or got[0], sys.executable)
