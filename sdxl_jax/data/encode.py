@@ -1,4 +1,5 @@
-"""The cache builder's default encoder: the run's VAE (sdxl_jax.run_inputs resolves it), jitted over this host's devices.
+"""The cache builder's default encoder: the run's VAE (sdxl_jax.run_inputs resolves it), jitted
+over this host's devices.
 
 Each process encodes its own images on its local devices only (no cross-host traffic), the
 batch split over a one-axis mesh of `jax.local_devices()`.
