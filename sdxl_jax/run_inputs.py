@@ -427,7 +427,7 @@ def check_caches(cfg, inputs: RunInputs, command: Command | None = None) -> None
     table = tuple(tuple(b) for b in buckets_from_config(cfg.data.buckets))
     for st in inputs.stages:
         for c in st.caches:
-            where = f"the cache {c.cache_dir} (data source {c.name!r})" if st.sources else f"the cache {c.cache_dir}"
+            where = f"the cache {c.cache_dir}" + (f" (data source {c.name!r})" if st.sources else "")
             if not c.exists:
                 raise C.CacheError(f"no latent cache at {c.cache_dir}: {_fix(c, inputs, command, False)}")
             if c.vae_fingerprint != inputs.vae.fingerprint:

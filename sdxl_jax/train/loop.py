@@ -1,9 +1,10 @@
 """The one training loop: every task (the UNet, the VAE decoder, …) runs through `train`.
 
 A task is plain data and functions (`Task`, train/task.py), built by a short module per task
-(`unet_task.py`, `vae_task.py`) from the config and the run's resolved inputs (run_inputs.py): its compiled program, its frozen weights, how
-to make a fresh state, its data stages, its evaluation, its log line and its metadata. The loop
-owns what every run shares: resume from the latest good checkpoint, the step loop with its
+(`unet_task.py`, `vae_task.py`) from the config and the run's resolved inputs (run_inputs.py):
+its compiled program, its frozen weights, how to make a fresh state, its data stages, its
+evaluation, its log line and its metadata. The loop owns what every run shares: the check of
+the caches against the run, resume from the latest good checkpoint, the step loop with its
 one-step-late metric read and non-finite stop, checkpoint / evaluation / profile / preemption
 cadence, and clean-up on any exit.
 

@@ -85,8 +85,8 @@ def _build_missing_caches(cfg, inputs: RunInputs) -> bool:
                 f"{what} latent cache at {c.cache_dir} and no images_dir / manifest to build one "
                 "from: set data.cache_dir to a built cache, or data.images_dir / data.manifest "
                 "to build one")
-        log.info("building the latent cache%s in %s", f" of data source {c.name!r}" if c.name != "data" else "",
-                 c.cache_dir)
+        of = f" of data source {c.name!r}" if c.name != "data" else ""
+        log.info("building the latent cache%s in %s", of, c.cache_dir)
         build_cache(cfg, images_dir=c.images_dir or None, manifest=c.manifest or None, out=c.cache_dir,
                     tfds=tfds if not (c.images_dir or c.manifest) else None, vae_params=vae)
     return True
