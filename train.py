@@ -50,8 +50,13 @@ def main(argv):
     if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
         raise NotADirectoryError(f"--workdir {_WORKDIR.value!r} is a file, not a run directory; "
                                  "choose another path")
+    from sdxl_jax.run_inputs import Command
     from sdxl_jax.train.loop import train
-    summary = train(cfg, _WORKDIR.value)  # the task of cfg.task (unet | vae_decoder)
+    from sdxl_jax.train.prepare import prepare_run
+    # how this trainer was started: a repair command it prints reruns with the same settings
+    command = Command.from_argv(config_flags.get_config_filename(flags.FLAGS["config"]), sys.argv[1:])
+    inputs = prepare_run(cfg, _WORKDIR.value, command)  # demo data, demo VAE, caches: made first
+    summary = train(cfg, _WORKDIR.value, inputs, command)  # the task of cfg.task (unet | vae_decoder)
     logging.info("finished at step %d (%s); %d compiled step shape(s)", summary["end_step"],
                  summary["stopped"], summary["compiles"])
 

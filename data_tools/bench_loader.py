@@ -133,7 +133,8 @@ def bench_build(cfg, cache: str, n: int, repeats: int = 2) -> dict:
     from sdxl_jax.data.buckets import buckets_from_config
     from sdxl_jax.data.encode import make_vae_encoder
     from sdxl_jax.data.images import Source, load_pixels
-    encode, fingerprint = make_vae_encoder(cfg)
+    from sdxl_jax.run_inputs import resolve_weights
+    encode, fingerprint = make_vae_encoder(cfg, resolve_weights(cfg).load(("vae",))["vae"])
     buckets = buckets_from_config(cfg.data.buckets)
     batch = int(cfg.data.build_batch_size)
     with tempfile.TemporaryDirectory() as tmp:

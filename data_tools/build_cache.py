@@ -12,7 +12,9 @@ Rerunning continues an interrupted build and rebuilds any finished shard whose f
 has its recorded size and record count (--verify also reads every record back); different
 settings (VAE, buckets, crop, dtype…) are refused unless --rebuild. Unusable inputs are listed
 with their reason in CACHE/skipped.jsonl; a build that caches no image at all is an error.
-Config fields can be overridden as in train.py (--config.data.shard_size=256). On several
+Config fields can be overridden as in train.py (--config.data.shard_size=256); the VAE is the
+one train.py resolves for the same config (sdxl_jax.run_inputs: --config.model.vae_workdir=RUN,
+model.pretrained, or the seeded init), and the trainer refuses a cache of another VAE. On several
 hosts run the same command on every host (after jax.distributed is initialised by
 sdxl_jax.parallel): each process encodes its share of the images.
 """
@@ -59,8 +61,11 @@ def main(argv) -> None:
     if tfds is None and (_TFDS_DATA_DIR.value or _IMAGE_KEY.value or _CAPTION_KEY.value):
         raise ValueError("--tfds-data-dir, --image-key and --caption-key describe a TFDS input: "
                          "name it with --tfds NAME[:SPLIT]")
+    from sdxl_jax.run_inputs import resolve_build
+    cfg, inputs = resolve_build(cfg, images, manifest, tfds, _OUT.value)
+    logging.info("encoding with %s", inputs.vae.describe())
     m = build_cache(cfg, images_dir=images, manifest=manifest, out=_OUT.value, rebuild=_REBUILD.value,
-                    tfds=tfds, verify=_VERIFY.value)
+                    tfds=tfds, verify=_VERIFY.value, vae_params=inputs.weights.load(("vae",))["vae"])
     stats = m["latent_stats"]
     print(f"cache: {m['num_records']} images, {m['num_skipped']} skipped "
           f"(see {m['skip_report']}); buckets {m['bucket_counts']}")

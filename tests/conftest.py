@@ -49,8 +49,11 @@ def demo_cache(demo_images, tmp_path_factory):
     """The latent cache of `demo_images`, encoded by the tiny VAE the trainer itself uses."""
     from helpers import tiny_config
     from sdxl_jax.data import build_cache
+    from sdxl_jax.run_inputs import resolve_weights
+    cfg = tiny_config()
     return _built_once(tmp_path_factory, "demo_cache", lambda out: build_cache(
-        tiny_config(), images_dir=demo_images, out=out, progress=False))
+        cfg, images_dir=demo_images, out=out, progress=False,
+        vae_params=resolve_weights(cfg).load(("vae",))["vae"]))
 
 
 REFERENCE_STEPS = 8
@@ -109,7 +112,7 @@ def reference_run(demo_cache, tmp_path_factory):
 # The suite runs on 2 xdist workers, one test module per worker at a time (pytest.ini). The
 # modules that compile train steps and run training subprocesses go first, longest first, so
 # the quick modules fill in behind them instead of leaving one worker alone at the end.
-_LONGEST_FIRST = ("test_reliability", "test_scale", "test_train", "test_attention", "test_multihost",
+_LONGEST_FIRST = ("test_reliability", "test_run_inputs", "test_scale", "test_train", "test_attention", "test_multihost",
                   "test_trainable", "test_accumulation", "test_sources", "test_adapters",
                   "test_vae_decoder", "test_demo_vae", "test_step_sweep", "test_sample", "test_lora_interop",
                   "test_cli_errors", "test_lora_runs", "test_interop", "test_sharding_golden",

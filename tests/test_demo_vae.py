@@ -4,6 +4,7 @@ experiment needs); a finished one is reused only when its settings match."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -40,8 +41,8 @@ sys.path[:0] = {[HERE, os.path.dirname(HERE)]!r}
 from sdxl_jax.models.hf import block_torch
 block_torch()
 from test_demo_vae import unet_cfg
-from sdxl_jax.train import demo_vae
-print(demo_vae.find_or_train(unet_cfg(), sys.argv[1], sys.argv[2]))
+from sdxl_jax.train.prepare import train_demo_vae
+print(train_demo_vae(unet_cfg(), sys.argv[1], sys.argv[2]))
 """
 
 
@@ -93,24 +94,32 @@ def test_the_trained_demo_vae_reconstructs_and_separates_black_from_white(traine
 
 
 def test_a_finished_demo_vae_is_reused_only_when_its_settings_match(trained, demo_images, tmp_path, monkeypatch):
-    path, _ = trained
-    calls = []
-    monkeypatch.setattr("sdxl_jax.train.loop.train", lambda cfg, wd, **k: calls.append(wd) or {"end_step": 0})
-    # same settings, another workdir: the user-cache copy is found, nothing trains
-    again = demo_vae.find_or_train(unet_cfg(), str(tmp_path / "other"), demo_images)
-    assert not calls and os.path.dirname(again) == os.path.join(os.environ["SDXL_JAX_CACHE_DIR"], "demo_vae")
-    assert os.path.basename(again) == os.path.basename(path)
-    # any setting that changes the VAE (here the seed) names another directory and trains
-    with pytest.raises(InterruptedError):  # the stub "stops" at step 0
-        demo_vae.find_or_train(unet_cfg(**{"train.seed": 1}), str(tmp_path / "seed1"), demo_images)
-    assert len(calls) == 1 and os.path.basename(calls[0]) != os.path.basename(path)
+    """The resolver finds a finished demo VAE of the same settings (here the user-cache copy,
+    from another workdir) and hands it to the cache build; other settings name another folder,
+    which prepare_run must train first."""
+    from sdxl_jax.run_inputs import resolve_vae
+    path, params = trained
+    again = resolve_vae(unet_cfg(), str(tmp_path / "other"))
+    assert again.kind == "demo" and again.ready
+    assert os.path.dirname(again.path) == os.path.join(os.environ["SDXL_JAX_CACHE_DIR"], "demo_vae")
+    assert os.path.basename(again.path) == os.path.basename(path)
+    from sdxl_jax.data.encode import vae_fingerprint
+    assert again.fingerprint == vae_fingerprint(params, "tiny", unet_cfg().model.dtype)
+    # any setting that changes the VAE (here the seed) names another directory, not yet trained
+    other = resolve_vae(unet_cfg(**{"train.seed": 1}), str(tmp_path / "seed1"))
+    assert not other.ready and other.path.startswith(str(tmp_path / "seed1"))
+    assert os.path.basename(other.path) != os.path.basename(path)
     # a directory whose marker names other settings is not taken
-    assert not demo_vae.finished(path, "0" * 16) and demo_vae.finished(path, os.path.basename(path))
+    fake = tmp_path / ("0" * 16)
+    fake.mkdir()
+    shutil.copy(os.path.join(path, demo_vae.MARKER), fake / demo_vae.MARKER)
+    assert demo_vae.finished(path) and not demo_vae.finished(str(fake))
 
 
 def test_no_demo_vae_steps_is_one_clear_error(demo_images, tmp_path):
     """data.demo_vae_steps=0 means the seeded random VAE; a tool that asks for the trained demo
     VAE with it set so gets the key named, not an empty run."""
+    from sdxl_jax.train.prepare import train_demo_vae
     with pytest.raises(ValueError, match="data.demo_vae_steps=0"):
-        demo_vae.find_or_train(unet_cfg(**{"data.demo_vae_steps": 0}), str(tmp_path), demo_images)
+        train_demo_vae(unet_cfg(**{"data.demo_vae_steps": 0}), str(tmp_path), demo_images)
     assert not os.listdir(tmp_path)

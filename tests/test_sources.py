@@ -2,6 +2,7 @@
 folder names become sources, the mixed loader resumes exactly, and a tiny two-source run
 interrupted after a checkpoint equals the uninterrupted one bitwise, logging the loss of each
 source."""
+import hashlib
 import json
 import os
 import shutil
@@ -90,8 +91,10 @@ def test_kohya_folders_become_sources(tmp_path):
     cfg = get_config("tiny")
     cfg.data.images_dir = str(root)  # kohya's train_data_dir layout as the single images_dir
     got = [(s.name, s.repeats, s.weight, s.images_dir, s.cache_dir) for s in resolve_sources(cfg, wd)]
-    assert got == [("blue", 1, 1.0, str(root / "1_blue"), os.path.join(wd, "cache", "blue")),
-                   ("red", 3, 1.0, str(root / "3_red"), os.path.join(wd, "cache", "red"))]
+    def folder(name, path):  # the source's name and the sha1 of its folder's absolute path
+        return os.path.join(wd, "cache", f"{name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}")
+    assert got == [("blue", 1, 1.0, str(root / "1_blue"), folder("blue", root / "1_blue")),
+                   ("red", 3, 1.0, str(root / "3_red"), folder("red", root / "3_red"))]
     cfg.data.images_dir = str(green)  # a lone N_name folder as data.images_dir: unchanged single source
     assert resolve_sources(cfg, wd) == []
     cfg = get_config("tiny")
@@ -254,6 +257,7 @@ def test_two_source_run_resumes_bitwise_and_logs_each_source(demo_cache, tmp_pat
     step-1 checkpoint (the straight run's checkpoints without step 2) resumed, give the same
     batches, losses and params bitwise; train/loss_<source> is logged to TensorBoard."""
     from sdxl_jax.train.loop import train
+    from sdxl_jax.train.prepare import prepare_run
     small = tmp_path / "2_small"
     make_demo_dataset(str(small), n=12, seed=1)
     cfg = tiny_config(**{"train.steps": 2, "checkpoint.every_steps": 1, "data.sources": (
@@ -262,7 +266,8 @@ def test_two_source_run_resumes_bitwise_and_logs_each_source(demo_cache, tmp_pat
     validate(cfg)
     assert [(s.name, s.repeats) for s in resolve_sources(cfg, str(tmp_path))] == [("demo", 1), ("small", 2)]
     log_a, metrics = [], []
-    straight = train(cfg, str(tmp_path / "straight"), batch_log=log_a, metrics_log=metrics)
+    straight = train(cfg, str(tmp_path / "straight"), prepare_run(cfg, str(tmp_path / "straight")),
+                     batch_log=log_a, metrics_log=metrics)
     wd, log_b = str(tmp_path / "killed"), []
     shutil.copytree(tmp_path / "straight" / "checkpoints", os.path.join(wd, "checkpoints"))
     shutil.rmtree(os.path.join(wd, "checkpoints", "2"))

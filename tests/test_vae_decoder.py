@@ -330,7 +330,7 @@ def test_latent_stats_equal_numpy_and_normalisation_roundtrip(demo_images, tmp_p
     from sdxl_jax.data import build_cache, decode_record, read_index
     from sdxl_jax.data.cache import RecordSource, read_json
     from sdxl_jax.diffusion import denormalize_latents, normalize_latents
-    from sdxl_jax.train.unet_task import latent_stats
+    from sdxl_jax.run_inputs import resolve_run
 
     cache = str(tmp_path / "cache")
     cfg = tiny_config(**{"latents.normalization": "per_channel"})
@@ -349,7 +349,8 @@ def test_latent_stats_equal_numpy_and_normalisation_roundtrip(demo_images, tmp_p
     stats_main(["--cache", cache])  # the CLI writes them next to the manifest
     np.testing.assert_allclose(read_json(f"{cache}/latent_stats.json")["std"], want_std, rtol=1e-12)
     # the UNet trainer's per_channel normalisation reads the statistics the build stored
-    mean, std = latent_stats(cfg, cache)
+    inputs = resolve_run(tiny_config(**{"latents.normalization": "per_channel", "data.cache_dir": cache}), None)
+    mean, std = inputs.latent_mean, inputs.latent_std
     np.testing.assert_allclose(mean, want_mean, rtol=1e-9)
     np.testing.assert_allclose(std, want_std, rtol=1e-9)
     z = jnp.asarray(every.reshape(-1, 32, 32, 4)[:8], jnp.float32)

@@ -177,6 +177,7 @@ def test_train_loop_hands_its_evaluation_the_wandb_writer(fail, tmp_path, monkey
     as failed when the evaluation raised."""
     from types import SimpleNamespace
 
+    from sdxl_jax.run_inputs import RunInputs, VaeSource, Weights
     from sdxl_jax.train import loop
     grid = np.full((8, 8, 3), 200, np.uint8)
 
@@ -192,7 +193,9 @@ def test_train_loop_hands_its_evaluation_the_wandb_writer(fail, tmp_path, monkey
                      stages=(loop.Stage(0, 0, lambda: None),), frozen=None,
                      fresh_state=lambda: SimpleNamespace(step=np.int32(0)), lr_schedule=lambda s: 0.0,
                      log_line=lambda s, m: "", metadata={}, evaluate=evaluate, eval_at_start=True)
-    monkeypatch.setattr(loop, "build_task", lambda cfg, workdir, cleanup: task)
+    inputs = RunInputs("fake", Weights("tiny", "float32", "", 0, VaeSource("seeded")))  # no data
+    monkeypatch.setattr(loop, "resolve_inputs", lambda cfg, workdir: inputs)
+    monkeypatch.setattr(loop, "build_task", lambda cfg, inputs, plan, cleanup: task)
     wd = str(tmp_path / "run")
     if fail:
         with pytest.raises(RuntimeError, match="evaluation failed"):

@@ -369,8 +369,8 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
     """Build (or finish, or check) the latent cache in `out` and return its manifest.
 
     `encode_fn` maps images (B, H, W, 3) in [−1, 1] to (mean, std) latents and must come with an
-    `encoder_fingerprint`; by default the VAE of `config.model` is used (sdxl_jax.models) with
-    `vae_params` (default: `model.pretrained`, or the seeded random VAE when that is empty).
+    `encoder_fingerprint`; without it the VAE `vae_params` encodes (the run's VAE, as
+    `sdxl_jax.run_inputs.resolve_run(config, workdir).weights.load(("vae",))` gives it).
     `tfds` (instead of images_dir/manifest): a prepared TFDS split, "NAME[:SPLIT]" or a
     sdxl_jax.data.tfds_source.TfdsInput (data dir, image and caption feature names).
     On several hosts every process calls this (default: the JAX process index/count) with `out`
@@ -398,6 +398,10 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
     if encode_fn is None:
+        if vae_params is None:
+            raise ValueError("build_cache needs vae_params (the run's VAE: sdxl_jax.run_inputs."
+                             "resolve_run(config, workdir).weights.load(('vae',))['vae']) or an "
+                             "encode_fn with its encoder_fingerprint")
         from sdxl_jax.data.encode import make_vae_encoder
         encode_fn, encoder_fingerprint = make_vae_encoder(config, vae_params)
     if not encoder_fingerprint:

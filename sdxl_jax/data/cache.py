@@ -182,16 +182,30 @@ def read_json(path: str | Path) -> Any:
 
 
 class CacheError(ValueError):
-    """A cache that cannot be read as it is; the message names the file and the fix."""
+    """A cache that cannot be read as it is; the message names the file and the fix.
+
+    `problem` is the message without the repair advice, `cache_dir` the cache's folder and
+    `verify` whether only reading the records back finds the damage: a trainer, which knows
+    its config, replaces the advice with its exact build_cache command (run_inputs.repaired)."""
+
+    def __init__(self, message: str, cache_dir: str | None = None, verify: bool = False,
+                 problem: str | None = None):
+        super().__init__(message)
+        self.cache_dir = None if cache_dir is None else os.path.abspath(str(cache_dir))
+        self.verify, self.problem = verify, problem or message
 
 
 def rebuild_hint(cache_dir: str, source: str | None = None, verify: bool = False) -> str:
-    """How to repair `cache_dir`: rerun build_cache on the same inputs (it rebuilds bad shards)."""
+    """How to repair `cache_dir`: build_cache on the same inputs and config rebuilds bad shards."""
     kind, _, path = (source or "").partition(":")
-    inputs = f"--{kind} {path}" if kind in ("images", "manifest") else "<the same inputs>"
-    return (f"rerun build_cache (`python -m data_tools.build_cache {inputs} --out {cache_dir} "
-            f"--config <the same config>{' --verify' if verify else ''}`), which rebuilds damaged "
-            "shards")
+    inputs = f"--images {path} " if kind == "images" else f"--manifest {path} " if kind == "manifest" else ""
+    return (f"rerun build_cache on its inputs ({inputs}--out {cache_dir}{' --verify' if verify else ''}) "
+            "with the config it was built with, which rebuilds damaged shards")
+
+
+def _damaged(problem: str, cache_dir, source: str | None, verify: bool = False) -> CacheError:
+    return CacheError(f"{problem}; {rebuild_hint(str(cache_dir), source, verify)}", cache_dir,
+                      verify, problem)
 
 
 def shard_problem(path: str | Path, count: int, nbytes: int | None = None) -> str | None:
@@ -227,8 +241,8 @@ def load_manifest(cache_dir: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"no latent cache at {cache_dir!r} ({MANIFEST} missing; an interrupted build leaves "
-            "none): run `python -m data_tools.build_cache --images DIR --out "
-            f"{cache_dir} --config configs/ztsnr.py`")
+            f"none): build it with python -m data_tools.build_cache, giving your images (--images "
+            f"or --manifest), --out {cache_dir} and the run's --config")
     try:
         manifest = read_json(path)
     except (OSError, ValueError) as e:
@@ -272,16 +286,15 @@ def read_index(cache_dir: str, manifest: dict[str, Any] | None = None) -> CacheI
         try:
             summary = read_json(Path(cache_dir) / (shard["name"] + ".json"))
         except (OSError, ValueError) as e:
-            raise CacheError(f"cache shard summary {shard['name']}.json of {cache_dir} is "
-                             f"unreadable ({e}); {rebuild_hint(cache_dir, source)}") from None
+            raise _damaged(f"cache shard summary {shard['name']}.json of {cache_dir} is "
+                           f"unreadable ({e})", cache_dir, source) from None
         if len(summary["records"]) != shard["count"]:
-            raise CacheError(f"shard {shard['name']} of {cache_dir} holds "
-                             f"{len(summary['records'])} records, manifest says {shard['count']}; "
-                             f"{rebuild_hint(cache_dir, source)}")
+            raise _damaged(f"shard {shard['name']} of {cache_dir} holds {len(summary['records'])} "
+                           f"records, manifest says {shard['count']}", cache_dir, source)
         path = Path(cache_dir) / (shard["name"] + SHARD_EXT)
         problem = shard_problem(path, shard["count"], summary.get("bytes"))
         if problem:
-            raise CacheError(f"cache shard {path}: {problem}; {rebuild_hint(cache_dir, source)}")
+            raise _damaged(f"cache shard {path}: {problem}", cache_dir, source)
         bucket = tuple(shard["bucket"])
         shapes[bucket] = tuple(shard["latent_shape"])
         files.append(str(path))
@@ -293,14 +306,12 @@ def read_index(cache_dir: str, manifest: dict[str, Any] | None = None) -> CacheI
     return CacheIndex(files, counts, np.asarray(bucket_ids, np.int32), buckets, latent_shapes, keys, tags)
 
 
-def _hint_for(cache_dir: Path) -> str:
-    """rebuild_hint with the cache's inputs when its manifest says them (--verify: the shard
-    has its recorded size and count, so only reading it back finds the damage)."""
+def _source_of(cache_dir: Path) -> str | None:
+    """The inputs a cache was built from, as its manifest says them."""
     try:
-        source = read_json(cache_dir / MANIFEST)["settings"]["source"]
+        return read_json(cache_dir / MANIFEST)["settings"]["source"]
     except (OSError, ValueError, KeyError, TypeError):
-        source = None
-    return rebuild_hint(str(cache_dir), source, verify=True)
+        return None
 
 
 class RecordSource:
@@ -333,8 +344,11 @@ class RecordSource:
             return self._readers[shard].read([record_id - start])[0]
         except (RuntimeError, OSError) as e:  # Riegeli: "chunk hash mismatch", "open() failed"
             path = self._files[shard]
-            raise CacheError(f"cache shard {path}: record {record_id - start} is unreadable "
-                             f"({e}); {_hint_for(Path(path).parent)}") from e
+            # --verify: the shard has its recorded size and count, so only reading it back
+            # finds the damage
+            folder = Path(path).parent
+            raise _damaged(f"cache shard {path}: record {record_id - start} is unreadable ({e})",
+                           folder, _source_of(folder), verify=True) from e
 
     def close(self) -> None:
         for r in self._readers:

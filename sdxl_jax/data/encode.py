@@ -1,4 +1,5 @@
-"""The cache builder's default encoder: the config's VAE, jitted over this host's devices.
+"""The cache builder's default encoder: the run's VAE (sdxl_jax.run_inputs resolves it), jitted
+over this host's devices.
 
 Each process encodes its own images on its local devices only (no cross-host traffic), the
 batch split over a one-axis mesh of `jax.local_devices()`.
@@ -13,23 +14,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sdxl_jax.models.vae_parts import params_fingerprint
 
 
-def _vae_params(config):
-    """The VAE the trainer uses: `weights.frozen_params`, the one source of frozen weights
-    (model.pretrained, else the seeded random init)."""
-    from sdxl_jax.models.weights import frozen_params
-    return frozen_params(config, components=("vae",))["vae"]
+def vae_fingerprint(params, preset: str, dtype: str) -> str:
+    """What a cache's latents depend on of its VAE (the manifest's `vae_fingerprint`): every
+    weight, the preset and the compute dtype. The trainer compares it with its own VAE's."""
+    return params_fingerprint(params, {"preset": preset, "dtype": dtype, "fn": "vae_encode/mean"})
 
 
-def make_vae_encoder(config, params=None):
-    """(encode_fn, fingerprint) for build_cache: images (B, H, W, 3) in [−1, 1] → (mean, std).
+def make_vae_encoder(config, params):
+    """(encode_fn, fingerprint) for build_cache: images (B, H, W, 3) in [−1, 1] → (mean, std),
+    with the VAE `params` the run resolved (sdxl_jax.run_inputs: model.vae_workdir, the demo's
+    VAE, model.pretrained or the seeded init).
 
     B is padded to a multiple of the local device count (the padding is cut off again).
     """
     from sdxl_jax import models
     vae = models.build_vae(config.model.preset, config.model.dtype)
-    params = _vae_params(config) if params is None else params
-    fingerprint = params_fingerprint(params, {"preset": config.model.preset,
-                                              "dtype": config.model.dtype, "fn": "vae_encode/mean"})
+    fingerprint = vae_fingerprint(params, config.model.preset, config.model.dtype)
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("batch",))
     rows, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())

@@ -17,6 +17,7 @@ would silently drop the repeats.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -102,14 +103,19 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "source"
 
 
+def _path_hash(path: str) -> str:
+    return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+
+
 def resolve_sources(cfg, workdir: str | None = None) -> list[DataSource]:
     """The run's sources from `data.sources` (config.validate checked each entry), or from a
     kohya-layout `data.images_dir`; [] means the single source of data.cache_dir / images_dir /
     manifest / tfds exactly as before sources existed.
 
-    A source without its own cache_dir gets `<data.cache_dir or <workdir>/cache>/<name>`. Names
-    come from the entry, else from the folder (kohya's N_ stripped) or file; a derived name
-    that is already taken gets a suffix "-2", "-3", …"""
+    A source without its own cache_dir gets `<data.cache_dir or <workdir>/cache>/<name>`, or with
+    a derived name `<derived>-<hash>`, the hash of its input's absolute path: two folders both
+    named `cat` never swap caches when listed in another order. Names come from the entry, else from the folder (kohya's N_
+    stripped) or file; a derived name that is already taken gets a suffix "-2", "-3", …"""
     d = cfg.data
     root = d.cache_dir or (os.path.join(workdir, "cache") if workdir else "")
     entries = [_entry(s) for s in d.get("sources", ()) or ()]
@@ -152,6 +158,8 @@ def resolve_sources(cfg, workdir: str | None = None) -> list[DataSource]:
         raise ValueError(f"data.sources: two sources are named {dup[0]!r}; names must be distinct")
     out = []
     for name, derived, f in raw:
+        # an explicit name is unique; a derived one may be taken, and its "-2" follows the order
+        folder = name or f"{derived}-{_path_hash(f['images_dir'] or f['manifest'])}"
         if not name:
             name, k = derived, 1
             while name in taken:
@@ -159,7 +167,7 @@ def resolve_sources(cfg, workdir: str | None = None) -> list[DataSource]:
                 name = f"{derived}-{k}"
             taken.add(name)
         own = f.pop("cache_dir", "")
-        out.append(DataSource(name=name, cache_dir=own or os.path.join(root or "cache", name), **f))
+        out.append(DataSource(name=name, cache_dir=own or os.path.join(root or "cache", folder), **f))
     return out
 
 

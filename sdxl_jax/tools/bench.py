@@ -123,6 +123,7 @@ class TrainSetup:
         from sdxl_jax import models, parallel
         from sdxl_jax.config import load_config
         from sdxl_jax.models.remat import build_unet_variant
+        from sdxl_jax.run_inputs import resolve_weights
         from sdxl_jax.train.program import build_program
         from sdxl_jax.train.unet_task import program_spec
 
@@ -141,8 +142,8 @@ class TrainSetup:
         self.tx = self.spec.tx
         self.state_sh, self.frozen_sh = self.program.shardings, self.program.frozen_shardings
         self.state = self.program.init_state(params, jax.random.PRNGKey(0))
-        frozen = {k: models.init_params(k, "tiny", 1) for k in ("text_l", "text_g")}
-        self.frozen = jax.device_put(frozen, self.frozen_sh)
+        # the frozen text encoders as the trainer loads them (run_inputs: the seeded tiny ones)
+        self.frozen = resolve_weights(cfg).load(("text_l", "text_g"), self.frozen_sh)
         self.step_fn = self.program.update
         self.host_batch = host_batch(batch, latent, int(cfg.text.max_chunks))
 

@@ -60,18 +60,18 @@ def main(argv=None) -> int:
     from sdxl_jax import diffusion
     from sdxl_jax.sample import SampleSettings, load_run, sampler_for_run
     from sdxl_jax.train.common import demo_images
-    from sdxl_jax.train.demo_vae import find_or_train
     from sdxl_jax.train.loop import train
-    from sdxl_jax.train.unet_task import ensure_cache
+    from sdxl_jax.train.prepare import demo_vae_run, prepare_run
 
     cache = os.path.join(a.workdir, "cache")
     rows, pictures = [], []
     for mode in ("rescale", "off"):
         cfg = run_config(mode, a.steps, cache, a.vae_steps)
-        cfg.model.vae_workdir = os.path.abspath(find_or_train(cfg, a.workdir, demo_images(cfg, a.workdir)))
+        images = demo_images(cfg, a.workdir)
+        cfg.model.vae_workdir = os.path.abspath(demo_vae_run(cfg, a.workdir, images))
+        cfg.data.images_dir = images  # the shared cache is built from them once
         wd = os.path.join(a.workdir, f"ztsnr_{mode}")
-        ensure_cache(cfg, cache, a.workdir)
-        train(cfg, wd)
+        train(cfg, wd, prepare_run(cfg, wd))
         run_cfg, params, meta = load_run(wd, weights="ema")
         sampler = sampler_for_run(run_cfg, meta)
         s = SampleSettings.from_config(run_cfg["sample"])

@@ -3,9 +3,10 @@ decoder, L1 + MSE + KL) before the latent cache is built, so the demo's previews
 pictures and its latents carry the images' colours (a random VAE maps a black and a white image
 to nearly the same latent: no "completely black" experiment is possible with it).
 
-Reused, not retrained, when a finished one with the same settings exists under the workdir or in
-the user cache (`$SDXL_JAX_CACHE_DIR`, else `~/.cache/sdxl_jax`): the settings' hash names its
-directory and a `demo_vae.json` marker is written only once its last checkpoint is saved.
+Trained by the prepare phase (train/prepare.py), and reused, not retrained, when a finished one
+with the same settings exists under the workdir or in the user cache (`$SDXL_JAX_CACHE_DIR`,
+else `~/.cache/sdxl_jax`): the settings' hash names its directory and a `demo_vae.json` marker
+is written only once its last checkpoint is saved.
 
 Recipe (measured by training it here, held-out PSNR on unseen demo images at 256²): batch 16 of
 32² crops from images fit to 128², Adam lr 5e-3 after 20 warm-up steps, constant, then a cosine
@@ -55,39 +56,35 @@ def settings_hash(vcfg, demo_size: int) -> str:
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
-def finished(path: str, digest: str) -> bool:
+def locations(unet_cfg, workdir: str | None) -> tuple[str, str]:
+    """(under the workdir, in the user cache): where a demo VAE of these settings is kept; the
+    settings' hash names the directory (without a workdir: the user cache's, twice)."""
+    digest = settings_hash(vae_config(unet_cfg, ""), unet_cfg.data.demo_size)
+    shared = os.path.join(user_cache_dir(), "demo_vae", digest)
+    return (os.path.join(workdir, "demo_vae", digest) if workdir else shared), shared
+
+
+def finished(path: str) -> bool:
+    """A demo VAE whose last checkpoint is saved (its marker names the settings of its folder)."""
     try:
         with open(os.path.join(path, MARKER)) as f:
-            return json.load(f).get("settings") == digest
+            return json.load(f).get("settings") == os.path.basename(os.path.normpath(path))
     except (OSError, ValueError):
         return False
 
 
-def find_or_train(unet_cfg, workdir: str, images_dir: str) -> str:
-    """The run directory of a demo VAE trained with these settings (trained here if none is)."""
-    from sdxl_jax.train.loop import train
-    if int(unet_cfg.data.demo_vae_steps) <= 0:
-        raise ValueError(f"data.demo_vae_steps={unet_cfg.data.demo_vae_steps}: the demo VAE needs "
-                         "training steps (800 reach 22 dB held-out PSNR)")
-    vcfg = vae_config(unet_cfg, images_dir)
-    digest = settings_hash(vcfg, unet_cfg.data.demo_size)
-    local = os.path.join(workdir, "demo_vae", digest)
-    shared = os.path.join(user_cache_dir(), "demo_vae", digest)
-    for path in (local, shared):
-        if finished(path, digest):
-            log.info("reusing the demo VAE in %s (same settings %s)", path, digest)
-            return path
-    log.info("training the demo VAE from scratch (%d steps) in %s", vcfg.train.steps, local)
-    summary = train(vcfg, local)
-    if summary["end_step"] < vcfg.train.steps:  # preempted: the next run resumes it
-        raise InterruptedError(f"the demo VAE stopped at step {summary['end_step']}; rerun to resume")
-    with open(os.path.join(local, MARKER), "w") as f:
-        json.dump({"settings": digest, "steps": int(vcfg.train.steps)}, f)
-    try:  # best effort: other demo workdirs on this machine reuse it
-        if not finished(shared, digest):
+def mark_finished(path: str, steps: int) -> None:
+    with open(os.path.join(path, MARKER), "w") as f:
+        json.dump({"settings": os.path.basename(os.path.normpath(path)), "steps": int(steps)}, f)
+
+
+def share(local: str) -> None:
+    """Best effort: keep a finished demo VAE in the user cache for other demo workdirs."""
+    shared = os.path.join(user_cache_dir(), "demo_vae", os.path.basename(os.path.normpath(local)))
+    try:
+        if not finished(shared):
             tmp = shared + f".tmp{os.getpid()}"
             shutil.copytree(local, tmp, ignore=shutil.ignore_patterns("tb", "jax_cache", "demo_data", "*.lock"))
             os.replace(tmp, shared)
     except OSError as e:
         log.warning("could not keep the demo VAE in the user cache %s: %s", shared, e)
-    return local

@@ -1,9 +1,10 @@
 """The one training loop: every task (the UNet, the VAE decoder, …) runs through `train`.
 
-A task is plain data and functions (`Task` below), built by a short module per task
-(`unet_task.py`, `vae_task.py`) from the config: its compiled program, its frozen weights, how
-to make a fresh state, its data stages, its evaluation, its log line and its metadata. The loop
-owns what every run shares: resume from the latest good checkpoint, the step loop with its
+A task is plain data and functions (`Task`, train/task.py), built by a short module per task
+(`unet_task.py`, `vae_task.py`) from the config and the run's resolved inputs (run_inputs.py):
+its compiled program, its frozen weights, how to make a fresh state, its data stages, its
+evaluation, its log line and its metadata. The loop owns what every run shares: the check of
+the caches against the run, resume from the latest good checkpoint, the step loop with its
 one-step-late metric read and non-finite stop, checkpoint / evaluation / profile / preemption
 cadence, and clean-up on any exit.
 
@@ -14,85 +15,73 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import parallel
+from sdxl_jax.data.cache import CacheError
+from sdxl_jax.run_inputs import Command, RunInputs, check_caches, repaired, resolve_run
+from sdxl_jax.train import unet_task, vae_task
 from sdxl_jax.train.common import MetricMeans, MetricReader, Preemption, config_json, progress
 from sdxl_jax.train.common import use_compilation_cache
 from sdxl_jax.train.program import Program
-from sdxl_jax.train.state import TrainState
+from sdxl_jax.train.task import Stage, Task  # noqa: F401  (the loop's contract with its tasks)
 from sdxl_jax.train.writer import open_writer
 from sdxl_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger("sdxl_jax.train")
 
-# cfg.task → the module whose `build(cfg, workdir, cleanup) -> Task` makes the task
-TASKS = {"unet": "sdxl_jax.train.unet_task", "vae_decoder": "sdxl_jax.train.vae_task"}
+# cfg.task → the module whose `build(cfg, inputs, plan, cleanup) -> Task` makes the task
+TASKS = {"unet": unet_task, "vae_decoder": vae_task}
 
 
-@dataclass(frozen=True)
-class Stage:
-    index: int
-    end_step: int  # cumulative: the stage runs while state.step < end_step
-    batches: Callable[[], Any]  # opens its iterator of local numpy batches (get/set_state, close)
-
-
-def _nothing(*_):
-    return None
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    program: Program
-    stages: tuple[Stage, ...]
-    frozen: Any  # the frozen trees the step reads, placed on the mesh
-    fresh_state: Callable[[], TrainState]  # a new run's state, placed (pretrained or seeded)
-    lr_schedule: Callable[[int], float]
-    log_line: Callable[[int, dict], str]  # (step, pooled metrics) → one log line
-    metadata: dict  # saved with every checkpoint (sample/export/open_run read it)
-    lr_hint: str = "train.learning_rate"  # what the non-finite stop advises lowering
-    check_restored: Callable[[ckpt_lib.Restored], None] = _nothing  # refuse a foreign checkpoint
-    evaluate: Callable[[int, TrainState, Any], dict | None] | None = None  # (step, state, writer)
-    eval_every: int = 0
-    eval_at_start: bool = False  # evaluate a fresh run at step 0 (the "before" figure)
-    bin_labels: dict = field(default_factory=dict)  # MetricMeans: labels of pooled array metrics
-    summary: dict = field(default_factory=dict)  # extra entries of the returned summary
-
-
-def build_task(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
+def build_task(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextlib.ExitStack) -> Task:
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r}: must be one of {tuple(TASKS)}")
-    return importlib.import_module(TASKS[cfg.task]).build(cfg, workdir, cleanup)
+    return TASKS[cfg.task].build(cfg, inputs, plan, cleanup)
 
 
-def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | None = None,
+def resolve_inputs(cfg, workdir: str) -> RunInputs:
+    """The run's inputs when the caller resolved none; what is missing is prepare_run's to make."""
+    inputs = resolve_run(cfg, workdir)
+    if inputs.missing:
+        raise FileNotFoundError(f"{inputs.missing[0]} is missing: train.py makes it before training "
+                                "(sdxl_jax.train.prepare.prepare_run)")
+    return inputs
+
+
+def train(cfg, workdir: str, inputs: RunInputs | None = None, command: Command | None = None,
+          max_steps: int | None = None, batch_log: list | None = None,
           metrics_log: list | None = None) -> dict:
     """Train (or resume) the task `cfg.task` in `workdir`; returns a summary (with the state).
 
+    `inputs`: the run's resolved inputs (sdxl_jax.run_inputs; train.py prepares them first);
+    `command`: how the trainer was started, for the exact repair command of a cache error.
     `max_steps` stops early after a checkpoint (as a preemption would); `batch_log`, when given,
     collects (step, digest) of every local batch fed (tests compare data order across resumes);
     `metrics_log` collects (step, host metrics) of every step."""
     os.makedirs(workdir, exist_ok=True)
     use_compilation_cache(workdir)  # persistent: a resumed run skips compiling
+    inputs = inputs if inputs is not None else resolve_inputs(cfg, workdir)
     with contextlib.ExitStack() as cleanup:  # closes whatever was opened, on any exit
         # one trainer per workdir: a second one exits at once naming the first (a killed
         # process's lock dies with it)
         cleanup.enter_context(WorkdirLock(workdir, jax.process_index()))
-        task = build_task(cfg, workdir, cleanup)
-        return run(task, cfg, workdir, cleanup, max_steps, batch_log, metrics_log)
+        try:
+            check_caches(cfg, inputs, command)  # before anything compiles
+            task = build_task(cfg, inputs, parallel.ShardingPlan.from_config(cfg.mesh), cleanup)
+            return run(task, cfg, workdir, cleanup, max_steps, batch_log, metrics_log,
+                       inputs.saved_config(cfg))
+        except CacheError as e:
+            raise repaired(e, inputs, command) from None
 
 
 def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=None,
-        batch_log=None, metrics_log=None) -> dict:
+        batch_log=None, metrics_log=None, saved_config: dict | None = None) -> dict:
     prog, is_main = task.program, jax.process_index() == 0
 
     # ---- state: fresh or restored ---------------------------------------------------------------
@@ -110,9 +99,10 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
         state, data_state = task.fresh_state(), None
 
     # ---- logging --------------------------------------------------------------------------------
+    cfg_json = saved_config or config_json(cfg)  # what checkpoints keep (the resolved VAE in it)
     writer = None  # TensorBoard, and W&B when log.wandb_project is set (train/writer.py)
     if is_main:  # finished on any exit, a W&B run marked failed on an error
-        writer = cleanup.enter_context(open_writer(cfg, workdir, config_json(cfg)))
+        writer = cleanup.enter_context(open_writer(cfg, workdir, cfg_json))
     preempt = Preemption()
     cleanup.callback(preempt.restore)
     profile = _parse_profile(cfg.profile_steps)
@@ -128,7 +118,6 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
     read_metrics = MetricReader(cfg, MetricMeans(task.bin_labels), ckpt, task.lr_schedule, writer,
                                 pbar, is_main, stop_at, summary["losses"], task.log_line,
                                 task.lr_hint, metrics_log)
-    cfg_json = config_json(cfg)
     prog.step.on_compile = lambda compiled: _check_fit(compiled, prog, cfg)
 
     def evaluate(s):

@@ -28,14 +28,14 @@ import numpy as np
 import optax
 
 from sdxl_jax import parallel
-from sdxl_jax.config_sections import offline_preset
 from sdxl_jax.models.vae_parts import encoder_fingerprint, merge_vae_params, split_vae_params
 from sdxl_jax.train import optim
 from sdxl_jax.train import vae_losses as L
-from sdxl_jax.train.common import config_json, demo_images, package_versions
-from sdxl_jax.train.loop import Stage, Task
+from sdxl_jax.run_inputs import RunInputs
+from sdxl_jax.train.common import config_json, package_versions
 from sdxl_jax.train.program import ProgramSpec, cached_program
 from sdxl_jax.train.state import init_state
+from sdxl_jax.train.task import Stage, Task
 from sdxl_jax.train.update import per_sample_keys
 
 log = logging.getLogger("sdxl_jax.train")
@@ -231,16 +231,6 @@ class ReconEvaluator:
 # ---------------------------------------------------------------------------------------------
 # The task
 # ---------------------------------------------------------------------------------------------
-def _data_source(cfg, workdir: str) -> tuple[str | None, str | None]:
-    """(images_dir, manifest); with neither given the tiny preset uses the generated demo set."""
-    if cfg.data.images_dir or cfg.data.manifest:
-        return cfg.data.images_dir or None, cfg.data.manifest or None
-    if not offline_preset(cfg.model.preset):
-        raise FileNotFoundError("no training images: set data.images_dir (a folder of images) or "
-                                "data.manifest (JSONL of {\"path\", \"caption\"})")
-    return demo_images(cfg, workdir), None
-
-
 def _log_line(s: int, o: dict) -> str:
     kl = f" | kl {o['kl']:.2f}" if "kl" in o else ""
     return (f"step {s} | loss {o.get('loss', np.nan):.4f} | l1 {o.get('l1', np.nan):.4f} | "
@@ -249,12 +239,12 @@ def _log_line(s: int, o: dict) -> str:
             f"lr {o['lr']:.2e} | {o['steps_per_s']:.2f} steps/s | skipped {o['nonfinite']}")
 
 
-def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
+def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextlib.ExitStack) -> Task:
+    """The task from the config and the run's resolved inputs (its images, its source VAE)."""
     from sdxl_jax import models
     from sdxl_jax.data.pixels import make_pixel_iterator, square_images
-    from sdxl_jax.models.weights import frozen_params
 
-    plan = parallel.ShardingPlan.from_config(cfg.mesh)
+    workdir = inputs.workdir
     preset, total_steps = cfg.model.preset, int(cfg.train.steps)
     perceptual = L.load_perceptual(cfg.loss.perceptual_weights) if cfg.loss.perceptual_weights else None
     shapes = jax.tree.map(lambda x: [list(x.shape), str(x.dtype)], perceptual)
@@ -263,14 +253,14 @@ def build(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     train_encoder = bool(cfg.model.train_encoder)
 
     vae_sh = plan.shardings(models.abstract_params("vae", preset))
-    source = frozen_params(cfg, {"vae": vae_sh}, components=("vae",))["vae"]
+    source = inputs.weights.load(("vae",), {"vae": vae_sh})["vae"]
     encoder, decoder = split_vae_params(source)
     frozen = {} if train_encoder else {"encoder": encoder}
     if perceptual is not None:
         frozen["perceptual"] = jax.device_put(perceptual, program.frozen_shardings["perceptual"])
     fingerprint = None if train_encoder else encoder_fingerprint(encoder)
 
-    images_dir, manifest = _data_source(cfg, workdir)
+    images_dir, manifest = inputs.images_dir or None, inputs.manifest or None
     multiple = program.micro_rows or plan.data_parallel
 
     def open_pixels():
