@@ -54,20 +54,10 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _meminfo_bytes(key: str) -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a /proc file, in bytes (None off Linux)."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
@@ -80,7 +70,7 @@ class _PeakMemory:
     """Growth of this process's peak resident memory over a block (Linux; None elsewhere)."""
 
     def __enter__(self):
-        self.before = _status_bytes("VmRSS")
+        self.before = _proc_bytes("/proc/self/status", "VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM (the peak) to the current resident size
@@ -89,13 +79,13 @@ class _PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        peak = _status_bytes("VmHWM")
+        peak = _proc_bytes("/proc/self/status", "VmHWM")
         self.growth = None if self.before is None or peak is None else max(peak - self.before, 0)
 
 
 def memory_bound(footprint: int | None) -> int | None:
     """How many compiles of `footprint` bytes the host's available memory holds (≥ 1)."""
-    available = _meminfo_bytes("MemAvailable")
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
     if not footprint or available is None:
         return None
     return max(1, available // footprint)
