@@ -5,7 +5,8 @@ A task is plain data and functions (`Task` below), built by a short module per t
 to make a fresh state, its data stages, its evaluation, its log line and its metadata. The loop
 owns what every run shares: resume from the latest good checkpoint, the step loop with its
 one-step-late metric read and non-finite stop, checkpoint / evaluation / profile / preemption
-cadence, and clean-up on any exit.
+cadence, every batch shape compiled ahead in a pool of threads (compile_ahead.py), and clean-up
+on any exit.
 
 The host never waits on the device inside the loop except to read the *previous* step's
 metrics (so the device is already busy with the next step) and at checkpoint boundaries.
