@@ -114,6 +114,10 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # against the device: "auto" (the device's limit; nothing on CPU), "off", or a limit such as
     # "16GiB". A step that cannot fit stops with the bytes needed and the settings that would fit.
     tr.fit_check = "auto"
+    # Every batch shape the data plan will use (bucket × stage) is compiled before or while
+    # training, in this many threads (XLA compiles release the GIL); 0 = one per core, at most
+    # one per shape and at most as many as host memory holds (one compile's measured footprint).
+    tr.compile_workers = 0
 
     # ---- EMA of the trained weights (METHODS §12); export and samples use it ------------------
     c.ema = ema_section(decay=0.999 if tiny else 0.9999)

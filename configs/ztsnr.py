@@ -171,6 +171,10 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # against the device: "auto" (the device's limit; nothing on CPU), "off", or a limit such as
     # "16GiB". A step that cannot fit stops with the bytes needed and the settings that would fit.
     tr.fit_check = "auto"
+    # Every batch shape the data plan will use (bucket × stage) is compiled before or while
+    # training, in this many threads (XLA compiles release the GIL); 0 = one per core, at most
+    # one per shape and at most as many as host memory holds (one compile's measured footprint).
+    tr.compile_workers = 0
     # Progressive stages: a tuple of dicts {"steps": N, "cache_dir": DIR, "global_batch_size": B}
     # run in order; empty = one stage from train.steps / data.cache_dir.
     tr.stages = ()

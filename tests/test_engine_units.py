@@ -102,6 +102,7 @@ def test_optimizers_build_and_update_once_per_call(name):
     ("data.images_dir", "/nonexistent/images", "data.images_dir"),
     ("data.buckets.min_side", 4096, "data.buckets"),
     ("model.ff_chunks", 0, "model.ff_chunks"),
+    ("train.compile_workers", -1, "train.compile_workers"),
 ])
 def test_config_validation_names_the_key(key, value, msg):
     cfg = config("ztsnr:tiny")

@@ -6,7 +6,8 @@ its compiled program, its frozen weights, how to make a fresh state, its data st
 evaluation, its log line and its metadata. The loop owns what every run shares: the check of
 the caches against the run, resume from the latest good checkpoint, the step loop with its
 one-step-late metric read and non-finite stop, checkpoint / evaluation / profile / preemption
-cadence, and clean-up on any exit.
+cadence, every batch shape compiled ahead in a pool of threads (compile_ahead.py), and clean-up
+on any exit.
 
 The host never waits on the device inside the loop except to read the *previous* step's
 metrics (so the device is already busy with the next step) and at checkpoint boundaries.
@@ -28,6 +29,7 @@ from sdxl_jax.run_inputs import Command, RunInputs, check_caches, repaired, reso
 from sdxl_jax.train import unet_task, vae_task
 from sdxl_jax.train.common import MetricMeans, MetricReader, Preemption, config_json, progress
 from sdxl_jax.train.common import use_compilation_cache
+from sdxl_jax.train.compile_ahead import Ahead
 from sdxl_jax.train.program import Program
 from sdxl_jax.train.task import Stage, Task  # noqa: F401  (the loop's contract with its tasks)
 from sdxl_jax.train.writer import open_writer
@@ -92,11 +94,19 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
     restored = ckpt.restore_latest_good(abstract) if ckpt.steps else None
     if restored is not None:
         task.check_restored(restored)
-        state, data_state = restored.state, restored.data_state
-        check_stage_position(task.stages, restored.step, data_state)
+        check_stage_position(task.stages, restored.step, restored.data_state)
         log.info("resumed from step %d in %s", restored.step, ckpt.directory)
-    else:
-        state, data_state = task.fresh_state(), None
+    step = restored.step if restored is not None else 0
+    data_state = restored.data_state if restored is not None else None
+    total = task.stages[-1].end_step
+    stop_at = total if max_steps is None else min(total, max_steps)
+
+    # ---- every batch shape compiled ahead, in the background (train/compile_pool.py) -----------
+    # started before a fresh run's weights load, so the first compile overlaps them
+    ahead = Ahead(task, cfg, step, stop_at, data_state, cleanup)
+    data_state = None if ahead.opened is not None else data_state
+    state = restored.state if restored is not None else task.fresh_state()
+    ahead.check_all_fit()
 
     # ---- logging --------------------------------------------------------------------------------
     cfg_json = saved_config or config_json(cfg)  # what checkpoints keep (the resolved VAE in it)
@@ -107,9 +117,6 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
     cleanup.callback(preempt.restore)
     profile = _parse_profile(cfg.profile_steps)
 
-    step = int(jax.device_get(state.step))
-    total = task.stages[-1].end_step
-    stop_at = total if max_steps is None else min(total, max_steps)
     summary = {"start_step": step, "losses": [], "eval": {}, "compiles": 0, "stopped": "done",
                **task.summary}
     pbar = progress(is_main, step, stop_at)
@@ -118,7 +125,6 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
     read_metrics = MetricReader(cfg, MetricMeans(task.bin_labels), ckpt, task.lr_schedule, writer,
                                 pbar, is_main, stop_at, summary["losses"], task.log_line,
                                 task.lr_hint, metrics_log)
-    prog.step.on_compile = lambda compiled: _check_fit(compiled, prog, cfg)
 
     def evaluate(s):
         result = task.evaluate(s, state, writer)
@@ -129,14 +135,17 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
     if task.evaluate is not None and task.eval_at_start and step == 0:
         evaluate(0)
     pending = None  # (step, metrics) of the last dispatched step, read one step late
+    ended = False
     try:
         for stage in task.stages:
             if step >= min(stage.end_step, stop_at):
                 continue
-            it = stage.batches()
+            it, peeked = ahead.take(stage)
             try:
-                if data_state is not None and data_state.get("stage", 0) == stage.index:
-                    it.set_state(data_state["iterator"])
+                if it is None:
+                    it = stage.batches()
+                    if data_state is not None and data_state.get("stage", 0) == stage.index:
+                        it.set_state(data_state["iterator"])
                 data_state = None
 
                 def save(s):
@@ -146,10 +155,12 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
                 while step < min(stage.end_step, stop_at):
                     if profile and step == profile[0]:
                         jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                    local = next(it)
+                    local, peeked = (next(it) if peeked is None else peeked), None
                     if batch_log is not None:
                         batch_log.append((step + 1, batch_digest(local)))
-                    state, metrics = prog.step(state, task.frozen, parallel.global_batch(local, prog.plan.mesh))
+                    batch = parallel.global_batch(local, prog.plan.mesh)
+                    ahead.wait(batch, step + 1)
+                    state, metrics = prog.step(state, task.frozen, batch)
                     step += 1
                     if pending is not None:
                         read_metrics(*pending)
@@ -173,8 +184,10 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
                 break
         if pending is not None:
             read_metrics(*pending)
+        ended = summary["stopped"] == "done"
     finally:
         summary["compiles"] = prog.step.compile_count
+        summary.update(ahead.finish(is_main, finish_running=ended))
     summary.update(end_step=step, state=state)
     return summary
 
@@ -209,15 +222,6 @@ def check_stage_position(stages, step: int, data_state: dict | None) -> None:
         f"{began}, but with this config step {step} falls in train.stages[{now.index}] (steps "
         f"{stage_start(stages, now)}–{now.end_step}): a stage's steps changed since the "
         "checkpoint. Restore the stage lengths it was trained with, or start a new workdir")
-
-
-def _check_fit(compiled, prog: Program, cfg) -> None:
-    """Before the first step of each batch shape: stop with one message (bytes needed,
-    available, settings that would fit) instead of an allocator crash mid-run."""
-    from sdxl_jax.fit import check_step_fit
-    report = check_step_fit(compiled, list(prog.plan.mesh.devices.flat), cfg, dict(prog.plan.mesh.shape))
-    if report is not None and jax.process_index() == 0:
-        log.info("%s", report.line())
 
 
 def batch_digest(batch: dict) -> str:

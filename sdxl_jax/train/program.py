@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -113,7 +114,9 @@ class CompiledStep:
     """AOT-compiles the step once per batch-shape signature (one per bucket) and counts it.
 
     Shardings are explicit and the state is donated. The cache key is the batch's shapes, so
-    a new bucket compiles exactly once and nothing else can trigger a recompile.
+    a new bucket compiles exactly once and nothing else can trigger a recompile. Thread-safe:
+    the compile pool (train/compile_pool.py) compiles several signatures at once while the
+    loop runs another; a signature asked for twice at once compiles once.
     """
 
     def __init__(self, step_fn, state_shardings, frozen_shardings, mesh):
@@ -125,7 +128,9 @@ class CompiledStep:
             donate_argnums=(0,))
         self._compiled: dict = {}
         self._lowered: dict = {}  # lowered, not yet compiled: by batch signature
-        self.on_compile = None  # called with each new executable (the trainer's fit check)
+        self._locks: dict = {}  # one per signature: its lowering and compile happen once
+        self._lock = threading.Lock()  # guards _locks
+        self._run: set = set()  # signatures this process has executed (the barrier per shape)
 
     @staticmethod
     def signature(batch) -> tuple:
@@ -135,29 +140,44 @@ class CompiledStep:
     def compile_count(self) -> int:
         return len(self._compiled)
 
+    def _lock_of(self, key) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(key, threading.Lock())
+
     def lower(self, state, frozen, batch):
         """The step lowered for this batch signature, kept until `compiled_for` compiles it: a
         tool that reads the lowered cost analysis first does not trace the step twice."""
         key = self.signature(batch)
-        if key not in self._lowered:
-            self._lowered[key] = self._jitted.lower(state, frozen, batch)
-        return self._lowered[key]
+        with self._lock_of(key):
+            if key not in self._lowered:
+                self._lowered[key] = self._jitted.lower(state, frozen, batch)
+            return self._lowered[key]
+
+    def is_compiled(self, batch) -> bool:
+        return self.signature(batch) in self._compiled
 
     def compiled_for(self, state, frozen, batch):
         """The executable for this batch signature (arrays or ShapeDtypeStructs), compiled once."""
         key = self.signature(batch)
         fn = self._compiled.get(key)
         if fn is None:
-            lowered = self.lower(state, frozen, batch)
-            fn = self._compiled[key] = _compile_once(lowered, self._mesh)
-            del self._lowered[key]
-            parallel.host_barrier(f"compiled_step_{len(self._compiled)}")
-            if self.on_compile is not None:
-                self.on_compile(fn)
+            with self._lock_of(key):
+                fn = self._compiled.get(key)
+                if fn is None:
+                    lowered = self._lowered.pop(key, None) or self._jitted.lower(state, frozen, batch)
+                    fn = self._compiled[key] = _compile_once(lowered, self._mesh)
         return fn
 
     def __call__(self, state, frozen, batch):
-        return self.compiled_for(state, frozen, batch)(state, frozen, batch)
+        fn = self.compiled_for(state, frozen, batch)
+        key = self.signature(batch)
+        if key not in self._run:
+            # every host reaches a shape's first step at the same step (the data plan is the
+            # same on all), so the n-th new shape is the same barrier everywhere, whichever
+            # host or thread compiled it and in what order
+            self._run.add(key)
+            parallel.host_barrier(f"compiled_step_{len(self._run)}")
+        return fn(state, frozen, batch)
 
 
 # Executables compiled in this process, by (program text, devices): a second `train()` in the
@@ -171,6 +191,6 @@ def _compile_once(lowered, mesh):
     key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(),
            tuple(int(d.id) for d in mesh.devices.flat))
     compiled = _EXECUTABLES.get(key)
-    if compiled is None:
-        compiled = _EXECUTABLES[key] = lowered.compile()
+    if compiled is None:  # (two threads compiling the same text at once both keep one: harmless)
+        compiled = _EXECUTABLES.setdefault(key, lowered.compile())
     return compiled
