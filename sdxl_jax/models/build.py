@@ -19,6 +19,8 @@ import numpy as np
 from sdxl_jax.models import attention as attention_kernels
 from sdxl_jax.models import hf, presets
 from sdxl_jax.models import unet as unet_module
+from sdxl_jax.models.autoencoder import autoencoder
+from sdxl_jax.models.clip import text_tower
 from sdxl_jax.models.tokenizer import SEQ_LEN
 
 MODEL_NAMES = ("unet", "vae", "text_l", "text_g")
@@ -84,18 +86,16 @@ def _log_vae_dtype_once() -> None:
 
 
 def build_vae(preset: str, dtype="bfloat16"):
-    """FlaxAutoencoderKL; compute in `vae_dtype(dtype)` (never float16), params float32."""
-    return hf.FlaxAutoencoderKL(**presets.vae_config(preset), dtype=vae_dtype(dtype))
+    """The VAE (`autoencoder.AutoencoderKL`); compute in `vae_dtype(dtype)` (never float16),
+    params float32."""
+    return autoencoder(presets.vae_config(preset), vae_dtype(dtype))
 
 
 def build_text_encoders(preset: str, dtype="bfloat16"):
-    """(CLIP-L text module, bigG text module with projection): the bare linen modules of
-    transformers' Flax CLIP, so parameters live outside them like every other model here."""
+    """(CLIP-L text tower, bigG text tower with projection): `clip.CLIPTextTower` modules."""
     dt = _dtype(dtype)
-    config_l = hf.CLIPTextConfig(**presets.text_l_config(preset))
-    config_g = hf.CLIPTextConfig(**presets.text_g_config(preset))
-    return (hf.FlaxCLIPTextModel.module_class(config=config_l, dtype=dt),
-            hf.FlaxCLIPTextModelWithProjection.module_class(config=config_g, dtype=dt))
+    return (text_tower(presets.text_l_config(preset), False, dt),
+            text_tower(presets.text_g_config(preset), True, dt))
 
 
 def _module_and_inputs(name: str, preset: str):
@@ -103,11 +103,10 @@ def _module_and_inputs(name: str, preset: str):
     if name == "unet":
         return build_unet(preset, "float32"), unet_module.dummy_inputs(presets.unet_config(preset))
     if name == "vae":
-        return build_vae(preset, "float32"), (jnp.zeros((1, 3, 16, 16)),)
+        return build_vae(preset, "float32"), (jnp.zeros((1, 16, 16, 3)),)
     if name in ("text_l", "text_g"):
         module = build_text_encoders(preset, "float32")[name == "text_g"]
-        ids = jnp.zeros((1, SEQ_LEN), jnp.int32)
-        return module, (ids, jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(SEQ_LEN), ids.shape))
+        return module, (jnp.zeros((1, SEQ_LEN), jnp.int32),)
     raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
 
 
