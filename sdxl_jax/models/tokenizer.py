@@ -213,9 +213,11 @@ def _final_sigma_pattern() -> str:
             f"(?!{u['ignorable']}*{u['cased']})")
 
 
-def _backend(vocab: dict, merges: list, bos: int, eos: int):
+def _backend(vocab: dict, merges: list, bos: int, eos: int, pad_token: str):
     """CLIP's byte-level BPE as a Rust `tokenizers.Tokenizer`, normalised and pre-tokenised like
-    the Python CLIPTokenizer; encodes BOS … EOS when asked for special tokens."""
+    the Python CLIPTokenizer; encodes BOS … EOS when asked for special tokens. BOS, EOS and the
+    pad token are special tokens, matched whole in any text (so with bigG's pad token "!", "!!"
+    is two "!" tokens, as transformers' tokenizers have always split it)."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
@@ -238,7 +240,7 @@ def _backend(vocab: dict, merges: list, bos: int, eos: int):
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.RobertaProcessing((EOS, eos), (BOS, bos), trim_offsets=False,
                                                       add_prefix_space=False)
-    tok.add_special_tokens([BOS, EOS])
+    tok.add_special_tokens(list(dict.fromkeys([BOS, EOS, pad_token])))
     return tok
 
 
@@ -258,7 +260,7 @@ class ClipTokenizer:
         self.bos_token_id, self.eos_token_id = vocab[BOS], vocab[EOS]
         self.pad_token_id = vocab[pad_token]
         self.backend_tokenizer = _backend(vocab, self.merges, self.bos_token_id,
-                                          self.eos_token_id)
+                                          self.eos_token_id, pad_token)
 
     @classmethod
     def from_files(cls, vocab_file: str, merges_file: str, pad_token: str) -> "ClipTokenizer":
