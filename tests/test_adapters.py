@@ -14,7 +14,7 @@ from sdxl_jax.adapters import (AdapterConfig, Intercepted, Target, abstract_adap
                                apply_adapters, export_lora, init_adapters, kohya_layout,
                                make_plan, merge_params, read_lora)
 from sdxl_jax.models import build_text_encoders, encode_text, init_params, presets, unet_apply
-from sdxl_jax.models.remat import build_unet_variant
+from sdxl_jax.models.build import build_unet
 from sdxl_jax.models.convert import flat_leaves
 from sdxl_jax.models.safetensors_io import SafetensorsFile, WeightsError
 
@@ -250,7 +250,7 @@ def unet_inputs():
 def unet_vjp(remat: str, form: str):
     """jit((base, adapters, plan, cotangent) -> (UNet output, d<output, cotangent>/d adapters))
     with the adapters merged ("merged") or factorised ("factorised")."""
-    unet = build_unet_variant(UNET_PRESET, "float32", remat=remat)
+    unet = build_unet(UNET_PRESET, "float32", remat=remat)
     x = unet_inputs()
 
     def run(base, ad, plan):
@@ -300,7 +300,7 @@ def test_zero_initialised_factorised_unet_is_the_base_bitwise(perturbed, unet_co
     extra add changes how XLA rewrites the ops around a layer (seen with the attn2/to_q targets
     of tiny on CPU, ~1e-6 relative), a last-bit difference that is not the adapter's."""
     ad = init_adapters(unet_conv_plan, seed=0)  # lora_up = 0
-    unet = build_unet_variant(UNET_PRESET, "float32")
+    unet = build_unet(UNET_PRESET, "float32")
     x = unet_inputs()
     params, branches = adapt(perturbed, ad, unet_conv_plan)
     with jax.disable_jit():
