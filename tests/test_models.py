@@ -1,6 +1,5 @@
 """sdxl_jax.models on the tiny preset: tokenizer chunking, text/VAE/UNet wrappers, init, patches."""
 import functools
-import logging
 import math
 
 import jax
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 
 from sdxl_jax import models as M
-from sdxl_jax.models import hf
 
 MAX_CHUNKS = 2
 
@@ -149,7 +147,6 @@ def test_encode_text_chunks_and_pooled(toks, text_params):
     captions = [head + " red circle", head + " blue square", "red circle", ""]
     ids_l = M.tokenize(tok_l, captions, MAX_CHUNKS)
     ids_g = M.tokenize(tok_g, captions, MAX_CHUNKS)
-    # modules are not hashable (they hold a CLIPTextConfig): close over them rather than static
     encode = jax.jit(functools.partial(M.encode_text, text_l, text_g, max_chunks=MAX_CHUNKS))
     context, pooled = encode(*text_params, ids_l, ids_g)
     hidden = M.text_l_config("tiny")["hidden_size"] + M.text_g_config("tiny")["hidden_size"]
@@ -168,10 +165,8 @@ def test_encode_text_chunks_and_pooled(toks, text_params):
     @jax.jit
     def reference(ids_l, ids_g):
         pos = jnp.broadcast_to(jnp.arange(77), ids_l.shape)
-        out_l = text_l.apply({"params": text_params[0]}, ids_l, jnp.ones_like(ids_l), pos,
-                             output_hidden_states=True)
-        out_g = text_g.apply({"params": text_params[1]}, ids_g, jnp.ones_like(ids_g), pos,
-                             output_hidden_states=True)
+        out_l = text_l.apply({"params": text_params[0]}, ids_l, jnp.ones_like(ids_l), pos)
+        out_g = text_g.apply({"params": text_params[1]}, ids_g, jnp.ones_like(ids_g), pos)
         return (out_l.hidden_states[-2], out_l.last_hidden_state, out_g.hidden_states[-2],
                 out_g.text_embeds)
 
@@ -253,47 +248,6 @@ def test_transformer_groupnorm_eps_is_pytorch():
     want = (pixels - pixels.mean(0)) / np.sqrt(pixels.var(0) + 1e-6)
     np.testing.assert_allclose(normed, want, rtol=1e-4)
     np.testing.assert_allclose(np.abs(normed), math.sqrt(0.5), rtol=1e-4)
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def test_deprecation_notices_are_filtered_not_other_logs():
-    # a handler on the library root loggers sees every record their module loggers let through
-    collect = _Collect()
-    roots = [logging.getLogger(name) for name in ("diffusers", "transformers")]
-    for root in roots:
-        root.addHandler(collect)
-    try:
-        unet = M.build_unet("tiny", "float32")
-        jax.eval_shape(lambda: unet.init(jax.random.key(0), *_unet_dummy_inputs()))
-        vae = M.build_vae("tiny", "float32")
-        jax.eval_shape(lambda: vae.init(jax.random.key(0), jnp.zeros((1, 3, 16, 16))))
-        text_l, _ = M.build_text_encoders("tiny", "float32")
-        hf.FlaxCLIPTextModel(text_l.config, _do_init=False)
-        logging.getLogger("diffusers.models.vae_flax").warning("an unrelated diffusers warning")
-    finally:
-        for root in roots:
-            root.removeHandler(collect)
-    assert not [m for m in collect.messages if "deprecated" in m]
-    assert collect.messages == ["an unrelated diffusers warning"]
-    record = logging.LogRecord("transformers.modeling_flax_utils", logging.WARNING, "", 0,
-                               "TensorFlow and JAX classes are deprecated and will be removed",
-                               None, None)
-    assert not hf.DeprecationNoticeFilter().filter(record)
-
-
-def _unet_dummy_inputs():
-    cfg = M.unet_config("tiny")
-    return (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 1, cfg["cross_attention_dim"])),
-            {"text_embeds": jnp.zeros((1, M.text_g_config("tiny")["projection_dim"])),
-             "time_ids": jnp.zeros((1, 6))})
 
 
 def test_tiny_unet_first_level_keeps_channel_means_through_its_group_norms():

@@ -1,18 +1,13 @@
-"""SDXL models: diffusers' Flax UNet / VAE and transformers' Flax CLIP, presets, tokenizers.
+"""SDXL models as this project's own Flax modules: the UNet (unet.py, unet_parts.py,
+transformer.py), the VAE (autoencoder.py), both CLIP text towers (clip.py); their presets,
+builders, tokenizers and PyTorch-layout converters.
 
-Names are resolved lazily (PEP 562): `import sdxl_jax.models` is cheap, diffusers and
-transformers are imported (through `sdxl_jax.models.hf`, with its log filters and
-PyTorch-parity patches) only when a model class or builder is first used. That lets a CLI call
-`block_torch()` before anything imports torch:
-
-    from sdxl_jax.models import block_torch; block_torch()
+Names are resolved lazily (PEP 562), so `import sdxl_jax.models` stays cheap until a builder or
+model function is first used.
 """
 import importlib
 
 _EXPORTS = {
-    "sdxl_jax.models.hf": (
-        "CLIPTextConfig", "CLIPTokenizer", "FlaxAutoencoderKL", "FlaxCLIPTextModel",
-        "FlaxCLIPTextModelWithProjection", "FlaxUNet2DConditionModel", "block_torch"),
     "sdxl_jax.models.presets": (
         "PRESETS", "text_g_config", "text_l_config", "unet_config", "vae_config"),
     "sdxl_jax.models.build": (

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdxl_jax.models import attention as attention_kernels
-from sdxl_jax.models import hf, presets
+from sdxl_jax.models import presets
 from sdxl_jax.models import unet as unet_module
 from sdxl_jax.models.autoencoder import autoencoder
 from sdxl_jax.models.clip import text_tower

@@ -101,7 +101,8 @@ def unet_config(preset: str) -> dict:
 
 
 def vae_config(preset: str) -> dict:
-    """FlaxAutoencoderKL kwargs (4 levels = 8x down/up sampling, 4 latent channels)."""
+    """AutoencoderKL config (diffusers' field names; 4 levels = 8x down/up sampling, 4 latent
+    channels). GroupNorm eps is autoencoder.VAEConfig's default, 1e-6 as in every SD VAE."""
     common = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", latent_channels=4,
                   scaling_factor=0.13025)

@@ -309,8 +309,6 @@ def _sweep_main(a) -> None:
     if a.models not in MODEL_PRESETS:
         raise SystemExit(f"error: --backend sweeps one model preset: --models one of {MODEL_PRESETS}")
     os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[a.backend]
-    from sdxl_jax.models.hf import block_torch
-    block_torch()
     from sdxl_jax.tools import step_sweep
     batches = [int(b) for b in a.batches.split(",") if b]
     variants = tuple(tuple(v.split("/")) for v in a.variants.split(",") if v) or step_sweep.VARIANTS
@@ -361,9 +359,6 @@ def main(argv=None) -> None:
         from sdxl_jax.tools.memory_report import _set_device_count
         _set_device_count(a.devices)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from sdxl_jax.models.hf import block_torch
-    if "torch" not in sections:
-        block_torch()
     import jax
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s), "
           f"{os.cpu_count()} CPU cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
