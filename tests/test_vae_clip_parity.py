@@ -23,8 +23,8 @@ from diffusers import AutoencoderKL  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 TOL = 1e-5
-# bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 ≈ 2e-3); through a dozen layers the
-# measured worst case was ~1.5e-2 of the largest output (text) and ~1e-2 (VAE).
+# bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 ≈ 2e-3); measured worst cases (of the
+# largest output): 3.3e-2 for the mid-size VAE decode, 1.5e-2 for the 12-layer text tower.
 BF16_TOL = 5e-2
 
 VAE_CONFIGS = {
@@ -101,10 +101,14 @@ def vae_case(request):
 
 def _vae_outputs(cfg, params, images, latents, dtype):
     vae = autoencoder(cfg, dtype)
-    moments = vae.apply({"params": params}, jnp.asarray(images, dtype), method="encode")
-    post = DiagonalGaussian(moments.astype(jnp.float32))
-    decoded = vae.apply({"params": params}, jnp.asarray(latents, dtype), method="decode")
-    return {"mean": post.mean, "std": post.std, "decoded": decoded.astype(jnp.float32)}
+
+    @jax.jit  # one compile instead of one per op
+    def run(params, images, latents):
+        moments = vae.apply({"params": params}, images.astype(dtype), method="encode")
+        post = DiagonalGaussian(moments.astype(jnp.float32))
+        decoded = vae.apply({"params": params}, latents.astype(dtype), method="decode")
+        return {"mean": post.mean, "std": post.std, "decoded": decoded.astype(jnp.float32)}
+    return run(params, images, latents)
 
 
 def test_vae_matches_diffusers_float32(vae_case):
@@ -112,6 +116,8 @@ def test_vae_matches_diffusers_float32(vae_case):
     _check(_vae_outputs(cfg, params, images, latents, jnp.float32), want, TOL)
 
 
+# bfloat16 at the mid size only: its rounding is the same story at both sizes
+@pytest.mark.parametrize("vae_case", ["mid"], indirect=True)
 def test_vae_matches_diffusers_bfloat16(vae_case):
     cfg, params, images, latents, want = vae_case
     _check(_vae_outputs(cfg, params, images, latents, jnp.bfloat16), want, BF16_TOL)
@@ -144,11 +150,16 @@ def text_case(request):
 
 
 def _text_outputs(cfg, name, params, ids, dtype):
-    out = text_tower(cfg, name == "text_g", dtype).apply({"params": params}, ids)
-    pooled = out.text_embeds if name == "text_g" else out.pooler_output
-    got = {"penultimate": out.hidden_states[-2], "last_layer": out.hidden_states[-1],
-           "last_hidden_state": out.last_hidden_state, "pooled": pooled}
-    return {k: np.asarray(v.astype(jnp.float32)) for k, v in got.items()}
+    tower = text_tower(cfg, name == "text_g", dtype)
+
+    @jax.jit
+    def run(params, ids):
+        out = tower.apply({"params": params}, ids)
+        pooled = out.text_embeds if name == "text_g" else out.pooler_output
+        got = {"penultimate": out.hidden_states[-2], "last_layer": out.hidden_states[-1],
+               "last_hidden_state": out.last_hidden_state, "pooled": pooled}
+        return {k: v.astype(jnp.float32) for k, v in got.items()}
+    return run(params, ids)
 
 
 def test_text_towers_match_transformers_float32(text_case):
@@ -156,6 +167,7 @@ def test_text_towers_match_transformers_float32(text_case):
         _check(_text_outputs(cfg, name, params, ids, jnp.float32), want, TOL)
 
 
+@pytest.mark.parametrize("text_case", ["mid"], indirect=True)
 def test_text_towers_match_transformers_bfloat16(text_case):
     for cfg, name, params, ids, want in text_case:
         _check(_text_outputs(cfg, name, params, ids, jnp.bfloat16), want, BF16_TOL)
