@@ -227,7 +227,7 @@ def export_diffusers(params: dict, preset: str, out: str, dtype: str = "fp16",
     """Write a diffusers StableDiffusionXLPipeline folder; returns its path.
 
     params: {"unet", "vae", "text_l", "text_g": Flax param trees}. tokenizers: (CLIP-L, bigG)
-    CLIPTokenizers; default `get_tokenizers(preset, meta["pretrained"])`. An existing export at
+    ClipTokenizers; default `get_tokenizers(preset, meta["pretrained"])`. An existing export at
     `out` is replaced only with `overwrite` (swapped in once the new one is complete).
     """
     from sdxl_jax.models.tokenizer import get_tokenizers
