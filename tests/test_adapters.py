@@ -381,6 +381,28 @@ def test_peft_round_trip_keeps_delta(base, conv_plan, tmp_path):
                                    err_msg=str(p))
 
 
+def test_peft_clip_l_names_of_both_transformers_versions_read_alike(base, tmp_path):
+    """CLIP-L layers are written under transformers 5's names (`text_encoder.encoder.…`, what
+    diffusers 0.42 loads) and read under those or transformers 4's (`text_encoder.text_model.…`)."""
+    from sdxl_jax.models.safetensors_io import TensorSpec, write_safetensors
+    plan = make_plan(base, AdapterConfig(rank=4, alpha=2.0, models=("text_l", "text_g")))
+    adapters = randomised(init_adapters(plan, seed=0), seed=5)
+    new = export_lora(str(tmp_path / "new.safetensors"), adapters, plan, PRESET, "peft",
+                      np.float32)
+    st = SafetensorsFile(new)
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight" in st.tensors
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in st.tensors
+    old_key = {k: k.replace("text_encoder.", "text_encoder.text_model.", 1) for k in st.tensors}
+    back = {k2: st.get(k) for k, k2 in old_key.items()}
+    old = str(tmp_path / "old.safetensors")
+    write_safetensors(old, [TensorSpec(k, v.dtype, v.shape) for k, v in back.items()],
+                      back.__getitem__, st.metadata)
+    (got_new, plan_new), (got_old, plan_old) = read_lora(new, PRESET), read_lora(old, PRESET)
+    assert plan_new == plan_old and plan_new["text_l"].keys() == plan["text_l"].keys()
+    for (p, x), (_, y) in zip(flat_leaves(got_new), flat_leaves(got_old)):
+        assert np.array_equal(x, y), p
+
+
 def test_foreign_file_is_one_clear_error(tmp_path):
     from sdxl_jax.models.safetensors_io import TensorSpec, write_safetensors
     path = str(tmp_path / "sd15.safetensors")
