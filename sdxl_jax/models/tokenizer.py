@@ -287,6 +287,10 @@ class ClipTokenizer:
     def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
         return [self.vocab[t] for t in tokens]
 
+    def tokenize(self, text: str) -> list[str]:
+        """The BPE tokens of `text` (no BOS / EOS)."""
+        return self.backend_tokenizer.encode(text, add_special_tokens=False).tokens
+
     def save_pretrained(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
