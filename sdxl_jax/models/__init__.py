@@ -11,12 +11,12 @@ _EXPORTS = {
     "sdxl_jax.models.presets": (
         "PRESETS", "text_g_config", "text_l_config", "unet_config", "vae_config"),
     "sdxl_jax.models.build": (
-        "MODEL_NAMES", "abstract_params", "build_text_encoders", "build_unet", "build_vae",
-        "count_params", "init_params"),
+        "MODEL_NAMES", "abstract_params", "build_text_encoders", "build_unet",
+        "build_unet_from_config", "build_vae", "count_params", "init_params"),
     "sdxl_jax.models.tokenizer": ("CHUNK_TOKENS", "SEQ_LEN", "get_tokenizers", "tokenize"),
     "sdxl_jax.models.text": ("encode_text",),
     "sdxl_jax.models.vae": ("vae_decode", "vae_encode"),
-    "sdxl_jax.models.unet": ("unet_apply",),
+    "sdxl_jax.models.unet": ("UNet2DConditionModel", "unet_apply"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

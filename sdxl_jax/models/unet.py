@@ -71,7 +71,8 @@ class _Options:
 
 class _Level(nn.Module):
     """One down or up level: resnets (each followed by a Transformer2D when `heads` > 0) and
-    an optional sampler. Down levels return every output for the skips; up levels consume them."""
+    an optional sampler. Down levels return every output for the skips; up levels take theirs
+    (`skips`, in down order) and concatenate them to the channels, last first."""
     out_channels: int
     num_layers: int
     heads: int  # 0: no attention (DownBlock2D / UpBlock2D)
@@ -81,12 +82,12 @@ class _Level(nn.Module):
     opts: _Options
 
     @nn.compact
-    def __call__(self, x, temb, context, skips=None):
+    def __call__(self, x, temb, context, skips=()):
         u = self.opts
         outputs = []
         for j in range(self.num_layers):
             if self.up:
-                x = jnp.concatenate([x, skips.pop()], axis=-1)
+                x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
             x = u.resnet(self.out_channels, f"resnets_{j}")(x, temb)
             if self.heads:
                 x = u.transformer(self.out_channels, self.heads, self.depth, f"attentions_{j}")(x, context)
@@ -145,6 +146,13 @@ class UNet2DConditionModel(nn.Module):
     def __post_init__(self):
         if self.remat not in REMAT_MODES:
             raise ValueError(f"model.remat={self.remat!r}: must be one of {REMAT_MODES}")
+        levels = len(self.block_out_channels)
+        if (len(self.down_block_types) != levels or len(self.up_block_types) != levels
+                or set(self.down_block_types) - {_CROSS, _PLAIN}
+                or set(self.up_block_types) - {_UP_CROSS, _UP_PLAIN}):
+            raise ValueError(f"UNet block types {self.down_block_types} / {self.up_block_types}: "
+                             f"need one per level ({levels}) of {(_PLAIN, _CROSS)} / "
+                             f"{(_UP_CROSS, _UP_PLAIN)}")
         if self.addition_embed_type != "text_time":
             raise ValueError(f"addition_embed_type={self.addition_embed_type!r}: only SDXL's "
                              "'text_time' conditioning is implemented")
@@ -195,11 +203,11 @@ class UNet2DConditionModel(nn.Module):
             skips += outs
         x = _MidBlock(channels[-1], heads[-1], depths[-1], opts, name="mid_block")(x, temb, context)
         for i, kind in enumerate(self.up_block_types):
-            level = levels - 1 - i
-            x, _ = _Level(channels[level], self.layers_per_block + 1,
-                          heads[level] if kind == _UP_CROSS else 0, depths[level],
-                          "up" if i < levels - 1 else "", True, opts,
-                          name=f"up_blocks_{i}")(x, temb, context, skips)
+            level, n = levels - 1 - i, self.layers_per_block + 1
+            skips, taken = skips[:-n], tuple(skips[-n:])
+            x, _ = _Level(channels[level], n, heads[level] if kind == _UP_CROSS else 0,
+                          depths[level], "up" if i < levels - 1 else "", True, opts,
+                          name=f"up_blocks_{i}")(x, temb, context, taken)
         x = nn.GroupNorm(num_groups=self.norm_num_groups, epsilon=self.norm_eps,
                          name="conv_norm_out")(x)
         return conv3x3(self.out_channels, self.dtype, "conv_out")(activation(self.act_fn)(x))
