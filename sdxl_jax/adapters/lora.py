@@ -11,9 +11,8 @@ optimizer state and EMA exist only for the adapter tree. Inside the jitted step 
   targeted kernel across the step; SDXL rank 32 at 1024² on one device went from 23.79 to
   18.88 GiB, README). The branch runs in the layer's compute dtype (bf16 in real runs; the
   adapter params are cast to it), down is the layer itself with r outputs (a k×k LoCon conv
-  keeps its strides and padding), up a 1×1 projection. It works in any Flax model (diffusers'
-  UNet under every model.remat mode, the branch recomputed with its block; transformers' CLIP
-  text encoders). A zero-initialised adapter (B = 0) adds an exact 0 to every targeted layer
+  keeps its strides and padding), up a 1×1 projection. It works in any Flax model (the UNet
+  under every model.remat mode, the branch recomputed with its block; the CLIP text towers). A zero-initialised adapter (B = 0) adds an exact 0 to every targeted layer
   (op by op the output is bit-identical to the base model's; compiled, XLA may rewrite the
   neighbouring ops differently: a last-bit difference).
 - LoKr keeps the merged form (`apply_adapters`: each targeted kernel replaced by W + s·ΔW,
