@@ -26,8 +26,8 @@ so the parameter paths are the ones the converter, checkpoints and the decoder f
           resnets_<j>, upsamplers_0/conv   resnets, Upsample2D = nearest 2× then a 3×3 conv)
         conv_norm_out, conv_out          .conv_norm_out, .conv_out
 
-GroupNorms take no compute dtype (they normalise in float32 and the next conv casts), as the
-Flax port this replaces did, so checkpoints written with it give the same outputs.
+GroupNorms take no compute dtype: they normalise in float32 whatever `dtype` is, and the next
+conv casts, so bf16 activations never lose precision in the statistics.
 """
 from __future__ import annotations
 
