@@ -25,8 +25,8 @@ Previews, validation (`apply_adapters`, merged once per evaluation) and exports
 Why not qwix (Google's LoraProvider, which intercepts dot_general / conv): qwix 0.1.8
 installs with jax 0.10.2 / flax 0.12.8, but its adapter leaves live inside the base tree
 (`kernel_lora_a` next to `kernel`, under an extra path level when the model is wrapped), it
-has no LoKr, and the kohya/PEFT files need our own names anyway. Flax's own method interception gives the same factorised compute with the
-adapter tree kept apart.
+has no LoKr, and the kohya/PEFT files need our own names anyway. Flax's own method
+interception gives the same factorised compute with the adapter tree kept apart.
 
 Layout of the adapter params: a nested dict mirroring each model's module path, holding the
 tensors exactly as the kohya file stores them (PyTorch orientation), so export is a rename:
