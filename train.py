@@ -15,10 +15,6 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from sdxl_jax.models.hf import block_torch
-
-block_torch()  # diffusers imports torch when it is installed; training never needs it
-
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ztsnr.py", "config file[:preset]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, samples)",

@@ -40,7 +40,7 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # "standard" | "memory_efficient" (chunked) | "dot_product" (jax.nn.dot_product_attention:
     # cuDNN flash on NVIDIA with bf16) | "splash" (Pallas, TPU) | "auto" (the backend's kernel)
     m.attention = "standard" if tiny else "auto"
-    m.split_head_dim = False  # diffusers Flax option: split the head dim in attention
+    m.split_head_dim = False  # "standard" attention only: heads as an axis instead of folded into the batch
     # run each transformer layer's feed-forward over this many token chunks (checkpointed scan:
     # one chunk's GEGLU intermediates live at a time; same parameters); 1 = unchunked. 4 fits a
     # per-device batch of 2 at 1024² on 16 GiB under FSDP-8 (11.99 GiB, unchunked 16.88; README),

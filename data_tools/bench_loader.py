@@ -1,7 +1,7 @@
 """Loader throughput and cache-build overhead.
 
     python -m data_tools.bench_loader --cache CACHE [--config configs/ztsnr.py:tiny]
-        [--batch 32] [--steps 200] [--tokenizer fake|model|clip] [--python_tokenizer]
+        [--batch 32] [--steps 200] [--tokenizer fake|model|clip]
         [--compare_build 32]
     python -m data_tools.bench_loader --cache /tmp/c1024 --synthetic 256 --side 1024
 
@@ -14,8 +14,7 @@
 
 --tokenizer clip: CLIP's real 49,408-token vocabulary (both SDXL towers' tokenizers), built from
 the BPE file in the open_clip_torch wheel (requirements-nodeps.txt) or --vocab_dir (a folder with
-vocab.json and merges.txt, or a diffusers SDXL folder); --python_tokenizer times transformers'
-Python CLIPTokenizer instead of the Rust one.
+vocab.json and merges.txt, or a diffusers SDXL folder).
 
 --synthetic N creates CACHE first (if missing) from N demo images of about --side² pixels,
 all cropped to one square side² bucket and "encoded" by 8×8 average pooling (no VAE): a quick
@@ -42,7 +41,6 @@ _TOKENIZER = flags.DEFINE_enum("tokenizer", "fake", ["fake", "model", "clip"],
                                "clip: CLIP's real vocabulary")
 _VOCAB_DIR = flags.DEFINE_string("vocab_dir", "", "--tokenizer clip: vocab.json + merges.txt folder, "
                                  "or a diffusers SDXL folder (default: open_clip_torch's BPE file)")
-_PYTHON_TOK = flags.DEFINE_bool("python_tokenizer", False, "use the Python CLIPTokenizer (slow)")
 _COMPARE = flags.DEFINE_integer("compare_build", 32, "images for the build-overhead test; 0 skips it")
 _SYNTHETIC = flags.DEFINE_integer("synthetic", 0, "create CACHE from this many demo images if missing")
 _SIDE = flags.DEFINE_integer("side", 1024, "image side for --synthetic")
@@ -69,12 +67,12 @@ def fake_tokenize(max_chunks: int):
     return tokenize
 
 
-def _clip_tokenizers(fast: bool):
+def _clip_tokenizers():
     """CLIP's real vocabulary: --vocab_dir, else the BPE file of the open_clip_torch wheel."""
     from sdxl_jax.models import tokenizer as T
     folder = _VOCAB_DIR.value
     if folder and os.path.isdir(os.path.join(folder, "tokenizer_2")):
-        return T.get_tokenizers("sdxl", folder, fast)
+        return T.get_tokenizers("sdxl", folder)
     if not folder:
         import importlib.metadata
         try:
@@ -86,15 +84,15 @@ def _clip_tokenizers(fast: bool):
         folder = tempfile.mkdtemp(prefix="clip_vocab_")
         T.write_clip_vocab(str(bpe), folder)
     return T.tokenizers_from_files(os.path.join(folder, "vocab.json"),
-                                   os.path.join(folder, "merges.txt"), fast)
+                                   os.path.join(folder, "merges.txt"))
 
 
-def _model_tokenize(cfg, kind: str = "model", fast: bool = True):
+def _model_tokenize(cfg, kind: str = "model"):
     from sdxl_jax import models
     if kind == "clip":
-        tok_l, tok_g = _clip_tokenizers(fast)
+        tok_l, tok_g = _clip_tokenizers()
     else:
-        tok_l, tok_g = models.get_tokenizers(cfg.model.preset, cfg.model.pretrained, fast)
+        tok_l, tok_g = models.get_tokenizers(cfg.model.preset, cfg.model.pretrained)
     n = cfg.text.max_chunks
     return lambda caps: (models.tokenize(tok_l, caps, n), models.tokenize(tok_g, caps, n))
 
@@ -190,13 +188,12 @@ def main(argv) -> None:
         build_cache(cfg, images_dir=images, out=cache, encode_fn=pool_encode,
                     encoder_fingerprint="avgpool8", process_index=0, process_count=1)
     tokenize = (fake_tokenize(cfg.text.max_chunks) if _TOKENIZER.value == "fake" else
-                _model_tokenize(cfg, _TOKENIZER.value, fast=not _PYTHON_TOK.value))
+                _model_tokenize(cfg, _TOKENIZER.value))
     rate, cpu_rate = bench_loader(cfg, cache, _BATCH.value, _STEPS.value, tokenize)
     from sdxl_jax.data.cache import load_manifest
     shapes = sorted({tuple(s["latent_shape"]) for s in load_manifest(cache)["shards"]})
     print(f"loader: {rate:,.0f} samples/s ({cpu_rate:,.0f} per CPU-second; global batch "
-          f"{_BATCH.value}, latents {shapes}, tokenizer {_TOKENIZER.value}"
-          f"{' (Python)' if _PYTHON_TOK.value and _TOKENIZER.value != 'fake' else ''}, "
+          f"{_BATCH.value}, latents {shapes}, tokenizer {_TOKENIZER.value}, "
           f"{cfg.data.read_threads} read threads)")
     if _COMPARE.value > 0:
         r = bench_build(cfg, cache, _COMPARE.value)

@@ -49,8 +49,6 @@ def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from sdxl_jax import parallel
-    from sdxl_jax.models import block_torch
-    block_torch()
     parallel.maybe_initialize_distributed()
     cfg = _CONFIG.value
     given = _IMAGES.value or _MANIFEST.value or _TFDS.value  # a flag replaces the config's input

@@ -174,7 +174,7 @@ def _check_log(cfg) -> None:
 def _check_unet(cfg) -> None:
     from sdxl_jax.models.attention import ATTENTION_MODES  # jax only (no diffusers)
     _choice(cfg, "model.attention", ATTENTION_MODES)
-    _choice(cfg, "model.remat", ("none", "blocks", "dots"))  # models.remat.REMAT_MODES (diffusers-free copy)
+    _choice(cfg, "model.remat", ("none", "blocks", "dots"))  # models.unet.REMAT_MODES (kept import-free here)
     chunks = cfg.model.get("ff_chunks", 1)
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise ConfigError(f"model.ff_chunks={chunks!r}: must be an integer ≥ 1 (1 = the feed-forward unchunked)")

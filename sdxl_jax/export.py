@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
@@ -73,11 +72,9 @@ def _np_dtype(dtype: str):
     return np.dtype(DTYPES[dtype])
 
 
-def _version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+# The releases whose folder layout the written configs follow (tests/test_interop.py loads the
+# exports with exactly these); stated, not read from what is installed: export needs neither.
+FORMAT_VERSIONS = {"diffusers": "0.42.1", "transformers": "5.25.0"}
 
 
 # ---- what the model is (from the run config) ---------------------------------------------------
@@ -155,9 +152,8 @@ def _torch_weights(name: str, tree, path: str, dtype) -> None:
 
 def _component_configs(preset: str, meta: dict) -> dict:
     from sdxl_jax.models import presets
-    from sdxl_jax.models.hf import CLIPTextConfig
 
-    ver = _version("diffusers")
+    ver = FORMAT_VERSIONS["diffusers"]
     unet = {"_class_name": "UNet2DConditionModel", "_diffusers_version": ver,
             **{k: v for k, v in presets.unet_config(preset).items()
                if k not in _FLAX_ONLY_KWARGS}}
@@ -173,7 +169,8 @@ def _component_configs(preset: str, meta: dict) -> dict:
     for sub, cfg, arch in (("text_encoder", presets.text_l_config(preset), "CLIPTextModel"),
                            ("text_encoder_2", presets.text_g_config(preset),
                             "CLIPTextModelWithProjection")):
-        text[sub] = CLIPTextConfig(**cfg, architectures=[arch]).to_diff_dict()
+        text[sub] = {"architectures": [arch], "model_type": "clip_text_model", **cfg,
+                     "transformers_version": FORMAT_VERSIONS["transformers"]}
     scheduler = {
         "_class_name": "EulerDiscreteScheduler", "_diffusers_version": ver,
         "num_train_timesteps": meta.get("num_train_timesteps", 1000),
@@ -279,7 +276,7 @@ def export_diffusers(params: dict, preset: str, out: str, dtype: str = "fp16",
     """Write a diffusers StableDiffusionXLPipeline folder; returns its path.
 
     params: {"unet", "vae", "text_l", "text_g": Flax param trees}. tokenizers: (CLIP-L, bigG)
-    CLIPTokenizers; default `get_tokenizers(preset, meta["pretrained"])`. An existing export at
+    ClipTokenizers; default `get_tokenizers(preset, meta["pretrained"])`. An existing export at
     `out` is replaced only with `overwrite` (swapped in once the new one is complete).
     """
     from sdxl_jax.models.tokenizer import get_tokenizers
@@ -525,8 +522,6 @@ def main(argv=None) -> int:
                   args.overwrite)
     if hub:
         hub_export.check_args(args)  # repo, card, token: before the model libraries load
-    from sdxl_jax.models.hf import block_torch
-    block_torch()
     from sdxl_jax.runs import open_run
 
     run = open_run(args.workdir, args.step)

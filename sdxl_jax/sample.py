@@ -136,8 +136,6 @@ def sampler_for_run(cfg: dict, meta: dict, frozen: dict | None = None) -> ImageS
 
 @cli.entry_point  # user errors: one line `error: …`; --debug shows the traceback
 def main(argv=None) -> int:
-    from sdxl_jax.models.hf import block_torch
-    block_torch()
     p = cli.ArgumentParser(prog="python -m sdxl_jax.sample", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)

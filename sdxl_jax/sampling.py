@@ -70,7 +70,7 @@ class ImageSampler:
     def __init__(self, cfg, frozen: dict, latent_mean=None, latent_std=None):
         from sdxl_jax import models
         self.cfg = cfg
-        from sdxl_jax.models.remat import build_unet_variant
+        from sdxl_jax.models.build import build_unet
         m = cfg["model"]
         preset, dtype = m["preset"], m["dtype"]
         # the run's attention options (memory-efficient attention matters most at large sizes);
@@ -78,8 +78,8 @@ class ImageSampler:
         attention = m.get("attention", "standard")
         if attention == "splash":  # a TPU-only kernel: sample wherever this runs with its best one
             attention = "auto"
-        self.unet = build_unet_variant(preset, dtype, attention=attention,
-                                       split_head_dim=bool(m.get("split_head_dim", False)))
+        self.unet = build_unet(preset, dtype, attention=attention,
+                               split_head_dim=bool(m.get("split_head_dim", False)))
         self.text_l, self.text_g = models.build_text_encoders(preset, dtype)
         self.vae = models.build_vae(preset, dtype)
         self.tok_l, self.tok_g = models.get_tokenizers(preset, cfg["model"]["pretrained"])

@@ -81,16 +81,6 @@ def held_out_loss(cfg, unet_params, text, seed=0):
     return float(np.mean(fn(unet_params, text, batch, t, eps)))
 
 
-def unet_init_args(unet_cfg: dict):
-    """Dummy inputs that `unet.init` traces the parameter tree of a UNet config with."""
-    import jax.numpy as jnp
-    time_dim = unet_cfg["addition_time_embed_dim"]
-    return (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 1, unet_cfg["cross_attention_dim"])),
-            {"text_embeds": jnp.zeros((1, unet_cfg["projection_class_embeddings_input_dim"] - 6 * time_dim)),
-             "time_ids": jnp.zeros((1, 6))})
-
-
 def _two_level_config():
     from sdxl_jax.models import presets
     return dict(presets.unet_config("tiny"), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -110,9 +100,10 @@ def two_level_params(bias_std: float | None = None):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from sdxl_jax.models.remat import build_unet_variant
-    unet = build_unet_variant(TWO_LEVEL, "float32")
-    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(TWO_LEVEL)))["params"]
+    from sdxl_jax.models.build import build_unet
+    from sdxl_jax.models.unet import dummy_inputs
+    unet = build_unet(TWO_LEVEL, "float32")
+    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *dummy_inputs(TWO_LEVEL)))["params"]
     rng = np.random.default_rng(0)
 
     def value(path, x):

@@ -14,7 +14,7 @@ from sdxl_jax.adapters import (AdapterConfig, Intercepted, Target, abstract_adap
                                apply_adapters, export_lora, init_adapters, kohya_layout,
                                make_plan, merge_params, read_lora)
 from sdxl_jax.models import build_text_encoders, encode_text, init_params, presets, unet_apply
-from sdxl_jax.models.remat import build_unet_variant
+from sdxl_jax.models.build import build_unet
 from sdxl_jax.models.convert import flat_leaves
 from sdxl_jax.models.safetensors_io import SafetensorsFile, WeightsError
 from configs.ztsnr import get_config
@@ -251,7 +251,7 @@ def unet_inputs():
 def unet_vjp(remat: str, form: str):
     """jit((base, adapters, plan, cotangent) -> (UNet output, d<output, cotangent>/d adapters))
     with the adapters merged ("merged") or factorised ("factorised")."""
-    unet = build_unet_variant(UNET_PRESET, "float32", remat=remat)
+    unet = build_unet(UNET_PRESET, "float32", remat=remat)
     x = unet_inputs()
 
     def run(base, ad, plan):
@@ -301,7 +301,7 @@ def test_zero_initialised_factorised_unet_is_the_base_bitwise(perturbed, unet_co
     extra add changes how XLA rewrites the ops around a layer (seen with the attn2/to_q targets
     of tiny on CPU, ~1e-6 relative), a last-bit difference that is not the adapter's."""
     ad = init_adapters(unet_conv_plan, seed=0)  # lora_up = 0
-    unet = build_unet_variant(UNET_PRESET, "float32")
+    unet = build_unet(UNET_PRESET, "float32")
     x = unet_inputs()
     params, branches = adapt(perturbed, ad, unet_conv_plan)
     with jax.disable_jit():
@@ -380,6 +380,28 @@ def test_peft_round_trip_keeps_delta(base, conv_plan, tmp_path):
     for (p, x), (_, y) in zip(flat_leaves(a["unet"]), flat_leaves(b["unet"])):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7,
                                    err_msg=str(p))
+
+
+def test_peft_clip_l_names_of_both_transformers_versions_read_alike(base, tmp_path):
+    """CLIP-L layers are written under transformers 5's names (`text_encoder.encoder.…`, what
+    diffusers 0.42 loads) and read under those or transformers 4's (`text_encoder.text_model.…`)."""
+    from sdxl_jax.models.safetensors_io import TensorSpec, write_safetensors
+    plan = make_plan(base, AdapterConfig(rank=4, alpha=2.0, models=("text_l", "text_g")))
+    adapters = randomised(init_adapters(plan, seed=0), seed=5)
+    new = export_lora(str(tmp_path / "new.safetensors"), adapters, plan, PRESET, "peft",
+                      np.float32)
+    st = SafetensorsFile(new)
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight" in st.tensors
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in st.tensors
+    old_key = {k: k.replace("text_encoder.", "text_encoder.text_model.", 1) for k in st.tensors}
+    back = {k2: st.get(k) for k, k2 in old_key.items()}
+    old = str(tmp_path / "old.safetensors")
+    write_safetensors(old, [TensorSpec(k, v.dtype, v.shape) for k, v in back.items()],
+                      back.__getitem__, st.metadata)
+    (got_new, plan_new), (got_old, plan_old) = read_lora(new, PRESET), read_lora(old, PRESET)
+    assert plan_new == plan_old and plan_new["text_l"].keys() == plan["text_l"].keys()
+    for (p, x), (_, y) in zip(flat_leaves(got_new), flat_leaves(got_old)):
+        assert np.array_equal(x, y), p
 
 
 def test_foreign_file_is_one_clear_error(tmp_path):

@@ -1,16 +1,19 @@
-"""Attention kernels (`model.attention` dot_product / splash / auto): the same parameters, the same
-outputs and gradients as diffusers' standard attention, per backend choice and with every remat
-mode. CPU: the splash kernel runs in the Pallas interpreter."""
+"""Attention kernels (`model.attention` memory_efficient / dot_product / splash / auto): the same
+parameters, the same outputs and gradients as the standard attention, per backend choice and
+with every remat mode. CPU: the splash kernel runs in the Pallas interpreter."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TWO_LEVEL, two_level_params, unet_init_args
+from helpers import TWO_LEVEL, two_level_params
 from sdxl_jax import models
-from sdxl_jax.models import attention, hf, presets
-from sdxl_jax.models.remat import ATTENTION_MODES, REMAT_MODES, build_unet_variant, unet_class
+from sdxl_jax.models import attention, presets
+from sdxl_jax.models.attention import ATTENTION_MODES
+from sdxl_jax.models.build import build_unet
+from sdxl_jax.models.transformer import Attention
+from sdxl_jax.models.unet import REMAT_MODES, UNet2DConditionModel, dummy_inputs
 
 # ---- one attention layer -------------------------------------------------------------------------
 # 96 queries and 77 text keys: neither a multiple of the splash kernel's 128-lane blocks, so its
@@ -23,13 +26,12 @@ def layer():
     k = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k[0], (2, 96, 32))
     context = jax.random.normal(k[1], (2, 77, 32))
-    params = hf.attention_flax.FlaxAttention(**LAYER).init(k[2], x, context)["params"]
+    params = Attention(**LAYER).init(k[2], x, context)["params"]
     return params, x, context
 
 
-def _layer_value_and_grad(kernel, params, x, context, dtype=jnp.float32):
-    base = hf.attention_flax.FlaxAttention
-    module = (attention.kernel_class(base, kernel) if kernel else base)(**LAYER, dtype=dtype)
+def _layer_value_and_grad(kernel, params, x, context, dtype=jnp.float32, **fields):
+    module = Attention(**LAYER, kernel=kernel, dtype=dtype, **fields)
 
     def loss(p, x):
         return jnp.sum(module.apply({"params": p}, x.astype(dtype), context.astype(dtype))
@@ -39,7 +41,7 @@ def _layer_value_and_grad(kernel, params, x, context, dtype=jnp.float32):
 
 @pytest.fixture(scope="module")
 def layer_reference(layer):
-    return _layer_value_and_grad("", *layer)
+    return _layer_value_and_grad("standard", *layer)
 
 
 def _assert_close(got, want, rtol, per_leaf=True):
@@ -55,29 +57,41 @@ def _assert_close(got, want, rtol, per_leaf=True):
         assert err <= rtol * scale, f"{jax.tree_util.keystr(path)}: |Δ| {err:.3g} vs {scale:.3g}"
 
 
-@pytest.mark.parametrize("kernel", ["dot_product", "splash_interpret"])
+@pytest.mark.parametrize("kernel", ["memory_efficient", "dot_product", "splash_interpret"])
 def test_kernel_layer_matches_standard_fp32(layer, layer_reference, kernel):
     _assert_close(_layer_value_and_grad(kernel, *layer), layer_reference, rtol=2e-6)
 
 
+def test_standard_split_head_dim_is_the_same_product(layer, layer_reference):
+    _assert_close(_layer_value_and_grad("standard", *layer, split_head_dim=True), layer_reference,
+                  rtol=2e-6)
+
+
+def test_memory_efficient_runs_over_query_chunks(layer):
+    """96 queries → 16 chunks of 6 (64 does not divide 96), each checkpointed inside a scan."""
+    params, x, context = layer
+    jaxpr = str(jax.make_jaxpr(lambda p: Attention(**LAYER, kernel="memory_efficient").apply(
+        {"params": p}, x, context))(params))
+    assert "length=16" in jaxpr and ("remat2" in jaxpr or "checkpoint" in jaxpr)
+
+
 def test_dot_product_layer_matches_standard_bf16(layer, layer_reference):
     """bf16 compute: standard and dot_product both within bf16 rounding (8 mantissa bits) of the
-    fp32 result, and the kernel no further from it than diffusers' bf16 softmax is."""
+    fp32 result, and the kernel no further from it than the standard bf16 softmax is."""
     errors = {}
-    for kernel in ("", "dot_product"):
+    for kernel in ("standard", "dot_product"):
         got = _layer_value_and_grad(kernel, *layer, dtype=jnp.bfloat16)
         _assert_close(got, layer_reference, rtol=3e-2)
         errors[kernel] = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)))
                              for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(layer_reference)))
-    assert errors["dot_product"] <= 1.5 * errors[""], errors
+    assert errors["dot_product"] <= 1.5 * errors["standard"], errors
 
 
-def test_kernel_class_keeps_fields_and_parameters(layer):
+@pytest.mark.parametrize("kernel", sorted(attention.KERNELS))
+def test_every_kernel_keeps_the_parameters(layer, kernel):
     params, x, context = layer
-    base = hf.attention_flax.FlaxAttention
-    cls = attention.kernel_class(base, "dot_product")
-    assert issubclass(cls, base) and cls is attention.kernel_class(base, "dot_product")
-    got = jax.eval_shape(lambda: cls(**LAYER).init(jax.random.key(0), x, context))["params"]
+    got = jax.eval_shape(lambda: Attention(**LAYER, kernel=kernel).init(
+        jax.random.key(0), x, context))["params"]
     assert jax.tree.structure(got) == jax.tree.structure(params)
     assert [g.shape for g in jax.tree.leaves(got)] == [p.shape for p in jax.tree.leaves(params)]
 
@@ -85,7 +99,7 @@ def test_kernel_class_keeps_fields_and_parameters(layer):
 def test_splash_splits_the_batch_over_the_mesh(layer):
     """Under a mesh the Pallas call runs per batch shard (shard_map), with the same result."""
     params, x, context = layer
-    module = attention.kernel_class(hf.attention_flax.FlaxAttention, "splash_interpret")(**LAYER)
+    module = Attention(**LAYER, kernel="splash_interpret")
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:2])
 
@@ -94,7 +108,7 @@ def test_splash_splits_the_batch_over_the_mesh(layer):
     with jax.set_mesh(mesh):
         assert "shard_map" in str(jax.make_jaxpr(apply)(params, x))
         got = jax.jit(apply)(params, x)
-    want = hf.attention_flax.FlaxAttention(**LAYER).apply({"params": params}, x, context)
+    want = Attention(**LAYER).apply({"params": params}, x, context)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want))))
 
 
@@ -112,9 +126,9 @@ def test_splash_off_tpu_is_refused_with_the_fix():
     assert jax.default_backend() == "cpu"
     with pytest.raises(ValueError, match=r"model.attention='splash' is JAX's Pallas TPU kernel "
                                          r"and this process runs on 'cpu'; use model.attention='auto'"):
-        build_unet_variant("tiny", "float32", attention="splash")
+        build_unet("tiny", "float32", attention="splash")
     with pytest.raises(ValueError, match=r"model.attention='cudnn': must be one of"):
-        build_unet_variant("tiny", "float32", attention="cudnn")
+        build_unet("tiny", "float32", attention="cudnn")
 
 
 # ---- the UNet --------------------------------------------------------------------------------------
@@ -143,7 +157,7 @@ def _loss_fn(unet, inputs, target):
 
 def _unet_value_and_grad(problem, dtype="float32", **variant):
     params, inputs, target = problem
-    unet = build_unet_variant(TWO_LEVEL, dtype, **variant)
+    unet = build_unet(TWO_LEVEL, dtype, **variant)
     return jax.jit(jax.value_and_grad(_loss_fn(unet, inputs, target)))(params)
 
 
@@ -168,10 +182,10 @@ def test_unet_with_kernel_matches_standard_fp32(problem, unet_reference):
 @pytest.mark.parametrize("remat,kernel", [("none", "dot_product"), ("blocks", "dot_product"),
                                           ("dots", "dot_product"), ("none", "splash")])
 def test_unet_parameter_tree_is_identical(problem, remat, kernel):
-    unet = unet_class(remat, kernel)(**TWO_LEVEL, dtype=jnp.float32)
-    assert isinstance(unet, models.FlaxUNet2DConditionModel)
-    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(TWO_LEVEL)))["params"]
-    want = problem[0]  # the plain diffusers UNet's parameters
+    # built directly: build_unet refuses "splash" off a TPU
+    unet = UNet2DConditionModel(**TWO_LEVEL, remat=remat, attention=kernel, dtype=jnp.float32)
+    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *dummy_inputs(TWO_LEVEL)))["params"]
+    want = problem[0]  # the plain UNet's parameters
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \
         [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
@@ -179,15 +193,15 @@ def test_unet_parameter_tree_is_identical(problem, remat, kernel):
 
 @pytest.mark.parametrize("remat", REMAT_MODES)
 def test_unet_runs_every_attention_layer_through_the_kernel(problem, remat):
-    """Every self- and cross-attention layer of the UNet is the kernel class, with any remat."""
+    """Every self- and cross-attention layer of the UNet runs the kernel, with any remat."""
     params, inputs, target = problem
-    unet = build_unet_variant(TWO_LEVEL, "float32", remat=remat, attention="dot_product")
+    unet = build_unet(TWO_LEVEL, "float32", remat=remat, attention="dot_product")
     seen = []
 
     def spy(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, hf.attention_flax.FlaxAttention):
-            seen.append(type(context.module).__name__)
+        if context.method_name == "__call__" and isinstance(context.module, Attention):
+            seen.append(context.module.kernel)
         return next_fun(*args, **kwargs)
     with nn.intercept_methods(spy):
         jax.eval_shape(_loss_fn(unet, inputs, target), params)
-    assert seen == ["DotProductFlaxAttention"] * MICRO_ATTENTION_LAYERS
+    assert seen == ["dot_product"] * MICRO_ATTENTION_LAYERS

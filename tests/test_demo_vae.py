@@ -38,8 +38,6 @@ def unet_cfg(**overrides):
 TRAIN_IN_ONE_DEVICE_PROCESS = f"""
 import sys
 sys.path[:0] = {[HERE, os.path.dirname(HERE)]!r}
-from sdxl_jax.models.hf import block_torch
-block_torch()
 from test_demo_vae import unet_cfg
 from sdxl_jax.train.prepare import train_demo_vae
 print(train_demo_vae(unet_cfg(), sys.argv[1], sys.argv[2]))

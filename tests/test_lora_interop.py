@@ -18,10 +18,11 @@ from sdxl_jax.adapters import (AdapterConfig, apply_adapters, export_lora, init_
                                torch_module_names)
 from sdxl_jax.models import (build_text_encoders, build_unet, get_tokenizers, init_params,
                              presets, tokenize, unet_apply)
-from sdxl_jax.models.convert import flat_leaves, flax_to_torch, torch_leaves, torch_shapes
+from sdxl_jax.models.convert import (flat_leaves, flax_to_torch, torch_key_variants, torch_leaves,
+                                     torch_shapes)
 from sdxl_jax.models.weights import cached_abstract_params
 
-import torch  # noqa: E402  (after sdxl_jax.models: its log filters first)
+import torch  # noqa: E402  (test-only references, pinned in requirements.txt)
 from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,  # noqa
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa
@@ -243,8 +244,8 @@ def jax_out(base, plan, adapters, inputs, jax_unet):
     positions = np.broadcast_to(np.arange(77), inputs["ids_l"].shape)
     for name, module, ids in (("text_l", text_l, inputs["ids_l"]),
                               ("text_g", text_g, inputs["ids_g"])):
-        hidden = module.apply({"params": merged[name]}, ids, np.ones_like(ids), positions,
-                              output_hidden_states=True).hidden_states
+        hidden = module.apply({"params": merged[name]}, ids, np.ones_like(ids),
+                              positions).hidden_states
         out[name] = np.asarray(hidden[-2])
     return out
 
@@ -258,7 +259,11 @@ def test_zero_adapter_leaves_the_compiled_unet_bit_identical(jax_out):
 
 def _torch_model(cls, config, name, params):
     model = cls(config) if not isinstance(config, dict) else cls(**config)
-    state = {lf.key: torch.from_numpy(flax_to_torch(lf.kind, np.asarray(x)))
+    keys = model.state_dict().keys()  # transformers 5's CLIPTextModel drops `text_model.`
+
+    def key(lf):
+        return next((k for k in torch_key_variants(name, lf.key) if k in keys), lf.key)
+    state = {key(lf): torch.from_numpy(flax_to_torch(lf.kind, np.asarray(x)))
              for lf, (_, x) in zip(torch_leaves(name, params), flat_leaves(params))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
@@ -266,8 +271,13 @@ def _torch_model(cls, config, name, params):
 
 
 @pytest.fixture(scope="module")
-def pipe(base):
-    tok_l, tok_g = get_tokenizers(PRESET)
+def pipe(base, tmp_path_factory):
+    from transformers import CLIPTokenizer
+    folder = tmp_path_factory.mktemp("tokenizers")
+    for tok, sub in zip(get_tokenizers(PRESET), ("tokenizer", "tokenizer_2")):
+        tok.save_pretrained(str(folder / sub))
+    tok_l, tok_g = (CLIPTokenizer.from_pretrained(str(folder / sub))
+                    for sub in ("tokenizer", "tokenizer_2"))
     return StableDiffusionXLPipeline(
         vae=AutoencoderKL(**presets.vae_config(PRESET)),
         text_encoder=_torch_model(CLIPTextModel, CLIPTextConfig(**presets.text_l_config(PRESET)),

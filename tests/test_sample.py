@@ -113,10 +113,9 @@ def test_sampler_builds_the_runs_attention_options(attention, split):
     from sdxl_jax.sample import ImageSampler
     cfg = tiny_config(**{"model.attention": attention, "model.split_head_dim": split}).to_dict()
     unet = ImageSampler(cfg, frozen={}).unet
-    assert unet.use_memory_efficient_attention == (attention == "memory_efficient")
-    assert unet.split_head_dim == split
+    assert (unet.attention, unet.split_head_dim) == (attention, split)
     del cfg["model"]["attention"], cfg["model"]["split_head_dim"]  # a run saved before the options
-    assert not ImageSampler(cfg, frozen={}).unet.use_memory_efficient_attention
+    assert ImageSampler(cfg, frozen={}).unet.attention == "standard"
 
 
 def test_sample_out_under_a_file_fails_before_any_work(tmp_path):

@@ -9,15 +9,16 @@ import pytest
 
 from sdxl_jax import models
 from sdxl_jax.models import presets
-from sdxl_jax.models.remat import (ATTENTION_MODES, REMAT_MODES, build_unet_from_config,
-                                   build_unet_variant, unet_class)
+from sdxl_jax.models.attention import ATTENTION_MODES
+from sdxl_jax.models.build import build_unet, build_unet_from_config
+from sdxl_jax.models.unet import REMAT_MODES, UNet2DConditionModel, dummy_inputs
 from sdxl_jax.tools import memory_report
 
-from helpers import TWO_LEVEL, two_level_params, unet_init_args
+from helpers import TWO_LEVEL, two_level_params
 
 PRESET = "tiny"
-# every remat mode and every attention option at least once (attention options only change
-# module fields, remat modes change the module classes)
+# every remat mode and every attention option at least once (each is a field of the UNet's
+# modules: none may change the parameter tree)
 # (the blocks variant also chunks the feed-forward: model.ff_chunks)
 VARIANTS = [("none", "standard", False, 1), ("blocks", "memory_efficient", False, 2), ("dots", "standard", True, 1)]
 assert {v[0] for v in VARIANTS} == set(REMAT_MODES) and {v[1] for v in VARIANTS} <= set(ATTENTION_MODES)
@@ -25,10 +26,10 @@ assert {v[0] for v in VARIANTS} == set(REMAT_MODES) and {v[1] for v in VARIANTS}
 
 @pytest.mark.parametrize("remat,attention,split,ff_chunks", VARIANTS)
 def test_variant_parameter_tree_is_identical(remat, attention, split, ff_chunks):
-    unet = build_unet_variant(PRESET, "float32", remat=remat, attention=attention, split_head_dim=split,
-                              ff_chunks=ff_chunks)
-    assert isinstance(unet, models.FlaxUNet2DConditionModel)
-    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *unet_init_args(presets.unet_config(PRESET))))["params"]
+    unet = build_unet(PRESET, "float32", remat=remat, attention=attention, split_head_dim=split,
+                      ff_chunks=ff_chunks)
+    assert isinstance(unet, UNet2DConditionModel)
+    got = jax.eval_shape(lambda: unet.init(jax.random.key(0), *dummy_inputs(presets.unet_config(PRESET))))["params"]
     want = models.abstract_params("unet", PRESET)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \
@@ -60,7 +61,7 @@ def _loss_fn(unet, inputs, target):
 
 def _value_and_grad(problem, **variant):
     params, inputs, target = problem
-    unet = build_unet_variant(TWO_LEVEL, "float32", **variant)
+    unet = build_unet(TWO_LEVEL, "float32", **variant)
     return jax.jit(jax.value_and_grad(_loss_fn(unet, inputs, target)))(params)
 
 
@@ -102,7 +103,7 @@ def test_remat_modes_put_the_unet_under_checkpoint(problem):
     params, inputs, target = problem
 
     def jaxpr(**variant):
-        unet = build_unet_variant(TWO_LEVEL, "float32", **variant)
+        unet = build_unet(TWO_LEVEL, "float32", **variant)
         return jax.make_jaxpr(_loss_fn(unet, inputs, target))(params)
 
     assert _checkpoints(jaxpr(remat="none")) == []
@@ -125,14 +126,14 @@ def test_build_unet_from_config_threads_model_options():
     assert cfg.model.preset == "tiny" and cfg.model.remat == "none"
     cfg.model.remat, cfg.model.attention, cfg.model.split_head_dim = "blocks", "memory_efficient", False
     unet = build_unet_from_config(cfg)
-    assert unet.use_memory_efficient_attention and not unet.split_head_dim
-    assert type(unet).__name__ == "PlannedFlaxUNet2DConditionModel"
+    assert (unet.remat, unet.attention, unet.split_head_dim) == ("blocks", "memory_efficient", False)
     assert unet.dtype == {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
-    cfg.model.remat, cfg.model.attention, cfg.model.split_head_dim = "dots", "standard", True
+    cfg.model.remat, cfg.model.attention, cfg.model.split_head_dim = "dots", "auto", True
     unet = build_unet_from_config(cfg)
-    assert unet.split_head_dim and not unet.use_memory_efficient_attention
+    # "auto" is resolved at build time, for this process's backend (CPU here)
+    assert (unet.remat, unet.attention, unet.split_head_dim) == ("dots", "dot_product", True)
     cfg.model.remat, cfg.model.ff_chunks = "none", 4
-    assert build_unet_from_config(cfg).__class__ is unet_class("none", "", 4)
+    assert build_unet_from_config(cfg).ff_chunks == 4
 
 
 class _Built(Exception):
@@ -143,30 +144,30 @@ def test_train_loop_builds_the_configured_unet(demo_cache, tmp_path, monkeypatch
     """train() builds its UNet through build_unet_from_config, so model.remat and the attention
     options reach the real step (stopped right there: nothing compiles)."""
     from helpers import tiny_config
-    from sdxl_jax.models import remat
+    from sdxl_jax.models import build
     from sdxl_jax.train.loop import train
     seen = []
 
     def spy(cfg):
-        seen.append((cfg.model.remat, cfg.model.attention, type(build_unet_from_config(cfg)).__name__))
+        unet = build_unet_from_config(cfg)
+        seen.append((unet.remat, unet.attention))
         raise _Built
-    monkeypatch.setattr(remat, "build_unet_from_config", spy)
+    monkeypatch.setattr(build, "build_unet_from_config", spy)
     cfg = tiny_config(**{"data.cache_dir": demo_cache, "model.remat": "blocks",
                          "model.attention": "memory_efficient"})
     with pytest.raises(_Built):
         train(cfg, str(tmp_path))
-    assert seen == [("blocks", "memory_efficient", "PlannedFlaxUNet2DConditionModel")]
+    assert seen == [("blocks", "memory_efficient")]
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(remat="layers"), "model.remat='layers'"),
     (dict(attention="flash"), "model.attention='flash'"),
-    (dict(attention="memory_efficient", split_head_dim=True), "model.split_head_dim"),
     (dict(ff_chunks=0), "model.ff_chunks=0"),
 ])
 def test_bad_options_name_the_config_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        build_unet_variant(PRESET, "float32", **kwargs)
+        build_unet(PRESET, "float32", **kwargs)
 
 
 # ---- memory report helpers ----------------------------------------------------------------------

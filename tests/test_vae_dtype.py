@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdxl_jax import models
-from sdxl_jax.models import build, hf, presets
+from sdxl_jax.models import build, presets
+from sdxl_jax.models.autoencoder import autoencoder
 
 
 def test_vae_dtype_rule():
@@ -21,11 +22,10 @@ def test_decode_that_overflows_float16_is_finite_through_the_project_path():
     # latents of std 2·10⁴: representable in fp16, but the decoder's first convolution sums them
     # to ~8·10⁴ (> 65504, fp16's largest value), as the SDXL VAE's decoder does in real decodes
     z = 2e4 * jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
-    fp16_module = hf.FlaxAutoencoderKL(**presets.vae_config("tiny"), dtype=jnp.float16)
+    fp16_module = autoencoder(presets.vae_config("tiny"), jnp.float16)
 
-    def raw_fp16(p, z):  # diffusers' module as built, in float16
-        return fp16_module.apply({"params": p}, z.astype(jnp.float16),
-                                 method=lambda m, z: m.decoder(m.post_quant_conv(z), deterministic=True))
+    def raw_fp16(p, z):  # the module as built, in float16
+        return fp16_module.apply({"params": p}, z.astype(jnp.float16), method="decode")
 
     @jax.jit
     def decodes(p, z):

@@ -38,8 +38,6 @@ def params_digest(params) -> str:
 
 
 def main():
-    from sdxl_jax.models.hf import block_torch
-    block_torch()  # as train.py does: diffusers would import torch (~3 s per process start)
     workdir, logfile, *pairs = sys.argv[1:]
     if os.environ.get("SDXL_JAX_TEST_COORDINATOR"):  # multi-process test: one of N CPU processes
         from sdxl_jax.parallel import maybe_initialize_distributed

@@ -8,7 +8,8 @@ ComfyUI maps exactly those names), `lora_te1_` / `lora_te2_` + the transformers 
 is how the adapter tree already holds them (lora.py), so writing is a rename.
 
 diffusers / PEFT: `unet.<diffusers module>.lora_A.weight` (A) / `.lora_B.weight` (B),
-`text_encoder.` / `text_encoder_2.` + the transformers module. PEFT files carry no per-layer
+`text_encoder.` / `text_encoder_2.` + the transformers module (transformers 5's names: CLIP-L
+without `text_model.`; transformers 4's are read too). PEFT files carry no per-layer
 alpha (diffusers then uses lora_alpha = r, i.e. scale 1), so α/r is folded into lora_B on
 export and a PEFT file imports with α = r; ΔW is the same either way. LoKr has no PEFT layout
 here (diffusers' loader does not read LyCORIS LoKr): use the kohya layout for it.
@@ -49,6 +50,17 @@ def torch_module_names(name: str, shapes: dict) -> dict:
     """{module path: PyTorch diffusers / transformers module name} for kernels of model `name`."""
     leaves = torch_leaves(name, _kernel_tree(shapes))
     return {lf.path[:-1]: lf.key[:-len(".weight")] for lf in leaves}
+
+
+def peft_module_names(name: str, shapes: dict, legacy: bool = False) -> dict:
+    """{module path: module name in a PEFT file, without the component prefix}: the PyTorch
+    module names of the newest diffusers / transformers. transformers 5's CLIPTextModel has no
+    `text_model.` level, so CLIP-L layers are `encoder.layers.…` (what diffusers' loader now
+    looks for); `legacy` gives transformers 4's `text_model.encoder.layers.…`, still read."""
+    names = torch_module_names(name, shapes)
+    if name != "text_l" or legacy:
+        return names
+    return {p: m.removeprefix("text_model.") for p, m in names.items()}
 
 
 def kohya_module_names(name: str, preset: str, shapes: dict) -> dict:
@@ -94,7 +106,7 @@ def peft_layout(adapters, plan: Plan, dtype=np.float16) -> list:
     dtype = np.dtype(dtype)
     layout = []
     for name, targets in plan.items():
-        names = torch_module_names(name, {p: t.shape for p, t in targets.items()})
+        names = peft_module_names(name, {p: t.shape for p, t in targets.items()})
         for path, t in targets.items():
             if t.algo != "lora":
                 raise ValueError(f"{name} {names[path]}: {t.algo} has no diffusers/PEFT layout; "
@@ -118,7 +130,7 @@ def peft_config_metadata(plan: Plan) -> dict:
     mixed ranks (LoCon's conv_rank); with α/r folded into lora_B, alpha = r for each layer."""
     packed = {}
     for name, targets in plan.items():
-        names = torch_module_names(name, {p: t.shape for p, t in targets.items()})
+        names = peft_module_names(name, {p: t.shape for p, t in targets.items()})
         ranks = {names[p]: t.rank for p, t in targets.items()}
         common = max(set(ranks.values()), key=list(ranks.values()).count)
         odd = {m: r for m, r in ranks.items() if r != common}
@@ -193,7 +205,8 @@ def _module_index(preset: str, models, fmt: str) -> dict:
                              for p, m in torch_module_names(name, shapes).items()})
         else:
             maps = [{p: PEFT_PREFIX[name] + m
-                     for p, m in torch_module_names(name, shapes).items()}]
+                     for p, m in peft_module_names(name, shapes, legacy).items()}
+                    for legacy in (False, True)]
         for names in maps:
             for p, module in names.items():
                 index.setdefault(module, (name, p, shapes[p]))

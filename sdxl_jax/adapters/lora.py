@@ -11,9 +11,8 @@ optimizer state and EMA exist only for the adapter tree. Inside the jitted step 
   targeted kernel across the step; SDXL rank 32 at 1024² on one device went from 23.79 to
   18.88 GiB, README). The branch runs in the layer's compute dtype (bf16 in real runs; the
   adapter params are cast to it), down is the layer itself with r outputs (a k×k LoCon conv
-  keeps its strides and padding), up a 1×1 projection. It works in any Flax model (diffusers'
-  UNet under every model.remat mode, the branch recomputed with its block; transformers' CLIP
-  text encoders). A zero-initialised adapter (B = 0) adds an exact 0 to every targeted layer
+  keeps its strides and padding), up a 1×1 projection. It works in any Flax model (the UNet
+  under every model.remat mode, the branch recomputed with its block; the CLIP text towers). A zero-initialised adapter (B = 0) adds an exact 0 to every targeted layer
   (op by op the output is bit-identical to the base model's; compiled, XLA may rewrite the
   neighbouring ops differently: a last-bit difference).
 - LoKr keeps the merged form (`apply_adapters`: each targeted kernel replaced by W + s·ΔW,
@@ -24,12 +23,10 @@ Previews, validation (`apply_adapters`, merged once per evaluation) and exports
 (`merge_params`, on the host) run on merged kernels.
 
 Why not qwix (Google's LoraProvider, which intercepts dot_general / conv): qwix 0.1.8
-installs with jax 0.10.2 / flax 0.12.8, but `apply_lora_to_model(FlaxUNet2DConditionModel)`
-fails (its module copy drops diffusers' `config`: AttributeError in setup); through a wrapper
-module it works, but then the adapter leaves live inside the base tree (`kernel_lora_a` next
-to `kernel`) under an extra path level, it has no LoKr, and the kohya/PEFT files need our own
-names anyway. Flax's own method interception gives the same factorised compute with the
-adapter tree kept apart.
+installs with jax 0.10.2 / flax 0.12.8, but its adapter leaves live inside the base tree
+(`kernel_lora_a` next to `kernel`, under an extra path level when the model is wrapped), it
+has no LoKr, and the kohya/PEFT files need our own names anyway. Flax's own method
+interception gives the same factorised compute with the adapter tree kept apart.
 
 Layout of the adapter params: a nested dict mirroring each model's module path, holding the
 tensors exactly as the kohya file stores them (PyTorch orientation), so export is a rename:
@@ -327,7 +324,7 @@ def lora_interceptor(targets: dict, adapters: dict, scale=1.0, masks: dict | Non
     whose path is a LoRA target of `targets` ({path: Target}, one model of a plan) returns
     module(x) + lora_branch(x), from the (traced) adapter tree `adapters` of that model.
     Works under nn.remat (the branch is recomputed with its block) and in any Flax model:
-    Dense and Conv layers of diffusers' UNet, transformers' CLIP."""
+    the nn.Dense and nn.Conv layers of the UNet and of the CLIP text towers."""
     masks = masks or {}
 
     def intercept(next_fun, args, kwargs, context):

@@ -1,7 +1,13 @@
-"""Fused attention kernels for the UNet's attention layers, with diffusers' parameter tree.
+"""The attention product softmax(q·kᵀ·scale)·v of the UNet's attention layers, per `model.attention`.
 
-`model.attention` values handled here (the diffusers-native "standard" / "memory_efficient"
-stay diffusers' own code):
+Every kernel takes and returns (batch, length, heads, head_dim); the layer that calls it
+(`transformer.Attention`) owns the projections, so the choice never touches a parameter.
+- "standard": two einsums and a softmax in the compute dtype. `split_head_dim=False` folds the
+  heads into the batch ((batch·heads, L, d) matrices), True keeps them as an axis; the same
+  product, two layouts for XLA (the second is often faster on TPU).
+- "memory_efficient": the same product over query chunks (arXiv 2112.05682), each chunk
+  checkpointed, so the backward never holds more than one chunk's attention matrix. Keys are
+  not chunked: SDXL's longest key sequence (4096 tokens at 1024²) fits one chunk.
 - "dot_product": `jax.nn.dot_product_attention`. On an NVIDIA GPU with bf16/fp16 inputs it asks
   for cuDNN's fused flash attention (`implementation="cudnn"`): in JAX 0.10.2 the default
   `implementation=None` always takes the XLA path, so the kernel has to be requested. Shapes
@@ -11,11 +17,6 @@ stay diffusers' own code):
   splash_attention`), flash-style blocks in VMEM, never the L×L matrix in HBM. TPU only.
 - "auto": the best of these for the backend (`resolve`): gpu → dot_product (cuDNN),
   tpu → splash, cpu → dot_product.
-
-`kernel_class(FlaxAttention, name)` subclasses diffusers' FlaxAttention with the same fields and
-the same setup (to_q / to_k / to_v / to_out_0), replacing only the product in `__call__`, so a
-checkpoint of the plain model loads unchanged. `split_head_dim` has no effect on these kernels
-(they always take (batch, length, heads, head_dim)).
 """
 from __future__ import annotations
 
@@ -27,10 +28,7 @@ import jax.numpy as jnp
 
 log = logging.getLogger("sdxl_jax.models")
 
-# the modes diffusers computes itself (FlaxAttention's use_memory_efficient_attention flag)
-DIFFUSERS_MODES = ("standard", "memory_efficient")
-KERNEL_MODES = ("dot_product", "splash")
-ATTENTION_MODES = DIFFUSERS_MODES + KERNEL_MODES + ("auto",)
+ATTENTION_MODES = ("standard", "memory_efficient", "dot_product", "splash", "auto")
 _AUTO = {"gpu": "dot_product", "tpu": "splash", "cpu": "dot_product"}
 # Pallas TPU kernels tile sequences in blocks of 128 lanes; the largest block dividing the
 # padded length is taken, up to 512 (larger q/kv blocks amortise the per-block overhead).
@@ -59,6 +57,39 @@ def resolve(mode: str, backend: str | None = None) -> str:
 @functools.lru_cache(maxsize=None)
 def _log_once(message: str) -> None:  # once per distinct message (shape), not per layer
     log.warning(message)
+
+
+def standard(q, k, v, scale: float, *, split_head_dim: bool = False):
+    """softmax(q·kᵀ·scale)·v with the full (L, S) matrix, in the inputs' dtype."""
+    b, length, heads, d = q.shape
+    if split_head_dim:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+    def fold(x):  # (B, L, H, D) → (B·H, L, D)
+        return x.transpose(0, 2, 1, 3).reshape(b * heads, x.shape[1], d)
+    scores = jnp.einsum("bqd,bkd->bqk", fold(q), fold(k)) * scale
+    out = jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(scores, axis=-1), fold(v))
+    return out.reshape(b, heads, length, d).transpose(0, 2, 1, 3)
+
+
+def _query_chunk(length: int) -> int:
+    # 64, 16 or 4 chunks, the first count that divides the length (else one chunk)
+    return next((length // n for n in (64, 16, 4) if length % n == 0), length)
+
+
+def memory_efficient(q, k, v, scale: float):
+    """`standard` over query chunks under `lax.map`, each chunk checkpointed (recomputed in the
+    backward), so at most one chunk's (chunk, S) attention matrix is alive at a time."""
+    b, length, heads, d = q.shape
+    chunk = _query_chunk(length)
+    qs = q.reshape(b, length // chunk, chunk, heads, d).swapaxes(0, 1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(q_chunk):
+        return standard(q_chunk, k, v, scale, split_head_dim=True)
+    out = jax.lax.map(one, qs)  # (chunks, B, chunk, H, D)
+    return out.swapaxes(0, 1).reshape(b, length, heads, d)
 
 
 def dot_product(q, k, v, scale: float):
@@ -132,33 +163,10 @@ def splash(q, k, v, scale: float, *, interpret: bool = False):
 
 
 KERNELS = {
+    "standard": standard,
+    "memory_efficient": memory_efficient,
     "dot_product": dot_product,
     "splash": splash,
     # the splash kernel through the Pallas interpreter: tests on CPU only, not a config value
     "splash_interpret": functools.partial(splash, interpret=True),
 }
-
-
-# ---- the module ------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def kernel_class(base: type, kernel: str) -> type:
-    """A subclass of diffusers' FlaxAttention `base` computing the product with KERNELS[kernel].
-
-    Same dataclass fields, same setup, so the same submodules and parameter names; only the
-    q·k / softmax / ·v part of `__call__` differs (diffusers' einsum or chunked scan)."""
-    fn = KERNELS[kernel]
-
-    def __call__(self, hidden_states, context=None, deterministic=True):  # noqa: N807
-        context = hidden_states if context is None else context
-        b = hidden_states.shape[0]
-
-        def heads(x):
-            return x.reshape(b, -1, self.heads, self.dim_head)
-        out = fn(heads(self.query(hidden_states)), heads(self.key(context)),
-                 heads(self.value(context)), self.scale)
-        out = self.proj_attn(out.reshape(b, -1, self.heads * self.dim_head))
-        return self.dropout_layer(out, deterministic=deterministic)
-
-    return type(f"{kernel.title().replace('_', '')}{base.__name__}", (base,), {
-        "__call__": __call__,
-        "__doc__": f"{base.__name__} with the {kernel!r} attention kernel; same parameters."})

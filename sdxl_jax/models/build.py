@@ -16,7 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdxl_jax.models import hf, presets
+from sdxl_jax.models import attention as attention_kernels
+from sdxl_jax.models import presets
+from sdxl_jax.models import unet as unet_module
+from sdxl_jax.models.autoencoder import autoencoder
+from sdxl_jax.models.clip import text_tower
 from sdxl_jax.models.tokenizer import SEQ_LEN
 
 MODEL_NAMES = ("unet", "vae", "text_l", "text_g")
@@ -37,13 +41,29 @@ def _dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def build_unet(preset: str, dtype="bfloat16", *, use_memory_efficient_attention: bool = False,
-               split_head_dim: bool = False):
-    """FlaxUNet2DConditionModel; compute in `dtype`, params float32."""
-    return hf.FlaxUNet2DConditionModel(
-        **presets.unet_config(preset), dtype=_dtype(dtype),
-        use_memory_efficient_attention=use_memory_efficient_attention,
-        split_head_dim=split_head_dim)
+def build_unet(preset, dtype="bfloat16", *, remat: str = "none", attention: str = "standard",
+               split_head_dim: bool = False, ff_chunks: int = 1):
+    """The SDXL UNet of `preset` (a preset name, or a UNet config dict such as
+    `presets.unet_config` returns); compute in `dtype`, params float32. The options are the
+    `model.*` keys of the same names; none of them changes the parameters. "auto" attention is
+    resolved for the backend of this process (`attention.resolve`)."""
+    if remat not in unet_module.REMAT_MODES:  # before attention: one bad key at a time, this first
+        raise ValueError(f"model.remat={remat!r}: must be one of {unet_module.REMAT_MODES}")
+    kernel = attention_kernels.resolve(attention)
+    if isinstance(ff_chunks, bool) or not isinstance(ff_chunks, int) or ff_chunks < 1:
+        raise ValueError(f"model.ff_chunks={ff_chunks!r}: must be an integer ≥ 1 (1 = unchunked)")
+    sizes = presets.unet_config(preset) if isinstance(preset, str) else dict(preset)
+    return unet_module.UNet2DConditionModel(
+        **sizes, dtype=_dtype(dtype), remat=remat, attention=kernel,
+        split_head_dim=bool(split_head_dim), ff_chunks=ff_chunks)
+
+
+def build_unet_from_config(cfg):
+    """The UNet described by `cfg.model` (preset, dtype, remat, attention, split_head_dim,
+    ff_chunks)."""
+    m = cfg.model
+    return build_unet(m.preset, m.dtype, remat=m.remat, attention=m.attention,
+                      split_head_dim=m.split_head_dim, ff_chunks=int(m.get("ff_chunks", 1)))
 
 
 def vae_dtype(model_dtype) -> jnp.dtype:
@@ -66,37 +86,27 @@ def _log_vae_dtype_once() -> None:
 
 
 def build_vae(preset: str, dtype="bfloat16"):
-    """FlaxAutoencoderKL; compute in `vae_dtype(dtype)` (never float16), params float32."""
-    return hf.FlaxAutoencoderKL(**presets.vae_config(preset), dtype=vae_dtype(dtype))
+    """The VAE (`autoencoder.AutoencoderKL`); compute in `vae_dtype(dtype)` (never float16),
+    params float32."""
+    return autoencoder(presets.vae_config(preset), vae_dtype(dtype))
 
 
 def build_text_encoders(preset: str, dtype="bfloat16"):
-    """(CLIP-L text module, bigG text module with projection): the bare linen modules of
-    transformers' Flax CLIP, so parameters live outside them like every other model here."""
+    """(CLIP-L text tower, bigG text tower with projection): `clip.CLIPTextTower` modules."""
     dt = _dtype(dtype)
-    config_l = hf.CLIPTextConfig(**presets.text_l_config(preset))
-    config_g = hf.CLIPTextConfig(**presets.text_g_config(preset))
-    return (hf.FlaxCLIPTextModel.module_class(config=config_l, dtype=dt),
-            hf.FlaxCLIPTextModelWithProjection.module_class(config=config_g, dtype=dt))
+    return (text_tower(presets.text_l_config(preset), False, dt),
+            text_tower(presets.text_g_config(preset), True, dt))
 
 
 def _module_and_inputs(name: str, preset: str):
     """A module and minimal dummy inputs for tracing its init (params do not depend on sizes)."""
     if name == "unet":
-        cfg = presets.unet_config(preset)
-        time_dim = cfg["addition_time_embed_dim"]
-        args = (jnp.zeros((1, cfg["in_channels"], 8, 8)), jnp.zeros((1,), jnp.int32),
-                jnp.zeros((1, 1, cfg["cross_attention_dim"])),
-                {"text_embeds": jnp.zeros((1, cfg["projection_class_embeddings_input_dim"]
-                                           - 6 * time_dim)),
-                 "time_ids": jnp.zeros((1, 6))})
-        return build_unet(preset, "float32"), args
+        return build_unet(preset, "float32"), unet_module.dummy_inputs(presets.unet_config(preset))
     if name == "vae":
-        return build_vae(preset, "float32"), (jnp.zeros((1, 3, 16, 16)),)
+        return build_vae(preset, "float32"), (jnp.zeros((1, 16, 16, 3)),)
     if name in ("text_l", "text_g"):
         module = build_text_encoders(preset, "float32")[name == "text_g"]
-        ids = jnp.zeros((1, SEQ_LEN), jnp.int32)
-        return module, (ids, jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(SEQ_LEN), ids.shape))
+        return module, (jnp.zeros((1, SEQ_LEN), jnp.int32),)
     raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
 
 

@@ -1,11 +1,11 @@
 """Names and layouts between our Flax parameter trees and PyTorch diffusers / transformers.
 
-Written from the module definitions, not from diffusers' own Flax<->PyTorch helpers (those
-drop SDXL's `add_embedding` tensors). Everything is driven by the Flax tree of the model
+Written from the module definitions (autoencoder.py, clip.py, unet.py and the PyTorch modules
+they mirror). Everything is driven by the Flax tree of the model
 (`abstract_params`), so the expected PyTorch state dict (keys and shapes) is derived from the
 very modules we build, and works on `jax.ShapeDtypeStruct` leaves as well as on arrays.
 
-Rules (diffusers 0.39 Flax UNet/VAE, transformers 4.57 Flax CLIP vs their PyTorch twins):
+Rules (our UNet / VAE / CLIP modules vs diffusers' and transformers' PyTorch ones):
 - path: Flax names list members `down_blocks_0`, `resnets_1`, `to_out_0`, `net_2`; PyTorch
   `down_blocks.0`, `resnets.1`, `to_out.0`, `net.2`. CLIP layers are `layers/0` vs `layers.0`.
 - VAE mid-block attention: Flax `query/key/value/proj_attn`, PyTorch `to_q/to_k/to_v/to_out.0`.
@@ -30,6 +30,22 @@ _VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": 
 # diffusers < 0.14 saved the VAE attention under the Flax-like names; accepted when loading.
 LEGACY_TORCH_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 _LIST_ITEM = re.compile(r"^(.*)_(\d+)$")
+# transformers 5's CLIPTextModel is the text transformer itself: its state dict (and the files it
+# saves) lack the `text_model.` prefix that transformers 4 and every SDXL checkpoint carry
+# (CLIPTextModelWithProjection keeps it). Both are read; we write the prefixed form, which both
+# transformers versions load.
+_TEXT_PREFIX = "text_model."
+
+
+def torch_key_variants(name: str, key: str) -> tuple[str, ...]:
+    """The state-dict keys under which a PyTorch parameter may be stored, preferred first."""
+    variants = [key]
+    if name == "vae":
+        variants += [key.replace(f".{new}.", f".{old}.") for new, old in LEGACY_TORCH_NAMES.items()
+                     if f".{new}." in key]
+    if name == "text_l" and key.startswith(_TEXT_PREFIX):
+        variants.append(key[len(_TEXT_PREFIX):])
+    return tuple(variants)
 
 
 class Leaf(NamedTuple):

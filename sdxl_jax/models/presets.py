@@ -5,8 +5,7 @@ Each function returns constructor kwargs for the diffusers / transformers config
 same dicts describe the modules built here and the folders written by export. "tiny" keeps every
 structural feature of SDXL (3 UNet levels: plain, cross-attn, cross-attn with deeper
 transformers; text_time micro-conditioning; 8x VAE; two CLIP text towers, penultimate states
-concatenated) at widths that run on a CPU. diffusers' Flax UNet hard-codes GroupNorm(32), so
-tiny UNet widths are multiples of 32.
+concatenated) at widths that run on a CPU.
 """
 from __future__ import annotations
 
@@ -53,7 +52,8 @@ def text_g_config(preset: str) -> dict:
 
 
 def unet_config(preset: str) -> dict:
-    """FlaxUNet2DConditionModel kwargs. `attention_head_dim` is the number of heads per level
+    """UNet config (`unet.UNet2DConditionModel` fields = diffusers' UNet2DConditionModel config
+    keys). `attention_head_dim` is the number of heads per level
     (diffusers' naming quirk, identical in the PyTorch SDXL config)."""
     _check(preset)
     hidden_l = text_l_config(preset)["hidden_size"]
@@ -64,7 +64,10 @@ def unet_config(preset: str) -> dict:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block=2, use_linear_projection=True, flip_sin_to_cos=True, freq_shift=0,
-        addition_embed_type="text_time",
+        addition_embed_type="text_time", act_fn="silu",
+        # every GroupNorm of the resnets, transformers and output (the transformers' eps is
+        # PyTorch's fixed 1e-6); a preset may pick another group count dividing its widths
+        norm_num_groups=32, norm_eps=1e-5,
         # CLIP-L penultimate ‖ bigG penultimate
         cross_attention_dim=hidden_l + hidden_g,
     )
@@ -82,9 +85,9 @@ def unet_config(preset: str) -> dict:
                      down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
                      transformer_layers_per_block=(1,), attention_head_dim=(2,))
     else:
-        # Sized for CPU: fwd+bwd at batch 8 of 16×16 latents in ~0.18 s on 2 cores. Widths are
-        # multiples of 32: diffusers' Flax UNet hard-codes GroupNorm(32), which at 32 channels is
-        # a per-channel instance norm that removes every channel's spatial mean (a flat colour,
+        # Sized for CPU: fwd+bwd at batch 8 of 16×16 latents in ~0.18 s on 2 cores. GroupNorm
+        # keeps SDXL's 32 groups (the checkpoints of earlier runs were trained so); at 32 channels
+        # that is a per-channel instance norm that removes every channel's spatial mean (a flat colour,
         # the time / pooled-text embedding added before norm2). The first level, which feeds
         # the output norm, therefore has 64 channels (2 per group): with 32 the demo sampled
         # speckled textures, never flat fields (README, "the demo"). One resnet per level halves
@@ -98,7 +101,8 @@ def unet_config(preset: str) -> dict:
 
 
 def vae_config(preset: str) -> dict:
-    """FlaxAutoencoderKL kwargs (4 levels = 8x down/up sampling, 4 latent channels)."""
+    """AutoencoderKL config (diffusers' field names; 4 levels = 8x down/up sampling, 4 latent
+    channels). GroupNorm eps is autoencoder.VAEConfig's default, 1e-6 as in every SD VAE."""
     common = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", latent_channels=4,
                   scaling_factor=0.13025)

@@ -15,9 +15,8 @@ def _chunks(ids, max_chunks: int):
 
 
 def _run(module, params, ids):
-    positions = jnp.broadcast_to(jnp.arange(SEQ_LEN, dtype=jnp.int32), ids.shape)
-    return module.apply({"params": params}, ids, jnp.ones_like(ids), positions,
-                        output_hidden_states=True)
+    # no padding mask: SDXL's towers attend causally over the padding, as they were trained
+    return module.apply({"params": params}, ids)
 
 
 def encode_text(text_l, text_g, params_l, params_g, ids_l, ids_g, max_chunks: int):

@@ -7,9 +7,10 @@ symbols (plain and word-final "</w>"), merges that make each demo word a single 
 (SDXL's configs pool the EOS state at argmax(ids), which relies on EOS being the highest id).
 Any other text still tokenizes, into byte-level pieces.
 
-The tokenizers are transformers' `CLIPTokenizerFast` (Rust `tokenizers`), rebuilt so the ids equal
-those of the Python `CLIPTokenizer` this project used before (and still builds with `fast=False`):
-the Python one ran ~950 captions/s per tower in the loader, the Rust one many times that.
+The tokenizers are Rust `tokenizers` BPE models (`ClipTokenizer`), normalised and pre-tokenised so
+the ids equal those of transformers' former Python `CLIPTokenizer` this project used at first
+(tests/test_tokenizer_fast.py checks them against that tokenizer's recorded ids): the Python one
+ran ~950 captions/s per tower in the loader, the Rust one many times that.
 """
 from __future__ import annotations
 
@@ -148,14 +149,15 @@ def tiny_tokenizer_dir() -> str:
 
 
 # ---- the Rust tokenizer, made to give the Python CLIPTokenizer's ids ------------------------
-# transformers' CLIPTokenizer without ftfy (not installed here) normalises with BERT's
-# BasicTokenizer: drop NUL, U+FFFD and every "C*" category character (tab/newline/CR become
+# transformers' (4.x, Python) CLIPTokenizer without ftfy (not installed here) normalises with
+# BERT's BasicTokenizer: drop NUL, U+FFFD and every "C*" category character (tab/newline/CR become
 # spaces), put spaces around CJK ideographs, NFC, split on whitespace, Python's str.lower() (with
-# its final-sigma rule); then CLIP's regex (IGNORECASE) and byte-level BPE. The converted
-# CLIPTokenizerFast instead does NFC, whitespace, a per-character lowercase, so it differs on CJK,
-# control and zero-width characters, final sigma and U+0345. Measured on every code point below
-# U+30000 in four word contexts: 271 of the 145,854 assigned ones differed before the fix; with
-# it, none (tests/test_tokenizer_fast.py checks a sample of 1,500 and ~330 captions). The
+# its final-sigma rule); then CLIP's regex (IGNORECASE) and byte-level BPE. The converted Rust
+# tokenizer (CLIPTokenizerFast; transformers 5's CLIPTokenizer) instead does NFC, whitespace, a
+# per-character lowercase, so it differs on CJK, control and zero-width characters, final sigma
+# and U+0345. Measured on every code point below U+30000 in four word contexts: 271 of the
+# 145,854 assigned ones differed without the normaliser below; with it, none
+# (tests/test_tokenizer_fast.py checks a sample of 1,500 and ~330 captions). The
 # character classes come from Python's own unicodedata, not the regex engine's newer Unicode.
 
 # The CJK blocks BasicTokenizer._is_chinese_char pads with spaces (BERT's ranges).
@@ -211,12 +213,17 @@ def _final_sigma_pattern() -> str:
             f"(?!{u['ignorable']}*{u['cased']})")
 
 
-def match_python_clip(tokenizer):
-    """Give a CLIPTokenizerFast the Python CLIPTokenizer's normaliser and pre-tokeniser, in place."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
+def _backend(vocab: dict, merges: list, bos: int, eos: int, pad_token: str):
+    """CLIP's byte-level BPE as a Rust `tokenizers.Tokenizer`, normalised and pre-tokenised like
+    the Python CLIPTokenizer; encodes BOS … EOS when asked for special tokens. BOS, EOS and the
+    pad token are special tokens, matched whole in any text (so with bigG's pad token "!", "!!"
+    is two "!" tokens, as transformers' tokenizers have always split it)."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
 
-    backend = tokenizer.backend_tokenizer
-    backend.normalizer = normalizers.Sequence([
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="",
+                        end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS))
+    tok.normalizer = normalizers.Sequence([
         normalizers.Replace(Regex(_unicode_classes()["dropped"]), ""),
         normalizers.NFC(),
         normalizers.Replace(Regex(_final_sigma_pattern()), "\u03c2"),
@@ -225,25 +232,94 @@ def match_python_clip(tokenizer):
         # case-folds to iota), so the Python tokenizer skips it like a space.
         normalizers.Replace("\u0345", " "),
     ])
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_CJK_CLASS), behavior="isolated"),
         pre_tokenizers.Split(Regex(_CLIP_PATTERN), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    return tokenizer
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.RobertaProcessing((EOS, eos), (BOS, bos), trim_offsets=False,
+                                                      add_prefix_space=False)
+    tok.add_special_tokens(list(dict.fromkeys([BOS, EOS, pad_token])))
+    return tok
 
 
-def _tokenizer_classes(fast: bool):
-    from sdxl_jax.models.hf import CLIPTokenizer  # installs the log filters first
-    if not fast:
-        return CLIPTokenizer, lambda tok: tok
-    from transformers import CLIPTokenizerFast
-    return CLIPTokenizerFast, match_python_clip
+class ClipTokenizer:
+    """One SDXL tower's CLIP tokenizer: the vocabulary, the pad token, the Rust tokenizer.
+
+    `save_pretrained` writes the folder layout of SDXL's tokenizer/ and tokenizer_2/ (vocab.json,
+    merges.txt, tokenizer_config.json, special_tokens_map.json), which transformers'
+    CLIPTokenizer loads.
+    """
+    is_fast = True
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str):
+        if pad_token not in vocab:
+            raise ValueError(f"pad token {pad_token!r} is not in the vocabulary")
+        self.vocab, self.merges, self.pad_token = vocab, [tuple(m) for m in merges], pad_token
+        self.bos_token_id, self.eos_token_id = vocab[BOS], vocab[EOS]
+        self.pad_token_id = vocab[pad_token]
+        self.backend_tokenizer = _backend(vocab, self.merges, self.bos_token_id,
+                                          self.eos_token_id, pad_token)
+
+    @classmethod
+    def from_files(cls, vocab_file: str, merges_file: str, pad_token: str) -> "ClipTokenizer":
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(merges_file, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(line.split()) for line in lines
+                  if line and not line.startswith("#version")]
+        return cls(vocab, merges, pad_token)
+
+    @classmethod
+    def from_folder(cls, folder: str) -> "ClipTokenizer":
+        """A tokenizer/ folder as diffusers SDXL folders (and `save_pretrained`) hold it."""
+        files = [os.path.join(folder, n) for n in ("vocab.json", "merges.txt")]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{folder}: not a CLIP tokenizer folder (missing {missing})")
+        return cls.from_files(*files, _pad_token(folder))
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
+        return [self.vocab[t] for t in tokens]
+
+    def tokenize(self, text: str) -> list[str]:
+        """The BPE tokens of `text` (no BOS / EOS)."""
+        return self.backend_tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def save_pretrained(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(self.vocab, f, ensure_ascii=False)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in self.merges) + "\n")
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
+        with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+            json.dump(special, f, indent=2)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": SEQ_LEN,
+                       "do_lower_case": True, "clean_up_tokenization_spaces": True,
+                       "add_prefix_space": False, "errors": "replace", **special}, f, indent=2)
 
 
-def _load_pretrained(pretrained: str, fast: bool = True):
-    cls, finish = _tokenizer_classes(fast)
+def _pad_token(folder: str) -> str:
+    """The pad token a tokenizer folder names (special_tokens_map / tokenizer_config); EOS when
+    neither does (CLIP's own default)."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                pad = json.load(f).get("pad_token")
+            if pad is not None:
+                return pad["content"] if isinstance(pad, dict) else pad
+    return EOS
 
+
+def _load_pretrained(pretrained: str):
     if os.path.isdir(pretrained):
         folders = [os.path.join(pretrained, sub) for sub in ("tokenizer", "tokenizer_2")]
         missing = [f for f in folders if not os.path.isdir(f)]
@@ -251,16 +327,18 @@ def _load_pretrained(pretrained: str, fast: bool = True):
             raise FileNotFoundError(
                 f"model.pretrained={pretrained!r} is a folder but lacks {missing}; point it at a "
                 "diffusers SDXL folder (with tokenizer/ and tokenizer_2/)")
-        return tuple(finish(cls.from_pretrained(f)) for f in folders)
+        return tuple(ClipTokenizer.from_folder(f) for f in folders)
     source = pretrained
     if os.path.isfile(pretrained):
         # Single-file checkpoints carry no tokenizer; SDXL's are the stock CLIP ones.
         log.info("%s holds no tokenizer; using %s's tokenizers", pretrained, SDXL_HUB_ID)
         source = SDXL_HUB_ID
+    from huggingface_hub import snapshot_download
     try:
-        return tuple(finish(cls.from_pretrained(source, subfolder=sub))
+        folder = snapshot_download(source, allow_patterns=["tokenizer/*", "tokenizer_2/*"])
+        return tuple(ClipTokenizer.from_folder(os.path.join(folder, sub))
                      for sub in ("tokenizer", "tokenizer_2"))
-    except OSError as e:
+    except Exception as e:  # huggingface_hub raises its own errors for offline / missing repos
         raise OSError(
             f"could not load the SDXL tokenizers from {source!r} (model.pretrained={pretrained!r})"
             ": give a local diffusers folder, or be online for a Hub id") from e
@@ -285,26 +363,24 @@ def write_clip_vocab(bpe_path: str, out_dir: str) -> tuple[str, str]:
     return vocab_file, merges_file
 
 
-def tokenizers_from_files(vocab_file: str, merges_file: str, fast: bool = True):
+def tokenizers_from_files(vocab_file: str, merges_file: str):
     """(CLIP-L, bigG) tokenizers of one CLIP vocabulary: CLIP-L pads with EOS, bigG with "!"."""
-    cls, finish = _tokenizer_classes(fast)
-    files = dict(vocab_file=vocab_file, merges_file=merges_file, model_max_length=SEQ_LEN)
-    return finish(cls(**files, pad_token=EOS)), finish(cls(**files, pad_token=PAD_G))
+    return (ClipTokenizer.from_files(vocab_file, merges_file, EOS),
+            ClipTokenizer.from_files(vocab_file, merges_file, PAD_G))
 
 
-def get_tokenizers(preset: str, pretrained: str = "", fast: bool = True):
+def get_tokenizers(preset: str, pretrained: str = ""):
     """(tokenizer for CLIP-L, tokenizer for bigG).
 
     pretrained "" (or a CPU-sized preset: tiny, micro): the generated offline vocabulary; CLIP-L's
-    pads with EOS, bigG's with "!" (id 0) like SDXL's tokenizer / tokenizer_2. Otherwise a diffusers folder's
-    tokenizer/ and tokenizer_2/ (a Hub id when online). `fast` (default): the Rust tokenizers,
-    same ids as the Python ones (`fast=False`).
+    pads with EOS, bigG's with "!" (id 0) like SDXL's tokenizer / tokenizer_2. Otherwise a diffusers
+    folder's tokenizer/ and tokenizer_2/ (a Hub id when online).
     """
     if offline_preset(preset) or not pretrained:
         folder = tiny_tokenizer_dir()
         return tokenizers_from_files(os.path.join(folder, "vocab.json"),
-                                     os.path.join(folder, "merges.txt"), fast)
-    return _load_pretrained(pretrained, fast)
+                                     os.path.join(folder, "merges.txt"))
+    return _load_pretrained(pretrained)
 
 
 def tokenize(tokenizer, captions: list[str], max_chunks: int) -> np.ndarray:
@@ -338,11 +414,7 @@ def tokenize(tokenizer, captions: list[str], max_chunks: int) -> np.ndarray:
 
 
 def _token_ids(tokenizer, captions: list[str]) -> list[list[int]]:
-    """Token ids of each caption without BOS/EOS; the Rust batch call when the tokenizer has one."""
-    if getattr(tokenizer, "is_fast", False):
-        # straight to the Rust batch encoder (GIL released), skipping the transformers wrapper's
-        # BatchEncoding bookkeeping; the _fast variant tracks no offsets (~15 % faster measured).
-        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(
-            captions, add_special_tokens=False)]
-    # verbose=False: long captions are expected here, not worth the "too long" warning.
-    return tokenizer(captions, add_special_tokens=False, verbose=False)["input_ids"]
+    """Token ids of each caption without BOS/EOS, from the Rust batch encoder (GIL released; the
+    _fast variant tracks no offsets)."""
+    return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(
+        captions, add_special_tokens=False)]

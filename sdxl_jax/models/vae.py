@@ -1,15 +1,14 @@
 """SDXL VAE in channels-last, float32 at the boundary.
 
-Calls the encoder/decoder submodules directly (diffusers' `encode`/`decode` take and return
-NCHW) and forms the posterior from float32 moments, so a bf16 compute dtype never rounds
-the latent mean/std that the cache stores. A VAE module built in float16 (outside
-`build.build_vae`, which never does) is run in bfloat16 here: the SDXL VAE overflows float16.
+The posterior is formed from float32 moments, so a bf16 compute dtype never rounds the latent
+mean/std that the cache stores. A VAE module built in float16 (outside `build.build_vae`, which
+never does) is run in bfloat16 here: the SDXL VAE overflows float16.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from sdxl_jax.models import hf
+from sdxl_jax.models.autoencoder import DiagonalGaussian
 from sdxl_jax.models.build import vae_dtype
 
 
@@ -22,21 +21,13 @@ def _never_fp16(vae):
 def vae_encode(vae, params, images_NHWC):
     """Images in [-1, 1] → (mean_NHWC, std_NHWC) of the raw (unscaled) latents, float32."""
     vae = _never_fp16(vae)
-
-    def encode(module, x):
-        return module.quant_conv(module.encoder(x, deterministic=True))
-
-    moments = vae.apply({"params": params}, images_NHWC.astype(vae.dtype), method=encode)
-    posterior = hf.FlaxDiagonalGaussianDistribution(moments.astype(jnp.float32))
+    moments = vae.apply({"params": params}, images_NHWC.astype(vae.dtype), method="encode")
+    posterior = DiagonalGaussian(moments.astype(jnp.float32))
     return posterior.mean, posterior.std
 
 
 def vae_decode(vae, params, latents_NHWC):
     """Raw (unscaled) latents → images_NHWC, about [-1, 1], float32."""
     vae = _never_fp16(vae)
-
-    def decode(module, z):
-        return module.decoder(module.post_quant_conv(z), deterministic=True)
-
-    images = vae.apply({"params": params}, latents_NHWC.astype(vae.dtype), method=decode)
+    images = vae.apply({"params": params}, latents_NHWC.astype(vae.dtype), method="decode")
     return images.astype(jnp.float32)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from sdxl_jax.models import build, sgm
-from sdxl_jax.models.convert import (LEGACY_TORCH_NAMES, flat_leaves, torch_leaves, torch_shape,
+from sdxl_jax.models.convert import (flat_leaves, torch_key_variants, torch_leaves, torch_shape,
                                      torch_to_flax, unflatten)
 from sdxl_jax.models.safetensors_io import SafetensorsFile, WeightsError
 
@@ -34,7 +34,7 @@ _TORCH_BASENAME = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_
 _FLAX_FILE = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
               "text_l": "flax_model.msgpack", "text_g": "flax_model.msgpack"}
 # Buffers older transformers versions saved with CLIP; not parameters, tolerated when present.
-_OPTIONAL_TORCH = {"text_l": ("text_model.embeddings.position_ids",),
+_OPTIONAL_TORCH = {"text_l": ("text_model.embeddings.position_ids", "embeddings.position_ids"),
                    "text_g": ("text_model.embeddings.position_ids",)}
 _PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -195,13 +195,12 @@ class _TorchFiles:
 def _torch_getters(name: str, abstract, src: _TorchFiles) -> dict[tuple, Getter]:
     leaves = torch_leaves(name, abstract)
     found = src.shapes()
-    rename = {}  # legacy VAE attention names -> current ones
-    if name == "vae":
-        for lf in leaves:
-            for new, old in LEGACY_TORCH_NAMES.items():
-                legacy = lf.key.replace(f".{new}.", f".{old}.")
-                if legacy != lf.key and lf.key not in found and legacy in found:
-                    rename[lf.key] = legacy
+    rename = {}  # our key -> the variant the file stores (legacy VAE / transformers 5 CLIP-L)
+    for lf in leaves:
+        if lf.key not in found:
+            stored = [v for v in torch_key_variants(name, lf.key)[1:] if v in found]
+            if stored:
+                rename[lf.key] = stored[0]
     found_current = {k: v for k, v in found.items() if k not in rename.values()}
     found_current.update({k: found[old] for k, old in rename.items()})
     expected = {lf.key: (torch_shape(lf.kind, lf.shape),) for lf in leaves}

@@ -35,7 +35,7 @@ SECTIONS = ("peak", "step", "spmd", "torch")
 
 # ---- model sizes ---------------------------------------------------------------------------------
 def unet_sizes(name: str) -> dict:
-    """FlaxUNet2DConditionModel kwargs: "tiny" (the preset) or "mid" (SDXL structure, 1/5 width)."""
+    """UNet config: "tiny" (the preset) or "mid" (SDXL structure, 1/5 width)."""
     from sdxl_jax.models import presets
     tiny = presets.unet_config("tiny")  # cross-attention / pooled dims match the tiny text towers
     if name == "tiny":
@@ -54,12 +54,8 @@ def unet_params(unet, sizes: dict, seed: int = 0):
     import jax
     import jax.numpy as jnp
     from sdxl_jax.models import build
-    time_dim = sizes["addition_time_embed_dim"]
-    args = (jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 1, sizes["cross_attention_dim"])),
-            {"text_embeds": jnp.zeros((1, sizes["projection_class_embeddings_input_dim"] - 6 * time_dim)),
-             "time_ids": jnp.zeros((1, 6))})
-    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *args))["params"]
+    from sdxl_jax.models.unet import dummy_inputs
+    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *dummy_inputs(sizes)))["params"]
     return jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.asarray(build._leaf_value("unet", build._path_names(p), tuple(x.shape), [seed])),
         abstract)
@@ -122,7 +118,7 @@ class TrainSetup:
         import jax
         from sdxl_jax import models, parallel
         from sdxl_jax.config import load_config
-        from sdxl_jax.models.remat import build_unet_variant
+        from sdxl_jax.models.build import build_unet
         from sdxl_jax.run_inputs import resolve_weights
         from sdxl_jax.train.program import build_program
         from sdxl_jax.train.unet_task import program_spec
@@ -132,7 +128,7 @@ class TrainSetup:
         cfg.mesh.data, cfg.mesh.fsdp = 1, 1
         self.cfg, self.batch_size, self.latent = cfg, batch, latent
         self.sizes = unet_sizes(model)
-        self.unet = build_unet_variant(self.sizes, cfg.model.dtype)
+        self.unet = build_unet(self.sizes, cfg.model.dtype)
         params = unet_params(self.unet, self.sizes)
         self.n_params = models.count_params(params)
         # the trainer's program with this UNet size: same update, shardings and batch contract
@@ -314,8 +310,6 @@ def _sweep_main(a) -> None:
     if a.models not in MODEL_PRESETS:
         raise SystemExit(f"error: --backend sweeps one model preset: --models one of {MODEL_PRESETS}")
     os.environ["JAX_PLATFORMS"] = {"gpu": "cuda", "cpu": "cpu", "tpu": "tpu"}[a.backend]
-    from sdxl_jax.models.hf import block_torch
-    block_torch()
     from sdxl_jax.tools import step_sweep
     batches = [int(b) for b in a.batches.split(",") if b]
     variants = tuple(tuple(v.split("/")) for v in a.variants.split(",") if v) or step_sweep.VARIANTS
@@ -366,9 +360,6 @@ def main(argv=None) -> None:
         from sdxl_jax.tools.memory_report import _set_device_count
         _set_device_count(a.devices)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from sdxl_jax.models.hf import block_torch
-    if "torch" not in sections:
-        block_torch()
     import jax
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s), "
           f"{os.cpu_count()} CPU cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)

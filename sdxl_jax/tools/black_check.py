@@ -45,8 +45,6 @@ def run_config(ztsnr: str, steps: int, cache_dir: str, vae_steps: int = 0):
 
 @cli.entry_point  # user errors: one line `error: …`; --debug shows the traceback
 def main(argv=None) -> int:
-    from sdxl_jax.models.hf import block_torch
-    block_torch()
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=0, help="UNet steps of each run (0: the tiny preset's)")
     p.add_argument("--vae-steps", type=int, default=0, help="steps of the demo VAE (0: the tiny preset's; trained once, reused)")

@@ -506,8 +506,6 @@ def main(argv=None) -> None:
         import tempfile
         dump_dir = a.dump_dir or tempfile.mkdtemp(prefix="sdxl_jax_memory_dump_")
         options.update(xla_dump_to=dump_dir, xla_dump_hlo_module_re=".*train_step.*")
-    from sdxl_jax.models.hf import block_torch
-    block_torch()
     cfg = load_config(a.config)
     cfg.mesh.data, cfg.mesh.fsdp = mesh_axes["data"], mesh_axes["fsdp"]
     for key, value in (("remat", a.remat), ("attention", a.attention), ("dtype", a.dtype)):

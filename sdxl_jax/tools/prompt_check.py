@@ -120,8 +120,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from sdxl_jax.models.hf import block_torch
-    block_torch()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="a trained run (the tiny demo)")
     p.add_argument("--prompt", action="append", help="repeat; default: the demo prompts above")

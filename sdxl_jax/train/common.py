@@ -14,7 +14,7 @@ import numpy as np
 
 log = logging.getLogger("sdxl_jax.train")
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "diffusers", "transformers")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tokenizers")
 
 
 class NonFiniteError(RuntimeError):

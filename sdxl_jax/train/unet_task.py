@@ -62,7 +62,7 @@ def describe_trainable(cfg, abstract_unet=None, total_steps: int | None = None):
 
 def _spec(cfg, tr, latent_mean=None, latent_std=None, unet=None) -> ProgramSpec:
     from sdxl_jax import models
-    from sdxl_jax.models.remat import build_unet_from_config
+    from sdxl_jax.models.build import build_unet_from_config
     preset, dtype = cfg.model.preset, cfg.model.dtype
     unet = unet if unet is not None else build_unet_from_config(cfg)
     text_l, text_g = models.build_text_encoders(preset, dtype)
@@ -181,7 +181,7 @@ def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextl
     evaluate = None
     if cfg.sample.every_steps:
         from sdxl_jax.train.evaluate import Evaluator
-        from sdxl_jax.models.remat import build_unet_from_config
+        from sdxl_jax.models.build import build_unet_from_config
         unet = build_unet_from_config(cfg)
         text_l, text_g = models.build_text_encoders(preset, cfg.model.dtype)
         shown = dict(frozen, vae=sources["vae"]) if "vae" not in frozen else frozen
