@@ -27,6 +27,7 @@ from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import parallel
 from sdxl_jax.train.common import MetricMeans, MetricReader, Preemption, config_json, progress
 from sdxl_jax.train.common import use_compilation_cache
+from sdxl_jax.train.profiling import ProfileWindow
 from sdxl_jax.train.program import Program
 from sdxl_jax.train.state import TrainState
 from sdxl_jax.train.writer import open_writer
@@ -114,9 +115,11 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
         writer = cleanup.enter_context(open_writer(cfg, workdir, config_json(cfg)))
     preempt = Preemption()
     cleanup.callback(preempt.restore)
-    profile = _parse_profile(cfg.profile_steps)
+    profile = ProfileWindow(cfg.profile_steps, workdir)
+    cleanup.callback(profile.close)
 
     step = int(jax.device_get(state.step))
+    profile.note_start(step)
     total = task.stages[-1].end_step
     stop_at = total if max_steps is None else min(total, max_steps)
     summary = {"start_step": step, "losses": [], "eval": {}, "compiles": 0, "stopped": "done",
@@ -154,8 +157,7 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
                               cfg_json, task.metadata)
 
                 while step < min(stage.end_step, stop_at):
-                    if profile and step == profile[0]:
-                        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                    profile.before_step(step)
                     local = next(it)
                     if batch_log is not None:
                         batch_log.append((step + 1, batch_digest(local)))
@@ -164,9 +166,7 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
                     if pending is not None:
                         read_metrics(*pending)
                     pending = (step, metrics)
-                    if profile and step == profile[1]:
-                        jax.block_until_ready(state)
-                        jax.profiler.stop_trace()
+                    profile.after_step(step, state)
                     saved = step % cfg.checkpoint.every_steps == 0 or step == stop_at
                     if saved:
                         save(step)
@@ -205,11 +205,3 @@ def batch_digest(batch: dict) -> str:
         h.update(np.ascontiguousarray(batch[k]).tobytes())
     return h.hexdigest()[:16]
 
-
-def _parse_profile(spec: str):
-    if not spec:
-        return None
-    a, b = (int(x) for x in spec.split(","))
-    if not 0 <= a < b:
-        raise ValueError(f"profile_steps must be 'a,b' with 0 ≤ a < b, got {spec!r}")
-    return a, b
