@@ -66,6 +66,19 @@ def test_ema_update_matches_recurrence(every):
         np.testing.assert_allclose(np.asarray(optim.ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 1, cfg)["w"]), 1.0)
 
 
+def test_ema_every_n_skips_the_whole_update_on_the_other_steps():
+    cfg = ml_collections.ConfigDict({"decay": 0.9, "inv_gamma": 1.0, "power": 0.75, "every": 2})
+    ema = {"w": jnp.arange(3, dtype=jnp.float32)}
+    # a skipped step does not read θ: bitwise the old EMA even for θ = inf (0·inf would be NaN)
+    skipped = optim.ema_update(ema, {"w": jnp.full(3, jnp.inf)}, jnp.int32(1), cfg)
+    np.testing.assert_array_equal(np.asarray(skipped["w"]), [0.0, 1.0, 2.0])
+    # nor compute anything: outside the cond, the traced update makes no leaf-shaped array
+    jaxpr = jax.make_jaxpr(lambda e, p, s: optim.ema_update(e, p, s, cfg))(
+        ema, {"w": jnp.ones(3)}, jnp.int32(1))
+    leaf_ops = [e.primitive.name for e in jaxpr.eqns if any(v.aval.shape == (3,) for v in e.outvars)]
+    assert leaf_ops == ["cond"]
+
+
 def test_learning_rate_warmup_then_cosine_or_constant():
     tr = config("ztsnr:tiny").train
     tr.learning_rate, tr.warmup_steps, tr.steps = 1e-3, 10, 110
