@@ -75,6 +75,15 @@ def test_bad_config_is_one_clear_error(base):
         AdapterConfig(algo="lokr", conv=True)
 
 
+def test_lokr_refuses_a_kxk_conv_reached_through_targets_and_takes_a_1x1_one(base):
+    with pytest.raises(ValueError, match=r"^lora.algo=lokr adapts Linear and 1×1 conv layers, but "
+                       r"lora.targets reach 1 k×k conv\(s\) of unet, e.g. conv_in \(3×3\); narrow"):
+        make_plan(base, AdapterConfig(algo="lokr", targets=("^conv_in$",)))
+    plan = make_plan(base, AdapterConfig(algo="lokr", targets=("down_blocks_1/resnets_0/conv_shortcut$",)))
+    t = plan["unet"][("down_blocks_1", "resnets_0", "conv_shortcut")]
+    assert (t.kind, t.shape, t.factors) == ("conv", (1, 1, 64, 32), (4, 8, 8, 8))
+
+
 # ---- the in-step merge ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
