@@ -137,6 +137,19 @@ def frozen_values(tr: Trainable, sources: dict, shardings: dict) -> dict:
             for k, a in tr.abstract_frozen.items()}
 
 
+def refuse_untrainable_base(tr: Trainable, frozen: dict) -> None:
+    """A LoRA run over a UNet whose conv_out kernel is all zero (diffusers' initialisation: the
+    seeded random base, not a pretrained one) gets no gradient upstream of conv_out, so every
+    adapter would stay at its start; unless conv_out itself is adapted, refuse before compiling."""
+    if tr.mode != "lora" or ("conv_out",) in (tr.plan or {}).get("unet", {}):
+        return
+    if bool(jax.device_get(jnp.all(frozen["unet"]["conv_out"]["kernel"] == 0))):
+        raise ValueError("train.trainable=lora: the base UNet's conv_out kernel is all zero (a seeded "
+                         "random base), so no gradient reaches the adapters and the run would train "
+                         "nothing; adapt it too with lora.targets=(\"conv_out\",) or start from "
+                         "model.pretrained")
+
+
 def _adapters_from_file(tr: Trainable, cfg):
     """model.lora_init: a kohya / PEFT file whose layers and ranks must be this run's plan."""
     from sdxl_jax.adapters import read_lora
