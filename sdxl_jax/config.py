@@ -11,13 +11,12 @@ import importlib.util
 import os
 import re
 
-from sdxl_jax.config_sections import MODEL_PRESETS
+from sdxl_jax.config_sections import MODEL_PRESETS, REMAT_MODES, TASKS, TRAINABLE_MODES  # noqa: F401
 from sdxl_jax.diffusion import HUBER_SCHEDULES, LOSS_TYPES, NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
 
 OPTIMIZERS = ("adamw", "adafactor", "lion")  # sdxl_jax.train.optim builds them
 LR_SCHEDULES = ("constant", "cosine", "cosine_tail")
 DTYPES = ("bfloat16", "float32", "float16")
-TASKS = ("unet", "vae_decoder")
 STAGE_KEYS = ("steps", "cache_dir", "global_batch_size")
 SOURCE_KEYS = ("images_dir", "manifest", "cache_dir", "repeats", "weight", "name")
 WANDB_MODES = ("", "online", "offline", "disabled")  # "" = WANDB_MODE, else online
@@ -145,11 +144,11 @@ def _check_log(cfg) -> None:
 def _check_unet(cfg) -> None:
     from sdxl_jax.models.attention import ATTENTION_MODES  # jax only (no diffusers)
     _choice(cfg, "model.attention", ATTENTION_MODES)
-    _choice(cfg, "model.remat", ("none", "blocks", "dots"))  # models.remat.REMAT_MODES (diffusers-free copy)
+    _choice(cfg, "model.remat", REMAT_MODES)
     chunks = cfg.model.get("ff_chunks", 1)
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise ConfigError(f"model.ff_chunks={chunks!r}: must be an integer ≥ 1 (1 = the feed-forward unchunked)")
-    _choice(cfg, "train.trainable", ("unet", "unet+text", "lora"))
+    _choice(cfg, "train.trainable", TRAINABLE_MODES)
     if cfg.train.trainable == "unet+text" and not (cfg.text_encoders.train_l or cfg.text_encoders.train_g):
         raise ConfigError("train.trainable='unet+text' with text_encoders.train_l and train_g both "
                           "False: nothing but the UNet would train; set one, or train.trainable='unet'")

@@ -156,3 +156,12 @@ def test_a_program_is_built_once_per_fingerprint_and_plan(monkeypatch):
     assert program.cached_program(["run B"], lambda: "spec B", eight) is not first
     assert program.cached_program(["run A"], lambda: "spec A", four) is not first
     assert [spec for spec, _ in built] == ["spec A", "spec B", "spec A"]
+
+
+def test_mode_lists_are_the_configs():
+    """The task registry and the model's remat modes are the lists config.validate checks."""
+    from sdxl_jax import config as config_lib
+    from sdxl_jax.models.remat import REMAT_MODES
+    from sdxl_jax.train.loop import TASKS
+    assert tuple(TASKS) == config_lib.TASKS == ("unet", "vae_decoder")
+    assert REMAT_MODES == config_lib.REMAT_MODES == ("none", "blocks", "dots")

@@ -143,14 +143,19 @@ def test_nonfinite_steps_change_nothing_and_k_in_a_row_stop(demo_cache, tmp_path
                  (one.opt_state, state.opt_state)):
         jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
-    _poison(monkeypatch, nan_steps=set(range(3, 100)))
+    monkeypatch.undo()
+    _poison(monkeypatch, nan_steps={3})
     cfg = tiny_config(**{"data.cache_dir": demo_cache, "train.steps": STEPS, "train.max_nonfinite": 2,
                          "checkpoint.every_steps": 2})
     wd = str(tmp_path / "stops")
-    with pytest.raises(NonFiniteError, match="2 consecutive non-finite steps"):
+    assert train(cfg, wd, max_steps=3)["end_step"] == 3  # step 3 skipped, and saved at the stop
+    # the count of skipped steps is the state's: the resumed run's first step is the second
+    monkeypatch.undo()
+    _poison(monkeypatch, nan_steps={1})  # the resumed process's first batch
+    with pytest.raises(NonFiniteError, match=r"^2 consecutive non-finite steps up to step \d+: stopping. The last good checkpoint \(3\)"):
         train(cfg, wd)
     ck = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
-    assert ck.steps == [2]  # the last good checkpoint, intact and restorable
+    assert ck.steps == [2, 3]  # the last good checkpoints, intact and restorable
     assert ck.read_json(2, "meta")["prediction_type"] == "v_prediction"
     ck.close()
 

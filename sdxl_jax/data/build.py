@@ -84,10 +84,14 @@ def _source_desc(images_dir: str | None, manifest: str | None, tfds=None) -> str
     return f"images:{os.path.abspath(images_dir)}" if images_dir else f"manifest:{os.path.abspath(manifest)}"
 
 
+# The processes of a build wait for each other's shards: one host may encode for hours longer
+_BUILD_WAIT_S = 7 * 24 * 3600.0
+
+
 def _barrier(name: str, process_count: int) -> None:
     if process_count > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+        from sdxl_jax.parallel import host_barrier
+        host_barrier(name, _BUILD_WAIT_S)
 
 
 def _remove_cache_files(out: Path) -> None:

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from sdxl_jax import checkpoint as ckpt_lib
+from sdxl_jax import config
 from sdxl_jax import parallel
 from sdxl_jax.train.common import MetricMeans, MetricReader, Preemption, config_json, progress
 from sdxl_jax.train.common import use_compilation_cache
@@ -71,7 +72,7 @@ class Task:
 
 def build_task(cfg, workdir: str, cleanup: contextlib.ExitStack) -> Task:
     if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task!r}: must be one of {tuple(TASKS)}")
+        raise ValueError(f"task={cfg.task!r}: must be one of {config.TASKS}")
     return importlib.import_module(TASKS[cfg.task]).build(cfg, workdir, cleanup)
 
 

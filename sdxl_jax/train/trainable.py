@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sdxl_jax.config import TRAINABLE_MODES
 from sdxl_jax.train import optim
 
-MODES = ("unet", "unet+text", "lora")
 TEXT = ("text_l", "text_g")
 _LORA_STREAM = 0x10A  # rank-dropout keys: separate from the per-sample streams
 
@@ -114,7 +114,7 @@ def describe(cfg, abstract_unet, total_steps: int | None = None) -> Trainable:
         return Trainable(mode, abstract_adapters(plan), frozen, optim.make_optimizer(cfg.train, total_steps),
                          view, eval_view, unet_of=lambda tree: None, plan=plan,
                          metadata={"trainable": mode, "lora": dataclasses.asdict(settings)})
-    raise ValueError(f"train.trainable={mode!r}: must be one of {MODES}")
+    raise ValueError(f"train.trainable={mode!r}: must be one of {TRAINABLE_MODES}")
 
 
 def initial_params(tr: Trainable, cfg, sources: dict, shardings, seed_key) -> Any:
