@@ -417,7 +417,3 @@ class _NumpyF32:
 
 _F32 = _NumpyF32()
 
-
-def count_adapter_params(plan: Plan) -> int:
-    return sum(int(np.prod(s)) for targets in plan.values() for t in targets.values()
-               for s in adapter_shapes(t).values())
