@@ -99,7 +99,15 @@ def test_optimizers_build_and_update_once_per_call(name):
     params = {"w": jnp.ones((4, 4))}
     st = tx.init(params)
     upd, st = tx.update({"w": jnp.ones((4, 4))}, st, params)
-    assert float(jnp.abs(upd["w"]).sum()) > 0  # no accumulation wrapper: every call updates
+    # the first call's update, by hand: the 16 unit gradients clipped to global norm 1 (0.25
+    # each), θ = 1, no accumulation wrapper (it would return 0 until its k-th call)
+    lr, wd, g = float(tr.learning_rate), float(tr.weight_decay), 1.0 / 4
+    expected = {"adamw": -lr * (g / (g + float(tr.eps)) + wd),  # m̂/(√v̂+ε) + decoupled decay
+                "lion": -lr * (1.0 + wd),  # sign(interpolated momentum) + decay
+                # unfactored 4×4 (dims < 128): g/√(g²) = 1 times the parameter RMS 1; optax
+                # adds weight_decay_rate·θ unscaled by the learning rate
+                "adafactor": -(lr + wd)}[name]
+    np.testing.assert_allclose(np.asarray(upd["w"]), np.full((4, 4), expected), rtol=2e-5)  # float32
 
 
 @pytest.mark.parametrize("key,value,msg", [
