@@ -24,18 +24,10 @@ _NPROC = flags.DEFINE_integer("num_processes", 0, "number of processes (with --c
 _PID = flags.DEFINE_integer("process_id", -1, "this process's index (with --coordinator)")
 
 
-def quiet_libraries() -> None:
-    """Orbax and Grain log every file they touch at INFO through absl; keep our log readable."""
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-
-
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout, force=True)
-    quiet_libraries()
+                        stream=sys.stdout, force=True)  # library INFO: quieted by cli.run
     from sdxl_jax import parallel
     parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
     import jax

@@ -28,9 +28,36 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     c = root_config(preset, task="vae_decoder")  # train.py runs the trainer of c.task
     tiny = c.preset == "tiny"
 
-    # ---- model -------------------------------------------------------------------------------
-    c.model = m = ml_collections.ConfigDict()
-    m.preset = c.preset  # VAE sizes: "sdxl" (83.7 M params, 49.5 M in the decoder) or "tiny"
+    c.model = _model(c.preset, tiny)
+    c.data = _data(tiny)
+    c.loss = _loss()
+    c.disc = _disc(tiny)
+    c.train = _train(tiny)
+
+    # ---- EMA of the trained weights (METHODS §12); export and samples use it ------------------
+    c.ema = ema_section(decay=0.999 if tiny else 0.9999)
+
+    # ---- device mesh --------------------------------------------------------------------------
+    c.mesh = mesh_section()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    c.checkpoint = checkpoint_section(every_steps=100 if tiny else 2000)
+
+    # ---- reconstruction samples + held-out error -----------------------------------------------
+    c.sample = sp = ml_collections.ConfigDict()
+    sp.every_steps = 100 if tiny else 2000  # 0 disables; step 0 of a fresh run is always measured
+    sp.num_images = 4  # held-out images: rows of the input | reconstruction grid, and the error
+    sp.image_size = 64 if tiny else 512  # square side the held-out images are centre-cropped to
+    # ---- monitoring: TensorBoard always, W&B too when log.wandb_project is set -------------------
+    c.log = log_section()
+    c.profile_steps = ""  # "a,b": write a jax.profiler trace for steps a…b under the workdir
+    return c
+
+
+def _model(preset: str, tiny: bool) -> ml_collections.ConfigDict:
+    """Model: the VAE, its starting weights, what trains."""
+    m = ml_collections.ConfigDict()
+    m.preset = preset  # VAE sizes: "sdxl" (83.7 M params, 49.5 M in the decoder) or "tiny"
     # Weights to start from (encoder and decoder): a diffusers folder, a single-file SGM
     # .safetensors or a Hub id. "" = the seeded random VAE of the UNet trainer (tiny only).
     m.pretrained = ""
@@ -42,9 +69,12 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # Train the encoder too (a VAE from scratch or for a new latent space; the posterior is then
     # always sampled and loss.kl_weight applies). False = the NAI-v3 decoder-only recipe.
     m.train_encoder = False
+    return m
 
-    # ---- data (pixels, not the latent cache) ---------------------------------------------------
-    c.data = d = ml_collections.ConfigDict()
+
+def _data(tiny: bool) -> ml_collections.ConfigDict:
+    """Data: pixels, not the latent cache."""
+    d = ml_collections.ConfigDict()
     d.images_dir = ""  # folder of images (recursive); captions are not needed
     d.manifest = ""  # alternative: JSONL of {"path": …, "caption": …} (entries need a caption)
     d.val_fraction = 0.05  # held-out share by key hash (the latent loader's rule); samples use it
@@ -66,9 +96,12 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     b.max_ar_error = 0.5  # max |log(ar_bucket) − log(ar_image)|; larger errors are skipped
     b.crop = "random"  # "random" | "center" crop of the overhang after the cover-fit
     b.scale_batch_by_area = False  # per-bucket batch ∝ max_area/area (only with crop_size 0)
+    return d
 
-    # ---- losses [ours] -------------------------------------------------------------------------
-    c.loss = l = ml_collections.ConfigDict()
+
+def _loss() -> ml_collections.ConfigDict:
+    """Reconstruction losses [ours]."""
+    l = ml_collections.ConfigDict()
     l.l1_weight = 1.0  # mean |x̂ − x| over pixels in [−1, 1]
     l.mse_weight = 1.0  # mean (x̂ − x)²
     # LPIPS-style perceptual net (.safetensors, format in sdxl_jax/train/vae_losses.py); "" = no
@@ -78,9 +111,12 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # KL(posterior ‖ N(0, I)) per image value [ours, the LDM autoencoders' 1e-6]; only with
     # model.train_encoder (a frozen encoder's KL is a constant)
     l.kl_weight = 1e-6
+    return l
 
-    # ---- discriminator (PatchGAN, hinge loss, adaptive weight) ---------------------------------
-    c.disc = g = ml_collections.ConfigDict()
+
+def _disc(tiny: bool) -> ml_collections.ConfigDict:
+    """Discriminator: PatchGAN, hinge loss, adaptive weight."""
+    g = ml_collections.ConfigDict()
     g.enabled = True
     g.start_step = 50 if tiny else 5000  # GAN terms are exactly 0 before this optimizer step
     g.weight = 0.5  # × adaptive weight ‖∇_last rec‖/(‖∇_last gan‖+1e-4) (taming's disc_weight)
@@ -90,9 +126,12 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     g.learning_rate = 1e-3 if tiny else 1e-5  # Adam, constant
     g.b1 = 0.5  # taming's Adam betas
     g.b2 = 0.9
+    return g
 
-    # ---- training (the decoder; same keys as the UNet config) ----------------------------------
-    c.train = tr = ml_collections.ConfigDict()
+
+def _train(tiny: bool) -> ml_collections.ConfigDict:
+    """Training of the decoder (the UNet config's keys)."""
+    tr = ml_collections.ConfigDict()
     tr.steps = 200 if tiny else 50_000
     tr.global_batch_size = 8 if tiny else 64
     tr.seed = 0  # seeds the random VAE (when model.pretrained is empty), the discriminator, noise
@@ -118,22 +157,4 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # training, in this many threads (XLA compiles release the GIL); 0 = one per core, at most
     # one per shape and at most as many as host memory holds (one compile's measured footprint).
     tr.compile_workers = 0
-
-    # ---- EMA of the trained weights (METHODS §12); export and samples use it ------------------
-    c.ema = ema_section(decay=0.999 if tiny else 0.9999)
-
-    # ---- device mesh --------------------------------------------------------------------------
-    c.mesh = mesh_section()
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    c.checkpoint = checkpoint_section(every_steps=100 if tiny else 2000)
-
-    # ---- reconstruction samples + held-out error -----------------------------------------------
-    c.sample = sp = ml_collections.ConfigDict()
-    sp.every_steps = 100 if tiny else 2000  # 0 disables; step 0 of a fresh run is always measured
-    sp.num_images = 4  # held-out images: rows of the input | reconstruction grid, and the error
-    sp.image_size = 64 if tiny else 512  # square side the held-out images are centre-cropped to
-    # ---- monitoring: TensorBoard always, W&B too when log.wandb_project is set -------------------
-    c.log = log_section()
-    c.profile_steps = ""  # "a,b": write a jax.profiler trace for steps a…b under the workdir
-    return c
+    return tr

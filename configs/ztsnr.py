@@ -24,9 +24,53 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     c = root_config(preset, task="unet")  # train.py runs the trainer of c.task
     tiny = c.preset == "tiny"
 
-    # ---- model -------------------------------------------------------------------------------
-    c.model = m = ml_collections.ConfigDict()
-    m.preset = c.preset  # model sizes: "sdxl" (2.57 B UNet), "tiny" (same blocks, small), "micro"
+    c.model = _model(c.preset, tiny)
+    c.schedule = _schedule()
+
+    c.loss = _loss()
+    c.latents = _latents()
+
+    # ---- text conditioning (METHODS §8) -------------------------------------------------------
+    c.text = t = ml_collections.ConfigDict()
+    t.max_chunks = 1 if tiny else 3  # 75-token chunks per caption, static for jit
+
+    c.data = _data(tiny)
+    c.train = _train(tiny)
+
+    # ---- text-encoder training (train.trainable="unet+text") -----------------------------------
+    c.text_encoders = te = ml_collections.ConfigDict()
+    te.train_l = True  # CLIP-L
+    te.train_g = False  # OpenCLIP bigG
+    te.learning_rate_l = 1e-6 if not tiny else 1e-4  # fine-tuners' usual: ~1/10 of the UNet's
+    te.learning_rate_g = 1e-6 if not tiny else 1e-4
+    te.stop_step_l = 0  # optimizer step after which CLIP-L stops training (0 = never)
+    te.stop_step_g = 0
+
+    c.lora = _lora()
+
+    # ---- EMA (METHODS §12) --------------------------------------------------------------------
+    c.ema = ema_section(decay=0.9999)
+
+    # ---- device mesh --------------------------------------------------------------------------
+    c.mesh = mesh_section()
+    if not tiny:  # shard params, optimizer state and EMA over every device (ZeRO-3)
+        c.mesh.data, c.mesh.fsdp = 1, -1
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    c.checkpoint = checkpoint_section(every_steps=600 if tiny else 2000)
+
+    c.sample = _sample(tiny)
+
+    # ---- monitoring: TensorBoard always, W&B too when log.wandb_project is set -------------------
+    c.log = log_section()
+    c.profile_steps = ""  # "a,b": write a jax.profiler trace for steps a…b under the workdir
+    return c
+
+
+def _model(preset: str, tiny: bool) -> ml_collections.ConfigDict:
+    """Model: sizes, starting weights, compute dtype, memory options."""
+    m = ml_collections.ConfigDict()
+    m.preset = preset  # model sizes: "sdxl" (2.57 B UNet), "tiny" (same blocks, small), "micro"
     # Weights to start from: a diffusers folder, a single-file SGM .safetensors, or a Hub id.
     # "" means random init (only sensible for `tiny`); the sdxl preset requires it.
     m.pretrained = ""
@@ -54,17 +98,23 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # a VAE task run (configs/vae_decoder.py) whose VAE replaces the source's: the latent cache,
     # previews, sample and export all use it. The tiny demo sets it to its own trained VAE.
     m.vae_workdir = ""
+    return m
 
-    # ---- noise schedule (METHODS §1, §3) ------------------------------------------------------
-    c.schedule = s = ml_collections.ConfigDict()
+
+def _schedule() -> ml_collections.ConfigDict:
+    """Noise schedule (METHODS §1, §3)."""
+    s = ml_collections.ConfigDict()
     s.num_train_timesteps = 1000
     s.beta_start = 0.00085
     s.beta_end = 0.012
     s.ztsnr = "rescale"  # "rescale" (Lin et al. Alg. 1, ᾱ_999 = 0) | "off" (plain SDXL)
     s.terminal_prob = 0.0  # [ours] extra probability mass on t = T−1 in the timestep draw
+    return s
 
-    # ---- loss (METHODS §2, §6, §9) ------------------------------------------------------------
-    c.loss = l = ml_collections.ConfigDict()
+
+def _loss() -> ml_collections.ConfigDict:
+    """Loss (METHODS §2, §6, §9)."""
+    l = ml_collections.ConfigDict()
     # [ours] | "min_snr" (Hang et al.) | "debiased" (Yu et al., √SNR/(SNR+1)): both 0 at SNR=0,
     # so they never train the ZTSNR terminal step | "none"
     l.weighting = "min_snr_plus_one"
@@ -76,21 +126,23 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     l.snr_gamma = 5.0  # γ of MinSNR, the report's setting
     l.tag_weighting = True  # [ours] per-sample tag weights (data.tags.*)
     l.masked = False  # mask-weighted mean from the cached masks (alpha or x.mask.png; METHODS §15)
+    return l
 
-    # ---- latents (METHODS §10) ----------------------------------------------------------------
-    c.latents = z = ml_collections.ConfigDict()
+
+def _latents() -> ml_collections.ConfigDict:
+    """Latents (METHODS §10)."""
+    z = ml_collections.ConfigDict()
     z.normalization = "scale"  # "scale" (×0.13025, every SDXL tool) | "per_channel" (report)
     z.scale_factor = 0.13025
     # per_channel statistics; empty = take them from the cache manifest (stored in checkpoints)
     z.mean = ml_collections.config_dict.placeholder(tuple)
     z.std = ml_collections.config_dict.placeholder(tuple)
+    return z
 
-    # ---- text conditioning (METHODS §8) -------------------------------------------------------
-    c.text = t = ml_collections.ConfigDict()
-    t.max_chunks = 1 if tiny else 3  # 75-token chunks per caption, static for jit
 
-    # ---- data (METHODS §7, §9) ----------------------------------------------------------------
-    c.data = d = ml_collections.ConfigDict()
+def _data(tiny: bool) -> ml_collections.ConfigDict:
+    """Data (METHODS §7, §9)."""
+    d = ml_collections.ConfigDict()
     d.cache_dir = ""  # latent cache built by data_tools.build_cache; "" = <workdir>/cache
     d.images_dir = ""  # folder of images + .txt captions; used to build a missing cache
     d.manifest = ""  # alternative to images_dir: JSONL of {"path":…, "caption":…}
@@ -144,9 +196,12 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     g.w_min = 0.1
     g.w_max = 3.0
     g.meta_patterns = ("rating:*", "*quality", "year *", "masterpiece", "absurdres")
+    return d
 
-    # ---- training ------------------------------------------------------------------------------
-    c.train = tr = ml_collections.ConfigDict()
+
+def _train(tiny: bool) -> ml_collections.ConfigDict:
+    """Training: steps, batches, optimizer, what trains."""
+    tr = ml_collections.ConfigDict()
     # tiny: 1,200 steps of batch 8 at 128² (~5 min on 2 CPU cores with the compiles): previews of
     # the prompted backgrounds; tools/prompt_check 28 of 32 backgrounds right (1,500 steps: 28; README)
     tr.steps = 1200 if tiny else 100_000  # optimizer steps (one global batch each)
@@ -183,18 +238,12 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     # the text encoders chosen in text_encoders.*), or "lora" (adapters only, lora.*; the base
     # weights stay frozen in the compute dtype). Optimizer state and EMA exist only for what trains.
     tr.trainable = "unet"
+    return tr
 
-    # ---- text-encoder training (train.trainable="unet+text") -----------------------------------
-    c.text_encoders = te = ml_collections.ConfigDict()
-    te.train_l = True  # CLIP-L
-    te.train_g = False  # OpenCLIP bigG
-    te.learning_rate_l = 1e-6 if not tiny else 1e-4  # fine-tuners' usual: ~1/10 of the UNet's
-    te.learning_rate_g = 1e-6 if not tiny else 1e-4
-    te.stop_step_l = 0  # optimizer step after which CLIP-L stops training (0 = never)
-    te.stop_step_g = 0
 
-    # ---- adapters (train.trainable="lora"; METHODS §14) ----------------------------------------
-    c.lora = lo = ml_collections.ConfigDict()
+def _lora() -> ml_collections.ConfigDict:
+    """Adapters (train.trainable="lora"; METHODS §14)."""
+    lo = ml_collections.ConfigDict()
     lo.algo = "lora"  # "lora" (LoCon with lora.conv) | "lokr" (LyCORIS Kronecker, linear layers)
     lo.rank = 16
     lo.alpha = 16.0  # ΔW scale = alpha / rank
@@ -206,20 +255,12 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     lo.lokr_factor = -1  # LoKr: -1 = the most square split
     lo.rank_dropout = 0.0  # LyCORIS rank dropout (input dropout cannot be merged on the fly)
     lo.scale = 1.0  # multiplier of ΔW in training previews (exports keep the file at scale 1)
+    return lo
 
-    # ---- EMA (METHODS §12) --------------------------------------------------------------------
-    c.ema = ema_section(decay=0.9999)
 
-    # ---- device mesh --------------------------------------------------------------------------
-    c.mesh = mesh_section()
-    if not tiny:  # shard params, optimizer state and EMA over every device (ZeRO-3)
-        c.mesh.data, c.mesh.fsdp = 1, -1
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    c.checkpoint = checkpoint_section(every_steps=600 if tiny else 2000)
-
-    # ---- samples and validation (METHODS §4, §5) ----------------------------------------------
-    c.sample = sp = ml_collections.ConfigDict()
+def _sample(tiny: bool) -> ml_collections.ConfigDict:
+    """Samples and validation (METHODS §4, §5)."""
+    sp = ml_collections.ConfigDict()
     sp.every_steps = 600 if tiny else 2000  # 0 disables previews and validation
     sp.prompts = ("completely black", "white background, red circle", "blue square, 1girl")
     # a kohya prompt file (one prompt per line; --n --w --h --d --l --s): replaces sample.prompts
@@ -236,8 +277,4 @@ def get_config(preset: str = "sdxl") -> ml_collections.ConfigDict:
     sp.height = 128 if tiny else 1024
     sp.sigma_max_scaling = True  # resolution-aware σ_1 (METHODS §5)
     sp.val_batches = 2  # validation batches per evaluation
-
-    # ---- monitoring: TensorBoard always, W&B too when log.wandb_project is set -------------------
-    c.log = log_section()
-    c.profile_steps = ""  # "a,b": write a jax.profiler trace for steps a…b under the workdir
-    return c
+    return sp

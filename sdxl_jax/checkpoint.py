@@ -28,6 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sdxl_jax.parallel import host_barrier
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -140,12 +142,6 @@ def _all_processes_ok(ok: bool) -> bool:
         return ok
     from jax.experimental import multihost_utils
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
@@ -312,5 +308,5 @@ class Checkpointer:
                 os.rename(src, dst)
                 log.warning("moved unreadable checkpoint step %d aside to %s (kept for "
                             "inspection; delete it when done)", step, dst)
-        _barrier("sdxl_jax.checkpoint.move_aside")
+        host_barrier("checkpoint.move_aside")
         self._mngr.reload()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import re
 import sys
@@ -92,10 +93,21 @@ def format_error(exc: BaseException) -> str:
     return f"error: {msg}"
 
 
+def quiet_library_logs() -> None:
+    """Orbax and Grain log every file they touch at INFO through absl (57 lines for one export);
+    keep a command's output to its own lines. Called after absl's flags are parsed (its
+    --verbosity flag would set the level again)."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Call `main(argv)` (argv without the program name and without --debug) and return its
     exit status. A user error exits with its one line: SystemExit("error: …"), which Python
-    prints to stderr with status 1, for scripts and in-process callers alike."""
+    prints to stderr with status 1, for scripts and in-process callers alike. Library INFO
+    logs are quieted first (`quiet_library_logs`)."""
+    quiet_library_logs()
     argv, debug = _strip_debug(sys.argv[1:] if argv is None else argv)
     try:
         return int(main(argv) or 0)

@@ -11,13 +11,12 @@ import importlib.util
 import os
 import re
 
-from sdxl_jax.config_sections import MODEL_PRESETS
+from sdxl_jax.config_sections import MODEL_PRESETS, REMAT_MODES, TASKS, TRAINABLE_MODES  # noqa: F401
 from sdxl_jax.diffusion import HUBER_SCHEDULES, LOSS_TYPES, NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
 
 OPTIMIZERS = ("adamw", "adafactor", "lion")  # sdxl_jax.train.optim builds them
 LR_SCHEDULES = ("constant", "cosine", "cosine_tail")
 DTYPES = ("bfloat16", "float32", "float16")
-TASKS = ("unet", "vae_decoder")
 STAGE_KEYS = ("steps", "cache_dir", "global_batch_size")
 SOURCE_KEYS = ("images_dir", "manifest", "cache_dir", "repeats", "weight", "name")
 WANDB_MODES = ("", "online", "offline", "disabled")  # "" = WANDB_MODE, else online
@@ -86,7 +85,7 @@ def _fraction(cfg, key: str, upper_open: bool = True) -> None:
 
 def validate(cfg, num_devices: int | None = None) -> None:
     """Raise ConfigError naming the first bad key of any task's config."""
-    task = cfg.get("task", "unet")
+    task = cfg.task
     if task not in TASKS:
         raise ConfigError(f"task={task!r}: must be one of {TASKS}")
     _check_common(cfg)
@@ -174,11 +173,11 @@ def _check_log(cfg) -> None:
 def _check_unet(cfg) -> None:
     from sdxl_jax.models.attention import ATTENTION_MODES  # jax only (no diffusers)
     _choice(cfg, "model.attention", ATTENTION_MODES)
-    _choice(cfg, "model.remat", ("none", "blocks", "dots"))  # models.unet.REMAT_MODES (kept import-free here)
-    chunks = cfg.model.get("ff_chunks", 1)
+    _choice(cfg, "model.remat", REMAT_MODES)
+    chunks = cfg.model.ff_chunks
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise ConfigError(f"model.ff_chunks={chunks!r}: must be an integer ≥ 1 (1 = the feed-forward unchunked)")
-    _choice(cfg, "train.trainable", ("unet", "unet+text", "lora"))
+    _choice(cfg, "train.trainable", TRAINABLE_MODES)
     if cfg.train.trainable == "unet+text" and not (cfg.text_encoders.train_l or cfg.text_encoders.train_g):
         raise ConfigError("train.trainable='unet+text' with text_encoders.train_l and train_g both "
                           "False: nothing but the UNet would train; set one, or train.trainable='unet'")
@@ -215,8 +214,8 @@ def _check_unet(cfg) -> None:
                               "times the UNet's two 2× downsamplings)")
     if cfg.latents.normalization == "per_channel" and (cfg.latents.mean is None) != (cfg.latents.std is None):
         raise ConfigError("latents.mean and latents.std must be given together (or both left unset)")
-    has_images = bool(cfg.data.images_dir or cfg.data.manifest or cfg.data.get("tfds"))
-    given = [k for k in ("images_dir", "manifest", "tfds") if cfg.data.get(k)]
+    has_images = bool(cfg.data.images_dir or cfg.data.manifest or cfg.data.tfds)
+    given = [k for k in ("images_dir", "manifest", "tfds") if cfg.data[k]]
     if len(given) > 1:
         raise ConfigError(f"data.{given[0]} and data.{given[1]} are both set: give one image source")
     stages = list(cfg.train.stages)
@@ -246,7 +245,7 @@ def _check_unet(cfg) -> None:
 def _check_sources(cfg, single: list) -> list:
     """data.sources entries (sdxl_jax.data.sources resolves them); `single`: the data.* image
     inputs that are set, which must then be empty."""
-    sources = list(cfg.data.get("sources", ()) or ())
+    sources = list(cfg.data.sources or ())
     if sources and single:
         raise ConfigError(f"data.sources and data.{single[0]} are both set: list every dataset "
                           "in data.sources")
@@ -350,13 +349,6 @@ def check_devices(cfg, num_devices: int | None) -> None:
                 f"{key}={gbs} does not split into micro-batches of train.per_device_batch_size="
                 f"{micro} × {dp} devices = {micro * dp} samples; choose a per-device batch "
                 f"that divides {gbs // dp}")
-
-
-def accumulation_steps(cfg, data_parallel: int, global_batch_size: int | None = None) -> int:
-    """k = global batch / (per-device micro-batch × data-parallel devices); 1 without a micro-batch."""
-    gbs = int(global_batch_size or cfg.train.global_batch_size)
-    micro = int(cfg.train.per_device_batch_size)
-    return max(1, gbs // (micro * data_parallel)) if micro else 1
 
 
 def _looks_like_hub_id(s: str) -> bool:

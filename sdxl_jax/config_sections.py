@@ -8,6 +8,10 @@ PRESETS = ("sdxl", "tiny")  # the config presets (configs/ztsnr.py:PRESET), here
 # The model sizes (sdxl_jax.models.presets): the config presets' own, plus "micro" (tiny's text
 # towers and VAE, a one-level UNet; smoke and engine tests: ~2.5x faster to compile than tiny).
 MODEL_PRESETS = PRESETS + ("micro",)
+# The choices of the keys that name a mode, each kept here once (config.validate checks them)
+TASKS = ("unet", "vae_decoder")  # task: train.loop maps each to the module that builds it
+TRAINABLE_MODES = ("unet", "unet+text", "lora")  # train.trainable (train/trainable.py, runs.py)
+REMAT_MODES = ("none", "blocks", "dots")  # model.remat (models/remat.py applies them)
 
 
 def offline_preset(model_preset: str) -> bool:

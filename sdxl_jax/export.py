@@ -397,18 +397,6 @@ def export_single_file(params: dict, preset: str, out: str, dtype: str = "fp16",
 
 # ---- checkpoint restore + CLI ------------------------------------------------------------------
 
-def restore_unet(workdir: str, step: int | None, weights: str | None):
-    """(unet params as numpy, config dict, meta dict, step, weights used) of a run
-    (`runs.open_run`: the newest readable step unless `step`), read on the host without target
-    shardings (any device count)."""
-    from sdxl_jax.runs import open_run
-
-    run = open_run(workdir, step)
-    weights = weights or run.default_weights()
-    unet = run.params("unet", weights, on_host=True)
-    return unet, run.config, run.meta, run.step, weights
-
-
 def restore_vae(workdir: str, step: int | None, weights: str | None = None) -> dict:
     """The full VAE of a decoder finetune run (--vae-workdir), as numpy: its source encoder and
     trained decoder (`runs.Run.params("vae")`, encoder fingerprint checked)."""

@@ -63,6 +63,15 @@ def compiled_memory(compiled) -> dict:
             "code_bytes": int(mem.generated_code_size_in_bytes)}
 
 
+def xla_flops(stage, missing: float = float("nan")) -> float:
+    """XLA's FLOP count of a `jax.stages.Lowered` (the global program) or `Compiled` (one
+    device's share), or `missing` where the backend reports none."""
+    cost = stage.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # one entry per program on some backends
+        cost = cost[0] if cost else None
+    return float(cost.get("flops", missing)) if cost else missing
+
+
 def needed_bytes(stats: dict) -> int:
     """Bytes live on one device while the step runs: arguments + outputs not aliased to the
     (donated) arguments + temporaries."""

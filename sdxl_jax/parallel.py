@@ -125,16 +125,6 @@ def spec_for(path: str, shape: Sequence[int], fsdp_size: int, min_size: int,
     return P(*spec)
 
 
-def param_specs(tree, mesh: Mesh, min_size: int = 2**18, rules=DEFAULT_RULES):
-    """PartitionSpecs for a pytree of arrays or ShapeDtypeStructs (ShardingPlan.specs)."""
-    return ShardingPlan(mesh, min_size, rules).specs(tree)
-
-
-def param_shardings(tree, mesh: Mesh, min_size: int = 2**18, rules=DEFAULT_RULES):
-    """NamedShardings for a pytree (ShardingPlan.shardings)."""
-    return ShardingPlan(mesh, min_size, rules).shardings(tree)
-
-
 @dataclasses.dataclass(frozen=True)
 class ShardingPlan:
     """How every tree of a run is laid out: the mesh, the partition rules and the size below

@@ -42,6 +42,7 @@ import jax
 
 from sdxl_jax.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointError, quiet_abandoned_reads
 from sdxl_jax.models import vae_parts
+from sdxl_jax.config import TRAINABLE_MODES
 from sdxl_jax.models.weights import FROZEN
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 NAMES = ("unet",) + FROZEN
 TEXT = ("text_l", "text_g")
 VAE_TASK = "vae_decoder"
-TRAINABLE = ("unet", "unet+text", "lora")  # train.trainable
 WEIGHTS = ("ema", "raw")
 _FIELD = {"ema": "ema_params", "raw": "params"}
 
@@ -112,9 +112,9 @@ class Run:
         train.trainable trained the UNet)."""
         mode = (self.meta.get("trainable") or self.config.get("train", {}).get("trainable")
                 or "unet")
-        if mode not in TRAINABLE:
+        if mode not in TRAINABLE_MODES:
             raise ValueError(f"{self.checkpoint_dir}: train.trainable={mode!r} is not one this "
-                             f"reader knows {TRAINABLE}; read it with the sdxl_jax that wrote it")
+                             f"reader knows {TRAINABLE_MODES}; read it with the sdxl_jax that wrote it")
         return mode
 
     @property

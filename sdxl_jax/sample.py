@@ -40,14 +40,6 @@ from sdxl_jax.prompts import DEFAULT_BATCH, PromptJob, check_seed
 log = logging.getLogger("sdxl_jax.sample")
 
 
-def resolve_checkpoint(workdir: str | None, checkpoint: str | None, step: int | None):
-    """(checkpoints directory, step) from --workdir [--step] or --checkpoint <dir>/<step>; without
-    a step, the newest whose config and metadata read (`runs.open_run`; its arrays are checked,
-    and older steps fallen back to, when they are read)."""
-    run = _open(workdir, checkpoint, step)
-    return run.directory, run.step
-
-
 def _open(workdir, checkpoint, step):
     from sdxl_jax.runs import open_run
     if checkpoint:

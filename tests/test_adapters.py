@@ -76,6 +76,32 @@ def test_bad_config_is_one_clear_error(base):
         AdapterConfig(algo="lokr", conv=True)
 
 
+def test_a_lycoris_conv_lokr_file_is_refused_in_one_line(base, tmp_path):
+    """LyCORIS stores a 3×3 conv's LoKr with w2_b over in·k·k columns; reading it as a 2-D
+    Kronecker product would merge a ΔW of the wrong shape."""
+    from safetensors.numpy import save_file
+    from sdxl_jax.adapters.formats import kohya_module_names
+    kernel = base["unet"]["conv_in"]["kernel"]  # 3×3, 4 input channels
+    module = kohya_module_names("unet", PRESET, {("conv_in",): kernel.shape})[("conv_in",)]
+    path = str(tmp_path / "conv_lokr.safetensors")
+    save_file({f"{module}.lokr_w1": np.ones((4, 2), np.float32),
+               f"{module}.lokr_w2_a": np.ones((8, 1), np.float32),
+               f"{module}.lokr_w2_b": np.ones((1, 2 * 9), np.float32),
+               f"{module}.alpha": np.ones((), np.float32)}, path)
+    with pytest.raises(WeightsError, match=rf"^{path}: {module} is a LoKr of a 3×3 conv; only "
+                       r"Linear and 1×1 conv LoKr layers are read$"):
+        read_lora(path, PRESET)
+
+
+def test_lokr_refuses_a_kxk_conv_reached_through_targets_and_takes_a_1x1_one(base):
+    with pytest.raises(ValueError, match=r"^lora.algo=lokr adapts Linear and 1×1 conv layers, but "
+                       r"lora.targets reach 1 k×k conv\(s\) of unet, e.g. conv_in \(3×3\); narrow"):
+        make_plan(base, AdapterConfig(algo="lokr", targets=("^conv_in$",)))
+    plan = make_plan(base, AdapterConfig(algo="lokr", targets=("down_blocks_1/resnets_0/conv_shortcut$",)))
+    t = plan["unet"][("down_blocks_1", "resnets_0", "conv_shortcut")]
+    assert (t.kind, t.shape, t.factors) == ("conv", (1, 1, 64, 32), (4, 8, 8, 8))
+
+
 # ---- the in-step merge ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

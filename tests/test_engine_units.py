@@ -66,6 +66,19 @@ def test_ema_update_matches_recurrence(every):
         np.testing.assert_allclose(np.asarray(optim.ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 1, cfg)["w"]), 1.0)
 
 
+def test_ema_every_n_skips_the_whole_update_on_the_other_steps():
+    cfg = ml_collections.ConfigDict({"decay": 0.9, "inv_gamma": 1.0, "power": 0.75, "every": 2})
+    ema = {"w": jnp.arange(3, dtype=jnp.float32)}
+    # a skipped step does not read θ: bitwise the old EMA even for θ = inf (0·inf would be NaN)
+    skipped = optim.ema_update(ema, {"w": jnp.full(3, jnp.inf)}, jnp.int32(1), cfg)
+    np.testing.assert_array_equal(np.asarray(skipped["w"]), [0.0, 1.0, 2.0])
+    # nor compute anything: outside the cond, the traced update makes no leaf-shaped array
+    jaxpr = jax.make_jaxpr(lambda e, p, s: optim.ema_update(e, p, s, cfg))(
+        ema, {"w": jnp.ones(3)}, jnp.int32(1))
+    leaf_ops = [e.primitive.name for e in jaxpr.eqns if any(v.aval.shape == (3,) for v in e.outvars)]
+    assert leaf_ops == ["cond"]
+
+
 def test_learning_rate_warmup_then_cosine_or_constant():
     tr = config("ztsnr:tiny").train
     tr.learning_rate, tr.warmup_steps, tr.steps = 1e-3, 10, 110
@@ -86,7 +99,15 @@ def test_optimizers_build_and_update_once_per_call(name):
     params = {"w": jnp.ones((4, 4))}
     st = tx.init(params)
     upd, st = tx.update({"w": jnp.ones((4, 4))}, st, params)
-    assert float(jnp.abs(upd["w"]).sum()) > 0  # no accumulation wrapper: every call updates
+    # the first call's update, by hand: the 16 unit gradients clipped to global norm 1 (0.25
+    # each), θ = 1, no accumulation wrapper (it would return 0 until its k-th call)
+    lr, wd, g = float(tr.learning_rate), float(tr.weight_decay), 1.0 / 4
+    expected = {"adamw": -lr * (g / (g + float(tr.eps)) + wd),  # m̂/(√v̂+ε) + decoupled decay
+                "lion": -lr * (1.0 + wd),  # sign(interpolated momentum) + decay
+                # unfactored 4×4 (dims < 128): g/√(g²) = 1 times the parameter RMS 1; optax
+                # adds weight_decay_rate·θ unscaled by the learning rate
+                "adafactor": -(lr + wd)}[name]
+    np.testing.assert_allclose(np.asarray(upd["w"]), np.full((4, 4), expected), rtol=2e-5)  # float32
 
 
 @pytest.mark.parametrize("key,value,msg", [
@@ -144,3 +165,12 @@ def test_a_program_is_built_once_per_fingerprint_and_plan(monkeypatch):
     assert program.cached_program(["run B"], lambda: "spec B", eight) is not first
     assert program.cached_program(["run A"], lambda: "spec A", four) is not first
     assert [spec for spec, _ in built] == ["spec A", "spec B", "spec A"]
+
+
+def test_mode_lists_are_the_configs():
+    """The task registry and the model's remat modes are the lists config.validate checks."""
+    from sdxl_jax import config as config_lib
+    from sdxl_jax.models.remat import REMAT_MODES
+    from sdxl_jax.train.loop import TASKS
+    assert tuple(TASKS) == config_lib.TASKS == ("unet", "vae_decoder")
+    assert REMAT_MODES == config_lib.REMAT_MODES == ("none", "blocks", "dots")

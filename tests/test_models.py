@@ -114,7 +114,10 @@ def test_init_params_seeding_given_params_and_sharding():
     np.testing.assert_array_equal(emb(a), M.init_params("text_l", "tiny", 0)
                                   ["text_model"]["embeddings"]["token_embedding"]["embedding"])
     assert not np.array_equal(emb(a), emb(c))
-    assert emb(b).shape == emb(a).shape
+    # a key seeds by its words: a typed key and the raw key of the same seed give the same
+    # values, and they are not the int seed's (words [0, 0], not [0])
+    np.testing.assert_array_equal(emb(b), emb(M.init_params("text_l", "tiny", jax.random.PRNGKey(0))))
+    assert not np.array_equal(emb(b), emb(a))
     # given params: checked against the model and placed, values kept
     device = jax.devices()[-1]
     given = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1, a)

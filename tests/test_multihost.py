@@ -65,7 +65,6 @@ def test_two_processes_checkpoint_resume_and_match_single_process(demo_cache, re
     # each process: train to step 2 (checkpointed), stop, restore from step 2, train to the end
     _run_pair(wd, logs, demo_cache, steps=STEPS, restart_at=STEPS // 2)
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
-    assert sorted(ref) == list(range(1, STEPS + 1))
     for log in logs:
         assert _runs(log) == [(0, 2), (2, 4)]  # the second run started from the checkpoint
         got = _losses(log)

@@ -53,7 +53,8 @@ def test_sample_cli_grid_is_deterministic_and_uses_ema(saved_run, tmp_path):
     raw = _run_cli(wd, str(tmp_path / "raw.png"), "--weights", "raw")
     assert not np.array_equal(a, raw)
     ancestral = _run_cli(wd, str(tmp_path / "ea.png"), "--sampler", "euler_a", "--cfg", "3", "--rescale", "0.7")
-    assert ancestral.shape == a.shape and np.isfinite(ancestral).all()
+    # the options reach the sampler: another image of the same prompts and seeds
+    assert ancestral.shape == a.shape and not np.array_equal(ancestral, a)
 
 
 def test_sample_cli_errors_are_clear(tmp_path):

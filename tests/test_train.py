@@ -153,3 +153,24 @@ def test_a_step_that_cannot_fit_stops_before_training(straight_run, tmp_path):
     with pytest.raises(FitError, match=r"per device .* allows 1\.00 MiB \(1048576 bytes\); to fit, try:"):
         train(cfg, str(tmp_path / "nofit"))
     assert not os.path.exists(tmp_path / "nofit" / "checkpoints" / "1")  # no step ran
+
+
+def _traces(wd: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), wd) for d, _, files in os.walk(wd)
+                  for f in files if f.endswith(".xplane.pb"))
+
+
+def test_profile_window_skips_a_resume_inside_it_and_closes_past_the_run_end(straight_run, tmp_path):
+    """profile_steps=a,b belongs to the run's steps: a process resumed inside the window writes
+    no trace (and does not stop one it never started), and a window ending past the run's last
+    step is still written when the run ends."""
+    def cfg(window):  # the reference run's config (its compiled step), profiled in `window`
+        return tiny_config(**{"data.cache_dir": straight_run[0].data.cache_dir, "train.steps": STEPS,
+                              "checkpoint.every_steps": 2, "profile_steps": window})
+    wd = str(tmp_path / "profiled")
+    train(cfg(""), wd, max_steps=2)
+    resumed = train(cfg("1,3"), wd, max_steps=4)  # resumes at step 2, inside the window
+    assert resumed["start_step"] == 2 and resumed["end_step"] == 4 and _traces(wd) == []
+    last = train(cfg("5,9"), wd)  # 9 > the run's 8 steps
+    assert last["end_step"] == STEPS
+    assert len(_traces(wd)) == 1 and _traces(wd)[0].startswith("profile/plugins/profile/")

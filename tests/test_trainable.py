@@ -73,6 +73,14 @@ def test_a_lora_run_resumes_bitwise(lora_runs):
     assert meta["trainable"] == "lora" and meta["lora"]["rank"] == 4
 
 
+def test_a_lora_run_over_a_zero_conv_out_base_is_refused_before_training(demo_cache, tmp_path):
+    cfg = tiny_config(**{"data.cache_dir": demo_cache, "train.trainable": "lora", "train.steps": 1})
+    with pytest.raises(ValueError, match=r"conv_out kernel is all zero .* train nothing; adapt it too "
+                       r'with lora.targets=\("conv_out",\) or start from model.pretrained'):
+        train(cfg, str(tmp_path / "lora"))
+    assert not (tmp_path / "lora" / "checkpoints").exists()  # refused before the checkpointer
+
+
 def test_text_encoder_training_changes_only_the_chosen_encoder_until_its_stop_step(demo_cache, tmp_path):
     cfg = tiny_config(**{"data.cache_dir": demo_cache, "train.trainable": "unet+text", "train.steps": 3,
                          "checkpoint.every_steps": 1, "text_encoders.train_l": True,

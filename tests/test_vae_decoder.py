@@ -46,6 +46,13 @@ def tiny_vae_config(images_dir: str, **overrides):
     return override(cfg, overrides)
 
 
+def held_out_images(cfg, images_dir: str, n: int, size: int):
+    """The first `n` held-out images of `images_dir` by key, square: the trainer's sample set."""
+    items, _, _ = pixels.scan_images(cfg, images_dir, None, 4)
+    _, val_ids = pixels.split_items(items, float(cfg.data.val_fraction))
+    return pixels.square_images([items[i] for i in val_ids], n, size, int(cfg.data.max_image_pixels))
+
+
 def _np(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
@@ -67,7 +74,7 @@ def run(demo_images, tmp_path_factory):
     resumed = train(tiny_vae_config(demo_images, **{"loss.perceptual_weights": weights,
                                                                   "sample.every_steps": 0}), wd2)
     vae = models.build_vae("tiny", "float32")
-    held, _ = pixels.held_out_images(cfg, demo_images, None, 4, 64)
+    held, _ = held_out_images(cfg, demo_images, 4, 64)
     source, finetuned = frozen_params(cfg, components=("vae",))["vae"], open_run(wd).params("vae")
 
     @jax.jit

@@ -5,7 +5,7 @@ formats.py: the kohya / A1111 / ComfyUI file layout and the diffusers / PEFT one
 """
 from sdxl_jax.adapters.lora import (  # noqa: F401
     ALGOS, CONV_TARGETS, DEFAULT_TARGETS, MODELS, AdapterConfig, Intercepted, Plan, Target,
-    abstract_adapters, adapt, adapter_shapes, apply_adapters, count_adapter_params, delta_flax,
+    abstract_adapters, adapt, adapter_shapes, apply_adapters, delta_flax,
     delta_torch, init_adapters, lora_branch, lora_interceptor, make_plan, merge_params,
     rank_masks)
 from sdxl_jax.adapters.formats import (  # noqa: F401

@@ -213,6 +213,19 @@ def _module_index(preset: str, models, fmt: str) -> dict:
     return index
 
 
+def _check_lokr_factors(path: str, module: str, kshape: tuple, factors: tuple) -> None:
+    """Our LoKr is the 2-D Kronecker product of Linear and 1×1 conv layers (lora.make_plan):
+    a LyCORIS conv LoKr of a k×k kernel, or factors whose product is not the layer, is refused."""
+    cin, cout = kshape[-2:]
+    if len(kshape) == 4 and kshape[0] * kshape[1] > 1:
+        raise WeightsError(f"{path}: {module} is a LoKr of a {kshape[0]}×{kshape[1]} conv; only "
+                           "Linear and 1×1 conv LoKr layers are read")
+    a, b, c, d = factors
+    if (a * c, b * d) != (cout, cin):
+        raise WeightsError(f"{path}: {module}: LoKr factors give a {a * c}×{b * d} ΔW, the layer is "
+                           f"{cout}×{cin}")
+
+
 def _split(key: str, fmt: str) -> tuple[str, str]:
     """file key -> (module name, leaf name in our tree or "alpha")."""
     if fmt == "kohya":
@@ -290,6 +303,8 @@ def read_lora(path: str, preset: str) -> tuple[dict, Plan]:
         else:
             alpha = _peft_alpha(peft_cfg, name, module, int(rank))
         kind = "linear" if len(kshape) == 2 else "conv"
+        if algo == "lokr":
+            _check_lokr_factors(path, module, kshape, factors)
         t = Target(algo, kind, kshape, int(rank), alpha, factors)
         want = adapter_shapes(t)
         for leaf, x in arrays.items():

@@ -172,6 +172,7 @@ def make_plan(abstract_params: dict, cfg: AdapterConfig) -> Plan:
                 targets[path[:-1]] = _target(cfg, tuple(leaf.shape))
         if not targets:
             raise ValueError(f"lora: no kernel of {name} matches {patterns}")
+        _refuse_lokr_kxk(name, targets)
         plan[name] = dict(sorted(targets.items()))
     unused = [p for p, n in extra_hits.items() if n == 0]
     if unused:
@@ -179,6 +180,19 @@ def make_plan(abstract_params: dict, cfg: AdapterConfig) -> Plan:
                          "paths look like down_blocks_1/attentions_0/proj_in or "
                          "text_model/encoder/layers/0/mlp/fc1")
     return plan
+
+
+def _refuse_lokr_kxk(name: str, targets: dict) -> None:
+    """LyCORIS's conv LoKr keeps the kernel's k×k positions in its factors; ours is the 2-D
+    Kronecker product, which would add one ΔW at every position and which other tools refuse
+    (ComfyUI: "shape '[320, 4, 3, 3]' is invalid for input of size 1280"). 1×1 convs are fine."""
+    kxk = ["/".join(p) for p, t in targets.items()
+           if t.algo == "lokr" and t.kind == "conv" and t.shape[0] * t.shape[1] > 1]
+    if kxk:
+        kh, kw = targets[tuple(kxk[0].split("/"))].shape[:2]
+        raise ValueError(f"lora.algo=lokr adapts Linear and 1×1 conv layers, but lora.targets reach "
+                         f"{len(kxk)} k×k conv(s) of {name}, e.g. {kxk[0]} ({kh}×{kw}); narrow "
+                         "lora.targets or use lora.algo=lora (LoCon) for them")
 
 
 def adapter_shapes(t: Target) -> dict[str, tuple]:
@@ -400,7 +414,3 @@ class _NumpyF32:
 
 _F32 = _NumpyF32()
 
-
-def count_adapter_params(plan: Plan) -> int:
-    return sum(int(np.prod(s)) for targets in plan.values() for t in targets.values()
-               for s in adapter_shapes(t).values())

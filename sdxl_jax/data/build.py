@@ -107,10 +107,14 @@ def _source_desc(images_dir: str | None, manifest: str | None, tfds=None) -> str
     return f"images:{os.path.abspath(images_dir)}" if images_dir else f"manifest:{os.path.abspath(manifest)}"
 
 
+# The processes of a build wait for each other's shards: one host may encode for hours longer
+_BUILD_WAIT_S = 7 * 24 * 3600.0
+
+
 def _barrier(name: str, process_count: int) -> None:
     if process_count > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+        from sdxl_jax.parallel import host_barrier
+        host_barrier(name, _BUILD_WAIT_S)
 
 
 def _remove_cache_files(out: Path) -> None:
@@ -430,6 +434,24 @@ def _build(out: Path, config, settings: dict, sources, scan_skipped, encode_fn, 
     mine = sources[process_index::process_count]
     # listing problems are the same on every process: process 0 reports them
     scan_skipped = [{"key": k, "path": k, "reason": r} for k, r in scan_skipped if process_index == 0]
+    chunks = _cache_mine(out, mine, config, buckets, encode_fn, sid, scan_skipped, process_index,
+                         process_count, progress, verify)
+    C.write_json(out / C.PARTS / f"part-{process_index:04d}of{process_count:04d}.json",
+                 {"shards": [n for n, _ in chunks], "scan_skipped": scan_skipped})
+    _barrier("build_cache:written", process_count)
+    if process_index == 0:
+        result = _finalize(out, settings, process_count)
+    _barrier("build_cache:finalized", process_count)
+    if process_index != 0:
+        result = C.load_manifest(str(out))
+    _report(out, result, process_index)
+    return result
+
+
+def _cache_mine(out: Path, mine: list, config, buckets, encode_fn, sid: str, scan_skipped: list,
+                process_index: int, process_count: int, progress: bool, verify: bool) -> list:
+    """Scan this process's inputs (the unusable ones appended to `scan_skipped`), plan its shards
+    and write those not already complete; returns the shard plan [(name, items)]."""
     workers = max(1, int(config.data.decode_workers or os.cpu_count() or 1))
     batch = int(config.data.build_batch_size)
     with ThreadPoolExecutor(workers) as pool:
@@ -450,14 +472,11 @@ def _build(out: Path, config, settings: dict, sources, scan_skipped, encode_fn, 
                   disable=not progress, dynamic_ncols=True) as bar:
             for name, its in todo:
                 _write_shard(out, name, its, encode_fn, config, buckets, pool, sid, batch, bar)
-    C.write_json(out / C.PARTS / f"part-{process_index:04d}of{process_count:04d}.json",
-                 {"shards": [n for n, _ in chunks], "scan_skipped": scan_skipped})
-    _barrier("build_cache:written", process_count)
-    if process_index == 0:
-        result = _finalize(out, settings, process_count)
-    _barrier("build_cache:finalized", process_count)
-    if process_index != 0:
-        result = C.load_manifest(str(out))
+    return chunks
+
+
+def _report(out: Path, result: dict, process_index: int) -> None:
+    """Log the build's outcome; a cache of 0 records is an error (raised on every process)."""
     log.info("build_cache: %d images in %s", result["num_records"], out)
     if result["num_skipped"] and process_index == 0:
         kinds = Counter(s["reason"].split(":")[0]
@@ -468,4 +487,3 @@ def _build(out: Path, config, settings: dict, sources, scan_skipped, encode_fn, 
     if not result["num_records"]:  # after the barriers: every process raises, none waits
         raise C.CacheError(f"build_cache: 0 images cached in {out}: all {result['num_skipped']} "
                            f"inputs were skipped; the reason for each is in {out / C.SKIPPED}")
-    return result

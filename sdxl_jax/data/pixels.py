@@ -212,15 +212,6 @@ def make_pixel_iterator(config, images_dir: str | None = None, manifest: str | N
                          (crop, crop) if crop else None, skipped, [items[i] for i in val_ids])
 
 
-def held_out_images(config, images_dir: str | None = None, manifest: str | None = None,
-                    n: int = 4, size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """(images (n, size, size, 3) float32 in [−1, 1], keys) of the first `n` held-out images by
-    key; see `square_images`."""
-    items, _, _ = scan_images(config, images_dir, manifest, int(config.data.read_threads) * 4)
-    _, val_ids = split_items(items, float(config.data.val_fraction))
-    return square_images([items[i] for i in val_ids], n, size, int(config.data.max_image_pixels))
-
-
 def square_images(held: list[PixelItem], n: int, size: int, max_pixels: int
                   ) -> tuple[np.ndarray, list[str]]:
     """The first `n` decodable items by key, cover-fitted and centre-cropped to size × size:

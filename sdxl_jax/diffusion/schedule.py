@@ -25,14 +25,6 @@ class Schedule(NamedTuple):
     def num_steps(self) -> int:
         return int(self.betas.shape[0])
 
-    @property
-    def sqrt_alphas_cumprod(self) -> np.ndarray:  # a_t
-        return np.sqrt(self.alphas_cumprod)
-
-    @property
-    def sqrt_one_minus_alphas_cumprod(self) -> np.ndarray:  # s_t
-        return np.sqrt(1.0 - self.alphas_cumprod)
-
 
 def scaled_linear_betas(num_steps: int = 1000, beta_start: float = 0.00085,
                         beta_end: float = 0.012) -> np.ndarray:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _bcast(c, x):
+def expand_to(c, x):
+    """`c` of shape (B,) (or a scalar) with trailing 1-axes, to broadcast over x's (B, …)."""
     c = jnp.asarray(c)
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
 
@@ -31,22 +32,22 @@ def vp_coefficients(alphas_cumprod, t):
 
 def add_noise(x0, eps, a, s):
     """z = a·x0 + s·ε."""
-    return _bcast(a, x0) * x0 + _bcast(s, x0) * eps
+    return expand_to(a, x0) * x0 + expand_to(s, x0) * eps
 
 
 def v_target(x0, eps, a, s):
     """v = a·ε − s·x0."""
-    return _bcast(a, x0) * eps - _bcast(s, x0) * x0
+    return expand_to(a, x0) * eps - expand_to(s, x0) * x0
 
 
 def predict_x0(z, v, a, s):
     """x̂0 = a·z − s·v̂."""
-    return _bcast(a, z) * z - _bcast(s, z) * v
+    return expand_to(a, z) * z - expand_to(s, z) * v
 
 
 def predict_eps(z, v, a, s):
     """ε̂ = s·z + a·v̂."""
-    return _bcast(s, z) * z + _bcast(a, z) * v
+    return expand_to(s, z) * z + expand_to(a, z) * v
 
 
 def snr(a, s):

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from sdxl_jax.diffusion.vpred import expand_to
+
 WEIGHTINGS = ("min_snr_plus_one", "min_snr", "debiased", "none")
 LOSS_TYPES = ("mse", "huber")
 HUBER_SCHEDULES = ("constant", "snr")
-
-
-def _bcast(c, x):
-    c = jnp.asarray(c, jnp.float32)
-    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
 
 
 def snr_loss_weight(snr, weighting: str = "min_snr_plus_one", gamma: float = 5.0):
@@ -69,7 +66,7 @@ def pseudo_huber(d, c):
     value without the cancellation of √(d² + c²) − c in float32 when |d| ≪ c.
     """
     d = jnp.asarray(d, jnp.float32)
-    c = _bcast(c, d)
+    c = expand_to(jnp.asarray(c, jnp.float32), d)
     d2 = jnp.square(d)
     return 2.0 * c * d2 / (jnp.sqrt(d2 + jnp.square(c)) + c)
 

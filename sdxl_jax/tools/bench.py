@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from sdxl_jax import cli
+from sdxl_jax.fit import xla_flops
 
 SECTIONS = ("peak", "step", "spmd", "torch")
 
@@ -93,12 +94,6 @@ def timed(fn, n: int, warmup: int = 1) -> dict:
 
 def fmt(t: dict) -> str:
     return f"{t['wall']:.3f} s (min {t['wall_min']:.3f}, CPU {t['cpu']:.2f} s)"
-
-
-def flops_of(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 # ---- sections ------------------------------------------------------------------------------------
@@ -176,7 +171,7 @@ def bench_step(s: TrainSetup, n: int) -> dict:
     loop_t = timed(loop_iter, n)
     jax.device_get(pending)
     s.state = state
-    return {"compile_s": compile_s, "bare": bare_t, "loop": loop_t, "flops": flops_of(compiled),
+    return {"compile_s": compile_s, "bare": bare_t, "loop": loop_t, "flops": xla_flops(compiled),
             "compile_count": step.compile_count, "steps_run": 2 * n + 3}
 
 

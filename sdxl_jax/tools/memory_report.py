@@ -30,6 +30,7 @@ import sys
 import time
 
 from sdxl_jax import cli, fit
+from sdxl_jax.config_sections import REMAT_MODES
 
 GIB = 1024 ** 3
 ACCELERATORS = (("TPU v5e", 16), ("TPU v4", 32), ("H100", 80), ("TPU v5p", 95))
@@ -270,16 +271,13 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
     options = dict(compiler_options or {})
     if until_buffers:
         stats = buffer_assignment_stats(compile_until_buffers(lowered, options))
-        cost = None
+        flops = -1.0  # -1: not compiled
     else:
         compiled = lowered.compile(compiler_options=options)
         stats = fit.compiled_memory(compiled)  # the trainer's fit check reads the same figures
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = fit.xla_flops(compiled, -1.0)
     t2 = time.perf_counter()
     stats["total_bytes"] = peak_bytes(stats)
-    global_cost = lowered.cost_analysis()
-    global_cost = global_cost[0] if isinstance(global_cost, (list, tuple)) else global_cost
     return {
         "preset": preset, "devices": n_dev, "mesh": dict(mesh.shape), "per_device_batch": per_device_batch,
         "accum": int(accum),
@@ -299,8 +297,8 @@ def analyze(cfg, per_device_batch: int, height: int, width: int, *, accum: int =
             "frozen": _shard_bytes(frozen_abs, frozen_sh),
             "batch": _shard_bytes(batch_in, jax.tree.map(lambda x: x.sharding, batch_in)),
         },
-        "flops_per_device": float(cost.get("flops", -1.0)) if cost else -1.0,  # -1: not compiled
-        "flops_global": float(global_cost.get("flops", -1.0)) if global_cost else -1.0,
+        "flops_per_device": flops,
+        "flops_global": fit.xla_flops(lowered, -1.0),
         "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
         "until_buffers": until_buffers,
         "scheduler": options.get("xla_cpu_scheduler_type", "default"),
@@ -457,7 +455,7 @@ def main(argv=None) -> None:
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient "
                    "accumulation inside the step; memory adds the float32 gradient sum)")
     p.add_argument("--bucket", default="1024x1024", help="WIDTHxHEIGHT in pixels")
-    p.add_argument("--remat", choices=("none", "blocks", "dots"), help="override model.remat")
+    p.add_argument("--remat", choices=REMAT_MODES, help="override model.remat")
     p.add_argument("--attention", choices=("standard", "memory_efficient", "dot_product", "splash", "auto"),
                    help="override model.attention (simulated CPU devices cannot run the fused "
                         "kernels: auto / splash are measured as memory_efficient there)")

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from sdxl_jax.fit import xla_flops
+
 # dense bf16 peak FLOP/s per chip (vendor figures) by a substring of device_kind
 PEAKS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12),
          ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v4", 275e12),
@@ -36,11 +38,6 @@ def chip_peak(device) -> float | None:
         if key.lower() in kind.lower():
             return peak
     return None
-
-
-def _flops(cost) -> float:
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 def _config(preset: str, remat: str, attention: str, batch: int):
@@ -120,7 +117,7 @@ def sweep(preset: str, batches, steps: int, side: int, variants=VARIANTS, time_b
             if batch not in model_flops:  # the no-remat program's FLOPs = the model's work
                 base = prog if (remat, attention) == ("none", "standard") else \
                     build_program(program_spec(_config(preset, "none", "standard", batch)), plan)
-                model_flops[batch] = _flops(base.lower(batch, side, side).cost_analysis())
+                model_flops[batch] = xla_flops(base.lower(batch, side, side))
             t0 = time.perf_counter()
             compiled = prog.compile(batch, side, side)
             row["compile_s"] = time.perf_counter() - t0
@@ -138,7 +135,7 @@ def sweep(preset: str, batches, steps: int, side: int, variants=VARIANTS, time_b
             step_s = float(np.median(times))
             stats = dev.memory_stats() or {}
             row.update(step_s=step_s, samples_s=batch / step_s,
-                       xla_tflops=_flops(compiled.cost_analysis()) / step_s / 1e12,
+                       xla_tflops=xla_flops(compiled) / step_s / 1e12,
                        model_tflops=model_flops[batch] / step_s / 1e12,
                        peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
                        finite=bool(metrics["finite"]))

@@ -95,7 +95,6 @@ class MetricMeans:
 
     def __init__(self, bin_labels: dict | None = None):
         self.bin_labels = dict(bin_labels or {})
-        self.consecutive_nonfinite = 0
         self._reset()
 
     def _reset(self):
@@ -159,22 +158,19 @@ class MetricReader:
 
     def __call__(self, s: int, m) -> None:
         m = host_metrics(jax.device_get(m))
+        in_a_row = int(m.pop("nonfinite_in_a_row"))  # the state's counter: it survives a resume
         self.losses.append(float(m["loss"]))
         if self.metrics_log is not None:
             self.metrics_log.append((s, m))
         acc = self.acc
         acc.add(m)
         if not m["finite"]:
-            acc.consecutive_nonfinite += 1
-            log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)",
-                        s, acc.consecutive_nonfinite)
-            if acc.consecutive_nonfinite >= self.cfg.train.max_nonfinite:
+            log.warning("step %d: non-finite loss/gradient, update skipped (%d in a row)", s, in_a_row)
+            if in_a_row >= self.cfg.train.max_nonfinite:
                 raise NonFiniteError(
-                    f"{acc.consecutive_nonfinite} consecutive non-finite steps up to step {s}: "
+                    f"{in_a_row} consecutive non-finite steps up to step {s}: "
                     f"stopping. The last good checkpoint ({self.ckpt.latest_step()}) is intact; "
                     f"lower {self.lr_hint} or check the data")
-        else:
-            acc.consecutive_nonfinite = 0
         if self.pbar is not None:
             self.pbar.update(1)
             self.pbar.set_postfix(loss=f"{float(m['loss']):.4f}")

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from sdxl_jax import checkpoint as ckpt_lib
+from sdxl_jax import config
 from sdxl_jax import parallel
 from sdxl_jax.data.cache import CacheError
 from sdxl_jax.run_inputs import Command, RunInputs, check_caches, repaired, resolve_run
@@ -30,6 +31,7 @@ from sdxl_jax.train import unet_task, vae_task
 from sdxl_jax.train.common import MetricMeans, MetricReader, Preemption, config_json, progress
 from sdxl_jax.train.common import use_compilation_cache
 from sdxl_jax.train.compile_ahead import Ahead
+from sdxl_jax.train.profiling import ProfileWindow
 from sdxl_jax.train.program import Program
 from sdxl_jax.train.task import Stage, Task  # noqa: F401  (the loop's contract with its tasks)
 from sdxl_jax.train.writer import open_writer
@@ -43,7 +45,7 @@ TASKS = {"unet": unet_task, "vae_decoder": vae_task}
 
 def build_task(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextlib.ExitStack) -> Task:
     if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task!r}: must be one of {tuple(TASKS)}")
+        raise ValueError(f"task={cfg.task!r}: must be one of {config.TASKS}")
     return TASKS[cfg.task].build(cfg, inputs, plan, cleanup)
 
 
@@ -115,8 +117,10 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
         writer = cleanup.enter_context(open_writer(cfg, workdir, cfg_json))
     preempt = Preemption()
     cleanup.callback(preempt.restore)
-    profile = _parse_profile(cfg.profile_steps)
+    profile = ProfileWindow(cfg.profile_steps, workdir)
+    cleanup.callback(profile.close)
 
+    profile.note_start(step)
     summary = {"start_step": step, "losses": [], "eval": {}, "compiles": 0, "stopped": "done",
                **task.summary}
     pbar = progress(is_main, step, stop_at)
@@ -153,8 +157,7 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
                                          "iterator": it.get_state()}, cfg_json, task.metadata)
 
                 while step < min(stage.end_step, stop_at):
-                    if profile and step == profile[0]:
-                        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                    profile.before_step(step)
                     local, peeked = (next(it) if peeked is None else peeked), None
                     if batch_log is not None:
                         batch_log.append((step + 1, batch_digest(local)))
@@ -165,9 +168,7 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
                     if pending is not None:
                         read_metrics(*pending)
                     pending = (step, metrics)
-                    if profile and step == profile[1]:
-                        jax.block_until_ready(state)
-                        jax.profiler.stop_trace()
+                    profile.after_step(step, state)
                     saved = step % cfg.checkpoint.every_steps == 0 or step == stop_at
                     if saved:
                         save(step)
@@ -231,11 +232,3 @@ def batch_digest(batch: dict) -> str:
         h.update(np.ascontiguousarray(batch[k]).tobytes())
     return h.hexdigest()[:16]
 
-
-def _parse_profile(spec: str):
-    if not spec:
-        return None
-    a, b = (int(x) for x in spec.split(","))
-    if not 0 <= a < b:
-        raise ValueError(f"profile_steps must be 'a,b' with 0 ≤ a < b, got {spec!r}")
-    return a, b

@@ -74,12 +74,17 @@ def ema_update(ema_params, params, step, ema_cfg):
     """ema ← ema + (1 − d_t)(θ − ema) every `ema.every` steps, in float32.
 
     `step` is the optimizer step just completed (1-based); the decay uses the number of EMA
-    updates done before this one, so the very first update copies θ (d_0 = 0).
+    updates done before this one, so the very first update copies θ (d_0 = 0). With every > 1
+    the update sits in a `cond`: the other steps neither read θ nor touch the EMA (a select
+    with step size 0 would still compute the whole update every step).
     """
     every = int(ema_cfg.every)
-    n_updates = (jnp.asarray(step) - 1) // every
-    d = ema_decay(n_updates, ema_cfg)
-    do = (jnp.asarray(step) % every) == 0
-    step_size = jnp.where(do, 1.0 - d, 0.0)
-    new = optax.incremental_update(params, ema_params, step_size)
-    return jax.tree.map(lambda x: x.astype(jnp.float32), new)
+
+    def update(ema):
+        d = ema_decay((jnp.asarray(step) - 1) // every, ema_cfg)
+        new = optax.incremental_update(params, ema, 1.0 - d)
+        return jax.tree.map(lambda x: x.astype(jnp.float32), new)
+
+    if every == 1:
+        return update(ema_params)
+    return jax.lax.cond(jnp.asarray(step) % every == 0, update, lambda ema: ema, ema_params)

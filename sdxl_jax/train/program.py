@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from sdxl_jax import parallel
+from sdxl_jax.checkpoint import abstract_with_shardings
 from sdxl_jax.train.state import TrainState, create_state, init_state
 from sdxl_jax.train.update import GradFn, make_update
 
@@ -41,11 +42,6 @@ def _abstract_rng():
     return jax.ShapeDtypeStruct((2,), jnp.uint32)
 
 
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, shardings)
-
-
 @dataclass(frozen=True)
 class Program:
     spec: ProgramSpec
@@ -68,8 +64,8 @@ class Program:
 
     def abstract_inputs(self, rows: int, height: int, width: int):
         """(state, frozen, batch) as sharded ShapeDtypeStructs: what `lower` compiles from."""
-        return (_with_shardings(self.abstract_state, self.shardings),
-                _with_shardings(self.spec.abstract_frozen, self.frozen_shardings),
+        return (abstract_with_shardings(self.abstract_state, self.shardings),
+                abstract_with_shardings(self.spec.abstract_frozen, self.frozen_shardings),
                 self.abstract_batch(rows, height, width))
 
     def lower(self, rows: int, height: int, width: int):

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sdxl_jax.config import TRAINABLE_MODES
 from sdxl_jax.train import optim
 
-MODES = ("unet", "unet+text", "lora")
 TEXT = ("text_l", "text_g")
 _LORA_STREAM = 0x10A  # rank-dropout keys: separate from the per-sample streams
 
@@ -114,7 +114,7 @@ def describe(cfg, abstract_unet, total_steps: int | None = None) -> Trainable:
         return Trainable(mode, abstract_adapters(plan), frozen, optim.make_optimizer(cfg.train, total_steps),
                          view, eval_view, unet_of=lambda tree: None, plan=plan,
                          metadata={"trainable": mode, "lora": dataclasses.asdict(settings)})
-    raise ValueError(f"train.trainable={mode!r}: must be one of {MODES}")
+    raise ValueError(f"train.trainable={mode!r}: must be one of {TRAINABLE_MODES}")
 
 
 def initial_params(tr: Trainable, cfg, sources: dict, shardings, seed_key) -> Any:
@@ -135,6 +135,19 @@ def frozen_values(tr: Trainable, sources: dict, shardings: dict) -> dict:
     return {k: jax.jit(lambda x, a=a: jax.tree.map(lambda v, s: v.astype(s.dtype), x, a),
                        out_shardings=shardings[k])(sources[k])
             for k, a in tr.abstract_frozen.items()}
+
+
+def refuse_untrainable_base(tr: Trainable, frozen: dict) -> None:
+    """A LoRA run over a UNet whose conv_out kernel is all zero (diffusers' initialisation: the
+    seeded random base, not a pretrained one) gets no gradient upstream of conv_out, so every
+    adapter would stay at its start; unless conv_out itself is adapted, refuse before compiling."""
+    if tr.mode != "lora" or ("conv_out",) in (tr.plan or {}).get("unet", {}):
+        return
+    if bool(jax.device_get(jnp.all(frozen["unet"]["conv_out"]["kernel"] == 0))):
+        raise ValueError("train.trainable=lora: the base UNet's conv_out kernel is all zero (a seeded "
+                         "random base), so no gradient reaches the adapters and the run would train "
+                         "nothing; adapt it too with lora.targets=(\"conv_out\",) or start from "
+                         "model.pretrained")
 
 
 def _adapters_from_file(tr: Trainable, cfg):

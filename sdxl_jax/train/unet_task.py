@@ -16,7 +16,7 @@ from sdxl_jax.train.program import ProgramSpec, cached_program
 from sdxl_jax.train.state import init_state
 from sdxl_jax.train.step import NUM_T_BINS, StepConfig, unet_grad_fn
 from sdxl_jax.train.task import Stage, Task
-from sdxl_jax.train.trainable import frozen_values, initial_params
+from sdxl_jax.train.trainable import frozen_values, initial_params, refuse_untrainable_base
 
 log = logging.getLogger("sdxl_jax.train")
 
@@ -148,6 +148,7 @@ def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextl
     names = ("vae",) + FROZEN + (("unet",) if tr.mode == "lora" else ())
     sources = inputs.weights.load(names, {k: plan.shardings(cached_abstract_params(k, preset)) for k in names})
     frozen = frozen_values(tr, sources, program.frozen_shardings)
+    refuse_untrainable_base(tr, frozen)
     for k in set(sources) - {"vae"} - set(tr.trained_text):  # float32 copies no longer needed
         del sources[k]
     tok_l, tok_g = inputs.weights.tokenizers()

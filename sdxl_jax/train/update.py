@@ -12,7 +12,8 @@ row's index in the global batch, and tasks derive their per-sample keys as
 `fold_in(ctx.rng, row)`, so k (or the device count) never changes what a sample sees.
 
 Metric convention: keys ending in "_sum" or "_count" are summed over micro-batches, all others
-are averaged.
+are averaged. `finite` and `nonfinite_in_a_row` (the state's count of consecutive skipped
+steps, kept across a resume) are the guard's, read by the host's non-finite stop.
 """
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ def make_update(grad_fn: GradFn, tx: optax.GradientTransformation, ema_cfg,
             return s.replace(rng=rng, nonfinite=s.nonfinite + 1)
 
         new_state = jax.lax.cond(finite, apply, skip, state)
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite,
+                       nonfinite_in_a_row=new_state.nonfinite)
         return new_state, metrics
 
     return train_step
