@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
-import shutil
 import sys
 from typing import Any, Callable, NamedTuple, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sdxl_jax import paths
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,17 +82,11 @@ def is_disk_full(exc: BaseException) -> bool:
     """ENOSPC / EDQUOT anywhere in the exception's cause/context chain or exception group;
     TensorStore's errors arrive as ValueError("RESOURCE_EXHAUSTED: … No space left on device
     [os_error_code='28']"), so the text counts too."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in paths.exception_chain(exc):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if any(s in str(e) for s in _NO_SPACE):
             return True
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
     return False
 
 
@@ -154,7 +148,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)  # a local path or a gs:// URL
         self.read_only = read_only
         self._disk_full: DiskFullError | None = None
         if read_only:
@@ -220,10 +214,10 @@ class Checkpointer:
         """Remove the unfinished step (it frees the space it took and can never complete) and
         name the newest complete one."""
         if jax.process_index() == 0:
-            for name in os.listdir(self.directory):
+            for name in paths.listdir(self.directory):
                 if _TMP_STEP.match(name):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        complete = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+                    paths.rmtree(paths.join(self.directory, name))
+        complete = [int(n) for n in paths.listdir(self.directory) if n.isdigit()]
         last = (f"last good checkpoint is step {max(complete)}" if complete
                 else "no checkpoint has been written yet")
         return DiskFullError(f"no space left on {self.directory}; {last}. Free space (or lower "
@@ -305,11 +299,11 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory} is opened read-only; not renaming steps {steps}")
         if jax.process_index() == 0:
             for step in steps:
-                src = os.path.join(self.directory, str(step))
+                src = paths.join(self.directory, str(step))
                 dst, n = src + CORRUPT_SUFFIX, 1
-                while os.path.exists(dst):  # the same step number went bad again in a later run
+                while paths.exists(dst):  # the same step number went bad again in a later run
                     dst, n = f"{src}{CORRUPT_SUFFIX}.{n}", n + 1
-                os.rename(src, dst)
+                paths.rename(src, dst)
                 log.warning("moved unreadable checkpoint step %d aside to %s (kept for "
                             "inspection; delete it when done)", step, dst)
         _barrier("sdxl_jax.checkpoint.move_aside")

@@ -53,6 +53,36 @@ def demo_cache(demo_images, tmp_path_factory):
         tiny_config(), images_dir=demo_images, out=out, progress=False))
 
 
+GCS_BUCKET = "sdxl-jax-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS server on loopback (tests/gcs_server.py), one per test process (xdist worker); its
+    endpoint settings stay in os.environ for the session, so subprocesses reach it too."""
+    from gcs_server import GcsServer
+    server = GcsServer(str(tmp_path_factory.mktemp("gcs_server"))).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        server.create_bucket(GCS_BUCKET)
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_dir(gcs_server, request):
+    """This test's own prefix in the test bucket: gs://<bucket>/<test name>-<random>."""
+    import uuid
+    return f"gs://{GCS_BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}-{uuid.uuid4().hex[:8]}"
+
+
 REFERENCE_STEPS = 8
 
 

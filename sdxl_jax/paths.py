@@ -1,0 +1,224 @@
+"""Run, cache and dataset paths: a local path or a `gs://bucket/key` URL, one set of functions.
+
+Local paths behave exactly as `os`/`open` would (made absolute, `~` expanded). URLs go through
+`etils.epath` (gcsfs underneath), the layer Orbax itself uses, so the trainer, the checkpoints and
+the readers of a run agree on what exists. Paths stay plain strings: call sites join them with
+`join` and hand them to Orbax, TensorStore and JAX, which take `gs://` URLs themselves.
+
+Object storage has no append and no rename: every write here replaces a whole object (`write_text`
+/ `write_bytes`; locally through a temporary file and `os.replace`, so a reader never sees half a
+file), and a caller that keeps a growing file (a log) keeps it locally and uploads it whole.
+
+A storage service that stops answering surfaces as `StorageError`, one line naming the path.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+REMOTE_SCHEMES = ("gs://",)
+
+
+class StorageError(OSError):
+    """Remote storage did not answer (or refused) an operation on a path; names the path."""
+
+
+def is_remote(path) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+def absolute(path) -> str:
+    """A local path absolute with `~` expanded; a URL as given without a trailing slash."""
+    path = os.fspath(path)
+    if is_remote(path):
+        return path.rstrip("/")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def join(base, *parts) -> str:
+    """`os.path.join` for both kinds (a URL joins with "/")."""
+    return os.path.join(os.fspath(base), *parts)
+
+
+def epath(path):
+    """The `etils.epath.Path` of `path` (for the few callers that need its whole API)."""
+    from etils import epath as _epath
+    return _epath.Path(absolute(path))
+
+
+def _remote(op: str, path: str, fn, *args):
+    """Run a remote operation; an unreachable service becomes one StorageError naming the path
+    (missing objects stay FileNotFoundError, as locally)."""
+    try:
+        return fn(*args)
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 — aiohttp, google-auth and gcsfs raise many kinds
+        if not is_unreachable(e):
+            raise
+        raise StorageError(f"cannot {op} {path}: storage did not answer ({type(e).__name__}: "
+                           f"{str(e)[:200]}); check the bucket and the network, then rerun the same "
+                           "command") from e
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """A connection-level failure anywhere in the exception's chain (refused, reset, timed out,
+    retries exhausted), as opposed to a missing object or a refused permission."""
+    for e in exception_chain(exc):
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in _UNREACHABLE:
+            return True
+        if any(s in str(e) for s in ("Connection refused", "UNAVAILABLE", "Cannot connect to host")):
+            return True
+    return False
+
+
+_UNREACHABLE = ("ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
+                "ServiceUnavailable", "RetryError", "TransportError")
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception in its cause / context chain and exception groups, once each."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+
+
+def exists(path) -> bool:
+    path = absolute(path)
+    if not is_remote(path):
+        return os.path.exists(path)
+    return _remote("check", path, lambda: epath(path).exists())
+
+
+def isdir(path) -> bool:
+    path = absolute(path)
+    if not is_remote(path):
+        return os.path.isdir(path)
+    return _remote("check", path, lambda: epath(path).is_dir())
+
+
+def isfile(path) -> bool:
+    path = absolute(path)
+    if not is_remote(path):
+        return os.path.isfile(path)
+    return _remote("check", path, lambda: epath(path).is_file())
+
+
+def listdir(path) -> list[str]:
+    """Names directly under `path` (FileNotFoundError when it does not exist)."""
+    path = absolute(path)
+    if not is_remote(path):
+        return os.listdir(path)
+
+    def names():
+        p = epath(path)
+        if not p.is_dir():
+            raise FileNotFoundError(f"{path}: no such directory")
+        return [c.name for c in p.iterdir()]
+    return _remote("list", path, names)
+
+
+def makedirs(path) -> None:
+    """Create a directory and its parents (on GCS, where folders are only key prefixes, a
+    no-op that still checks the bucket answers)."""
+    path = absolute(path)
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    _remote("create", path, lambda: epath(path).mkdir(parents=True, exist_ok=True))
+
+
+def rmtree(path) -> None:
+    path = absolute(path)
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    p = epath(path)
+    _remote("delete", path, lambda: p.rmtree() if p.exists() else None)
+
+
+def rename(src, dst) -> None:
+    """Move a file or directory (on GCS: copy every object, then delete the source)."""
+    src, dst = absolute(src), absolute(dst)
+    if not (is_remote(src) or is_remote(dst)):
+        os.rename(src, dst)
+        return
+    _remote("rename", src, lambda: epath(src).rename(epath(dst)))
+
+
+def read_bytes(path) -> bytes:
+    path = absolute(path)
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            return f.read()
+    return _remote("read", path, lambda: epath(path).read_bytes())
+
+
+def read_text(path) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Replace the whole file/object at `path` (parents created); a reader sees the old or the
+    new content, never a part."""
+    path = absolute(path)
+    if is_remote(path):
+        _remote("write", path, lambda: epath(path).write_bytes(data))
+        return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def upload(local_file: str, path) -> None:
+    """Copy a local file to `path` (a URL or a local path), replacing it whole."""
+    path = absolute(path)
+    if not is_remote(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(local_file, path)
+        return
+    _remote("upload to", path, lambda: epath(path).write_bytes(_read_local(local_file)))
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def walk_files(path) -> Iterator[str]:
+    """Every file below a local directory, as paths relative to it (sorted)."""
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            yield os.path.relpath(os.path.join(root, name), path)
+
+
+def local_mirror_dir(path, kind: str) -> str:
+    """A local directory standing in for remote `path` (files kept on this host, e.g. a log
+    written a record at a time and uploaded whole): <user cache>/sdxl_jax/<kind>/<bucket>/<key>.
+    A local `path` is returned as is."""
+    path = absolute(path)
+    if not is_remote(path):
+        return path
+    base = os.environ.get("SDXL_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                "sdxl_jax")
+    scheme, rest = path.split("://", 1)
+    return os.path.join(base, kind, scheme, rest)
