@@ -13,6 +13,7 @@ A storage service that stops answering surfaces as `StorageError`, one line nami
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,17 @@ REMOTE_SCHEMES = ("gs://",)
 
 class StorageError(OSError):
     """Remote storage did not answer (or refused) an operation on a path; names the path."""
+
+
+class _QuietRetries(logging.Filter):
+    """gcsfs logs each request it gives up on with a whole traceback; StorageError says it in
+    one line naming the path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "out of retries" not in str(record.msg)
+
+
+logging.getLogger("gcsfs").addFilter(_QuietRetries())
 
 
 def is_remote(path) -> bool:
@@ -48,7 +60,7 @@ def epath(path):
     return _epath.Path(absolute(path))
 
 
-def _remote(op: str, path: str, fn, *args):
+def call_remote(op: str, path: str, fn, *args):
     """Run a remote operation; an unreachable service becomes one StorageError naming the path
     (missing objects stay FileNotFoundError, as locally)."""
     try:
@@ -94,21 +106,21 @@ def exists(path) -> bool:
     path = absolute(path)
     if not is_remote(path):
         return os.path.exists(path)
-    return _remote("check", path, lambda: epath(path).exists())
+    return call_remote("check", path, lambda: epath(path).exists())
 
 
 def isdir(path) -> bool:
     path = absolute(path)
     if not is_remote(path):
         return os.path.isdir(path)
-    return _remote("check", path, lambda: epath(path).is_dir())
+    return call_remote("check", path, lambda: epath(path).is_dir())
 
 
 def isfile(path) -> bool:
     path = absolute(path)
     if not is_remote(path):
         return os.path.isfile(path)
-    return _remote("check", path, lambda: epath(path).is_file())
+    return call_remote("check", path, lambda: epath(path).is_file())
 
 
 def listdir(path) -> list[str]:
@@ -122,7 +134,7 @@ def listdir(path) -> list[str]:
         if not p.is_dir():
             raise FileNotFoundError(f"{path}: no such directory")
         return [c.name for c in p.iterdir()]
-    return _remote("list", path, names)
+    return call_remote("list", path, names)
 
 
 def makedirs(path) -> None:
@@ -132,7 +144,7 @@ def makedirs(path) -> None:
     if not is_remote(path):
         os.makedirs(path, exist_ok=True)
         return
-    _remote("create", path, lambda: epath(path).mkdir(parents=True, exist_ok=True))
+    call_remote("create", path, lambda: epath(path).mkdir(parents=True, exist_ok=True))
 
 
 def rmtree(path) -> None:
@@ -141,7 +153,7 @@ def rmtree(path) -> None:
         shutil.rmtree(path, ignore_errors=True)
         return
     p = epath(path)
-    _remote("delete", path, lambda: p.rmtree() if p.exists() else None)
+    call_remote("delete", path, lambda: p.rmtree() if p.exists() else None)
 
 
 def rename(src, dst) -> None:
@@ -150,7 +162,7 @@ def rename(src, dst) -> None:
     if not (is_remote(src) or is_remote(dst)):
         os.rename(src, dst)
         return
-    _remote("rename", src, lambda: epath(src).rename(epath(dst)))
+    call_remote("rename", src, lambda: epath(src).rename(epath(dst)))
 
 
 def read_bytes(path) -> bytes:
@@ -158,7 +170,7 @@ def read_bytes(path) -> bytes:
     if not is_remote(path):
         with open(path, "rb") as f:
             return f.read()
-    return _remote("read", path, lambda: epath(path).read_bytes())
+    return call_remote("read", path, lambda: epath(path).read_bytes())
 
 
 def read_text(path) -> str:
@@ -170,7 +182,7 @@ def write_bytes(path, data: bytes) -> None:
     new content, never a part."""
     path = absolute(path)
     if is_remote(path):
-        _remote("write", path, lambda: epath(path).write_bytes(data))
+        call_remote("write", path, lambda: epath(path).write_bytes(data))
         return
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -196,7 +208,7 @@ def upload(local_file: str, path) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.copyfile(local_file, path)
         return
-    _remote("upload to", path, lambda: epath(path).write_bytes(_read_local(local_file)))
+    call_remote("upload to", path, lambda: epath(path).write_bytes(_read_local(local_file)))
 
 
 def _read_local(path: str) -> bytes:

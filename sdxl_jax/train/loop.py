@@ -24,13 +24,13 @@ import jax
 import numpy as np
 
 from sdxl_jax import checkpoint as ckpt_lib
-from sdxl_jax import parallel
+from sdxl_jax import parallel, paths
 from sdxl_jax.train.common import MetricMeans, MetricReader, Preemption, config_json, progress
 from sdxl_jax.train.common import use_compilation_cache
 from sdxl_jax.train.program import Program
 from sdxl_jax.train.state import TrainState
 from sdxl_jax.train.writer import open_writer
-from sdxl_jax.workdir_lock import WorkdirLock
+from sdxl_jax.workdir_lock import workdir_lock
 
 log = logging.getLogger("sdxl_jax.train")
 
@@ -81,12 +81,12 @@ def train(cfg, workdir: str, max_steps: int | None = None, batch_log: list | Non
     `max_steps` stops early after a checkpoint (as a preemption would); `batch_log`, when given,
     collects (step, digest) of every local batch fed (tests compare data order across resumes);
     `metrics_log` collects (step, host metrics) of every step."""
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)  # a local directory or a gs:// prefix
     use_compilation_cache(workdir)  # persistent: a resumed run skips compiling
     with contextlib.ExitStack() as cleanup:  # closes whatever was opened, on any exit
         # one trainer per workdir: a second one exits at once naming the first (a killed
         # process's lock dies with it)
-        cleanup.enter_context(WorkdirLock(workdir, jax.process_index()))
+        cleanup.enter_context(workdir_lock(workdir, jax.process_index()))
         task = build_task(cfg, workdir, cleanup)
         return run(task, cfg, workdir, cleanup, max_steps, batch_log, metrics_log)
 
@@ -96,7 +96,7 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
     prog, is_main = task.program, jax.process_index() == 0
 
     # ---- state: fresh or restored ---------------------------------------------------------------
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
+    ckpt = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"), cfg.checkpoint.keep,
                                  cfg.checkpoint.async_save)
     cleanup.callback(ckpt.close)  # waits for a pending async save
     abstract = ckpt_lib.abstract_with_shardings(prog.abstract_state, prog.shardings)
