@@ -150,7 +150,7 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = paths.absolute(directory)  # a local path or a gs:// URL
         self.read_only = read_only
-        self._disk_full: DiskFullError | None = None
+        self._failure: DiskFullError | paths.StorageError | None = None  # ends every later call
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                    save_interval_steps=0)
@@ -176,39 +176,53 @@ class Checkpointer:
     # ---- writing -------------------------------------------------------------------------------
     def save(self, step: int, state, data_state: dict, config: dict, meta: dict) -> None:
         """Start (async) or write (sync) step `step`. Raises DiskFullError when this save or the
-        previous async one ran out of space."""
-        self._guard(lambda: self._mngr.save(int(step), force=True, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config),
-            meta=ocp.args.JsonSave(meta))))
+        previous async one ran out of space, StorageError when a gs:// directory does not answer
+        (checked before starting: a save begun into an outage leaves Orbax's writer threads
+        retrying for many minutes)."""
+        def start():
+            paths.check_reachable(self.directory)
+            self._mngr.save(int(step), force=True, args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+                meta=ocp.args.JsonSave(meta)))
+        self._guard(start)
 
     def wait(self) -> None:
         self._guard(self._mngr.wait_until_finished)
 
     def close(self) -> None:
-        """Wait for a pending save, then release the manager. After a DiskFullError was raised
-        it only releases: closing while that error unwinds must not replace it."""
+        """Wait for a pending save, then release the manager. After a DiskFullError or
+        StorageError was raised it only releases: closing while that error unwinds must not
+        replace it."""
         try:
-            if self._disk_full is None:
+            if self._failure is None:
                 self._guard(self._mngr.wait_until_finished)
         finally:
             try:
                 self._mngr.close()
             except Exception:
-                if self._disk_full is None:
+                if self._failure is None:
                     raise
 
     def _guard(self, fn: Callable[[], T]) -> T:
-        if self._disk_full is not None:
-            raise self._disk_full
+        if self._failure is not None:
+            raise self._failure
         try:
             return fn()
         except Exception as e:
-            if not is_disk_full(e):
+            if is_disk_full(e):
+                self._failure = self._disk_full_error()
+            elif paths.is_remote(self.directory) and paths.is_unreachable(e):
+                last = self._mngr.latest_step()  # known without asking the storage
+                self._failure = paths.StorageError(
+                    f"cannot write checkpoints to {self.directory}: storage did not answer "
+                    f"({type(e).__name__}); the last committed checkpoint is "
+                    f"{'step ' + str(last) if last is not None else 'none'}. Rerun the same "
+                    "command once the bucket answers to resume from it")
+            else:
                 raise
-            self._disk_full = self._disk_full_error()
-            raise self._disk_full from e
+            raise self._failure from e
 
     def _disk_full_error(self) -> DiskFullError:
         """Remove the unfinished step (it frees the space it took and can never complete) and

@@ -10,6 +10,10 @@ Object storage has no append and no rename: every write here replaces a whole ob
 file), and a caller that keeps a growing file (a log) keeps it locally and uploads it whole.
 
 A storage service that stops answering surfaces as `StorageError`, one line naming the path.
+This module's own writes, and `check_reachable` (which the checkpointer calls before each save,
+so that no save starts into an outage), give up after `timeout_s()` seconds of retrying
+(SDXL_JAX_STORAGE_TIMEOUT_S, default 120): a blip is ridden out, an outage ends the run with that
+line, and the rerun resumes from the last committed checkpoint.
 """
 from __future__ import annotations
 
@@ -20,6 +24,11 @@ import tempfile
 from typing import Iterator
 
 REMOTE_SCHEMES = ("gs://",)
+TIMEOUT_S = 120.0
+
+
+def timeout_s() -> float:
+    return float(os.environ.get("SDXL_JAX_STORAGE_TIMEOUT_S") or TIMEOUT_S)
 
 
 class StorageError(OSError):
@@ -52,6 +61,33 @@ def absolute(path) -> str:
 def join(base, *parts) -> str:
     """`os.path.join` for both kinds (a URL joins with "/")."""
     return os.path.join(os.fspath(base), *parts)
+
+
+def _blob(url: str):
+    """The google-cloud-storage blob of gs://bucket/key (one client per process)."""
+    global _CLIENT
+    if _CLIENT is None:
+        from google.cloud import storage
+        _CLIENT = storage.Client()
+    bucket, _, key = url[len("gs://"):].partition("/")
+    return _CLIENT.bucket(bucket).blob(key)
+
+
+_CLIENT = None
+
+
+def _bounded() -> dict:
+    """Retry and per-request timeout of this module's own requests: at most timeout_s()."""
+    from google.api_core.retry import Retry
+    t = timeout_s()
+    return {"retry": Retry(timeout=t, initial=0.5, maximum=min(8.0, t)), "timeout": min(60.0, t)}
+
+
+def check_reachable(path) -> None:
+    """Raise StorageError naming `path` when its bucket does not answer within timeout_s()."""
+    path = absolute(path)
+    if is_remote(path):
+        call_remote("reach", path, lambda: _blob(path).bucket.exists(**_bounded()))
 
 
 def epath(path):
@@ -182,7 +218,7 @@ def write_bytes(path, data: bytes) -> None:
     new content, never a part."""
     path = absolute(path)
     if is_remote(path):
-        call_remote("write", path, lambda: epath(path).write_bytes(data))
+        call_remote("write", path, lambda: _blob(path).upload_from_string(data, **_bounded()))
         return
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -208,12 +244,7 @@ def upload(local_file: str, path) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.copyfile(local_file, path)
         return
-    call_remote("upload to", path, lambda: epath(path).write_bytes(_read_local(local_file)))
-
-
-def _read_local(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    call_remote("upload to", path, lambda: _blob(path).upload_from_filename(local_file, **_bounded()))
 
 
 def walk_files(path) -> Iterator[str]:

@@ -138,6 +138,20 @@ class WorkdirLock:
         self.release()
 
 
+def _dead_here(info: dict) -> bool:
+    """The holder ran on this host and its process is gone (e.g. it stopped during a storage
+    outage and could not delete its lock): no need to wait for its heartbeat to go stale."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class ObjectLock:
     """The lock object `<workdir>/train.<process>.lock` of a gs:// workdir (see the module
     docstring). `acquire` raises WorkdirLockedError naming the holder while its heartbeat is
@@ -194,7 +208,8 @@ class ObjectLock:
             except (NotFound, PreconditionFailed, ValueError):
                 return self.acquire()  # released or refreshed between our two requests
             age = time.time() - holder.updated.timestamp()
-            if age <= self.stale_s:
+            dead_here = _dead_here(info)
+            if age <= self.stale_s and not dead_here:
                 raise WorkdirLockedError(
                     f"workdir {os.path.dirname(self.path)} is in use by another trainer "
                     f"({_describe(info)}, heartbeat {age:.0f} s ago; lock object {self.path}): wait "
@@ -205,8 +220,10 @@ class ObjectLock:
             except PreconditionFailed:
                 raise WorkdirLockedError(f"workdir {os.path.dirname(self.path)}: another trainer "
                                          f"took over the stale lock {self.path} first") from None
-            log.warning("took over the lock of %s: its last heartbeat was %.0f s ago (limit %.0f "
-                        "s), so that run died without releasing it", _describe(info), age, self.stale_s)
+            why = ("that process no longer runs on this host" if dead_here else
+                   f"its last heartbeat was {age:.0f} s ago (limit {self.stale_s:.0f} s)")
+            log.warning("took over the lock of %s: %s, so that run ended without releasing it",
+                        _describe(info), why)
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -246,7 +263,10 @@ class ObjectLock:
         if self._thread is not None:
             self._thread.join(timeout=2 * self.heartbeat_s + 5)
         try:
-            self._blob().delete(if_generation_match=self._generation)
+            from google.api_core.retry import Retry
+            limit = max(self.heartbeat_s, 10.0)
+            self._blob().delete(if_generation_match=self._generation, retry=Retry(timeout=limit),
+                                timeout=limit)
         except Exception as e:  # noqa: BLE001 — a lock left behind is taken over once stale
             log.warning("could not delete the workdir lock %s (%s); the next trainer takes it "
                         "over after %.0f s", self.path, type(e).__name__, self.stale_s)

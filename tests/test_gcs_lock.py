@@ -78,8 +78,8 @@ def test_stale_lock_taken_over_and_a_fenced_holder_stops(gcs_server, gcs_dir):
         _, gen0 = _lock_object(gcs_server, gcs_dir)
         time.sleep(1.5)  # heartbeat every 0.3 s: the object is rewritten while held
         assert _lock_object(gcs_server, gcs_dir)[1] != gen0
-        first.send_signal(signal.SIGKILL)  # dies holding it: the object stays, naming it
-        first.wait(timeout=30)
+        # frozen (a suspended VM, a cut-off host): alive, so refused while its heartbeat is fresh
+        first.send_signal(signal.SIGSTOP)
         procs.append(_start(gcs_dir, stale_s=3))
         assert procs[-1].wait(timeout=60) == 1 and f"pid {first.pid} on host" in procs[-1].stderr.read()
         time.sleep(3.5)  # now its last heartbeat is older than the limit
@@ -87,18 +87,26 @@ def test_stale_lock_taken_over_and_a_fenced_holder_stops(gcs_server, gcs_dir):
         procs.append(second)
         assert second.stdout.readline().strip() == "locked", second.stderr.read()
         assert _lock_object(gcs_server, gcs_dir)[0]["pid"] == second.pid
-        # a holder frozen past the limit (a suspended VM) loses its lock to a third trainer and,
-        # on waking, stops at once instead of writing beside it
-        second.send_signal(signal.SIGSTOP)
-        time.sleep(3.5)
-        third = _start(gcs_dir, stale_s=3)
+        # on waking, the frozen holder finds its lock taken over and stops at once (exit 3)
+        # instead of writing beside the new one
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=60) == 3
+        assert "lost the workdir lock" in first.stderr.read()
+        assert _lock_object(gcs_server, gcs_dir)[0]["pid"] == second.pid
+        # killed holding it: the object stays, but its process is gone from this host, so the
+        # next trainer takes over without waiting for the heartbeat to go stale
+        second.kill()
+        second.wait(timeout=30)
+        third = _start(gcs_dir)  # default limit (minutes)
         procs.append(third)
         assert third.stdout.readline().strip() == "locked", third.stderr.read()
-        second.send_signal(signal.SIGCONT)
-        assert second.wait(timeout=60) == 3
-        log = second.stderr.read()
-        assert f"took over the lock of pid {first.pid} on host {socket.gethostname()}" in log
-        assert "lost the workdir lock" in log
         assert _lock_object(gcs_server, gcs_dir)[0]["pid"] == third.pid
+        third.kill()
+        third.wait(timeout=30)
+        err = second.stderr.read() + third.stderr.read()
+        assert (f"took over the lock of pid {first.pid} on host {socket.gethostname()} since "
+                in err and "its last heartbeat was" in err), err
+        assert (f"took over the lock of pid {second.pid} on host {socket.gethostname()} since "
+                in err and "that process no longer runs on this host" in err), err
     finally:
         _kill(*procs)

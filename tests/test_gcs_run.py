@@ -26,11 +26,12 @@ def _committed(server, url):
                   if n.startswith("checkpoints/") and n.count("/") == 2 and n.endswith("/commit_success.txt"))
 
 
-def _driver(workdir, log, cache, *extra):
+def _driver(workdir, log, cache, env=None):
     args = [sys.executable, os.path.join(HERE, "train_driver.py"), workdir, log,
             f'data.cache_dir="{cache}"', f"train.steps={STEPS}", "checkpoint.every_steps=2",
-            "checkpoint.async_save=true", *extra]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            "checkpoint.async_save=true"]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
 
 
 def test_gs_workdir_preempt_kill_resume_bitwise(demo_cache, reference_run, gcs_server, gcs_dir, tmp_path):
@@ -54,13 +55,9 @@ def test_gs_workdir_preempt_kill_resume_bitwise(demo_cache, reference_run, gcs_s
         _wait_for_step(proc, log, start_lines + (7 - max(steps_seen)) + 1)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=600) == -signal.SIGKILL, proc.stderr.read()[-2000:]
-    # the killed run's lock object is still there, naming it: this leg must take it over as stale
+    # the killed run's lock object is still there; its process is gone, so this leg takes it over
     assert "train.0.lock" in _objects(gcs_server, wd)
-    os.environ["SDXL_JAX_LOCK_STALE_S"] = "2"  # the killed process's last heartbeat is older
-    try:
-        out = train(cfg, wd, batch_log=FileLog(log))
-    finally:
-        del os.environ["SDXL_JAX_LOCK_STALE_S"]
+    out = train(cfg, wd, batch_log=FileLog(log))
     steps, _ = _read_log(log)
     assert steps == dict(ref_log)  # every step fed exactly the uninterrupted local run's batch
     assert out["stopped"] == "done" and out["end_step"] == STEPS and out["start_step"] in (4, 6)
