@@ -247,6 +247,15 @@ def upload(local_file: str, path) -> None:
     call_remote("upload to", path, lambda: _blob(path).upload_from_filename(local_file, **_bounded()))
 
 
+def upload_tree(local: str, path) -> None:
+    """A local file, or every file under a local directory, to the same names under `path`."""
+    if os.path.isfile(local):
+        upload(local, path)
+        return
+    for rel in walk_files(local):
+        upload(os.path.join(local, rel), join(path, rel))
+
+
 def walk_files(path) -> Iterator[str]:
     """Every file below a local directory, as paths relative to it (sorted)."""
     for root, _, files in sorted(os.walk(path)):
