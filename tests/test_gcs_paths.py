@@ -56,3 +56,34 @@ def test_orbax_steps_commit_keep_and_restore_on_gcs(gcs_server, gcs_dir):
     ck.close()
     assert restored.step == 3 and restored.data_state == {"i": 3}
     np.testing.assert_array_equal(restored.state["w"], np.arange(24, dtype=np.float32).reshape(4, 6) * 3)
+
+
+COMPILE = ("import jax, jax.numpy as jnp\n"
+           "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+           "jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)\n"
+           "from sdxl_jax.train.common import use_compilation_cache\n"
+           "import sys; use_compilation_cache(sys.argv[1])\n"
+           "jax.monitoring.register_event_listener(lambda name, **kw: print('event', name))\n"
+           "print(jax.config.jax_compilation_cache_dir)\n"
+           "print(float(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(4.0)).sum()))\n")
+
+
+def test_persistent_compilation_cache_on_gcs(gcs_server, gcs_dir):
+    """The trainer's persistent XLA cache under a gs:// workdir: the first process writes its
+    compiled program there, a second one finds it (no new entry)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs, entries = [], []
+    for _ in range(2):
+        runs.append(subprocess.run([sys.executable, "-c", COMPILE, gcs_dir], env=dict(env, PYTHONPATH=root),
+                                   capture_output=True, text=True, timeout=300))
+        assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
+        entries.append(gcs_server.objects(GCS_BUCKET, _key(gcs_dir) + "/jax_cache/"))
+    assert runs[0].stdout.split()[0] == gcs_dir + "/jax_cache"
+    assert entries[0] and all(e.split("/")[-1].startswith("jit_") for e in entries[0]), entries
+    hit = "event /jax/compilation_cache/cache_hits"
+    assert hit not in runs[0].stdout and hit in runs[1].stdout, runs[1].stdout
+    assert entries[1] == entries[0]
+    assert runs[1].stdout.splitlines()[-1] == runs[0].stdout.splitlines()[-1]  # the same result
