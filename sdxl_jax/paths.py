@@ -159,6 +159,23 @@ def isfile(path) -> bool:
     return call_remote("check", path, lambda: epath(path).is_file())
 
 
+def size(path) -> int | None:
+    """Bytes of the file/object at `path`, None when there is none."""
+    path = absolute(path)
+    if not is_remote(path):
+        return os.path.getsize(path) if os.path.isfile(path) else None
+
+    def stat():
+        from google.api_core.exceptions import NotFound
+        blob = _blob(path)
+        try:
+            blob.reload(**_bounded())
+        except NotFound:
+            return None
+        return int(blob.size)
+    return call_remote("check", path, stat)
+
+
 def listdir(path) -> list[str]:
     """Names directly under `path` (FileNotFoundError when it does not exist)."""
     path = absolute(path)
