@@ -105,7 +105,8 @@ def ensure_cache(cfg, cache_dir: str, workdir: str) -> None:
     data.cache_dir) the tiny preset falls back to the generated demo dataset so the demo runs
     on a fresh machine with no network. A configured cache_dir that does not exist is an error
     (config.validate), never silently replaced."""
-    if os.path.exists(os.path.join(cache_dir, "manifest.json")):
+    from sdxl_jax import paths
+    if paths.exists(paths.join(cache_dir, "manifest.json")):  # a folder or a gs:// prefix
         return
     from sdxl_jax.data import build_cache
     from sdxl_jax.data.tfds_source import tfds_from_config
