@@ -65,3 +65,11 @@ def test_cache_built_to_gcs_and_trained_from_it(demo_images, demo_cache, referen
     log = []
     out = train(cfg, str(tmp_path / "run"), batch_log=log)
     assert log == ref_log[:2] and out["losses"] == ref["losses"][:2]
+
+
+def test_multi_process_build_to_gcs_is_refused_up_front(demo_images, gcs_server, gcs_dir):
+    from sdxl_jax.data import build_cache
+    with pytest.raises(ValueError, match="a gs:// cache is built by one process"):
+        build_cache(tiny_config(), images_dir=demo_images, out=gcs_dir + "/cache", process_index=0,
+                    process_count=2, progress=False)
+    assert gcs_server.objects(GCS_BUCKET, gcs_dir.split(f"gs://{GCS_BUCKET}/", 1)[1] + "/") == []

@@ -23,6 +23,15 @@ def build_cache(config, *args, out: str | None = None, **kwargs) -> dict:
     out = out or config.data.cache_dir or None
     if not (out and paths.is_remote(out)):
         return build(config, *args, out=out, **kwargs)
+    count = kwargs.get("process_count")
+    if count is None:
+        import jax
+        count = jax.process_count()
+    if count > 1:
+        raise ValueError(f"--out {out}: a gs:// cache is built by one process (each host would "
+                         "build its parts in its own local folder); run build_cache on one host "
+                         "(on a TPU pod slice: worker 0 with TPU_WORKER_HOSTNAMES=localhost), or "
+                         "build on a filesystem all hosts share")
     local = paths.local_mirror_dir(out, "caches")
     manifest = build(config, *args, out=local, **kwargs)
     upload_cache(local, out)

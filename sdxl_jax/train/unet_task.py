@@ -153,7 +153,9 @@ def use_demo_vae(cfg, workdir: str) -> None:
                    or cfg.data.get("sources"))
     if offline_preset(cfg.model.preset) and no_data and cfg.data.demo_vae_steps and not cfg.model.vae_workdir:
         from sdxl_jax.train.demo_vae import find_or_train
-        cfg.model.vae_workdir = os.path.abspath(find_or_train(cfg, workdir, demo_images(cfg, workdir)))
+        from sdxl_jax import paths  # the demo VAE's run stays on this host beside a gs:// workdir
+        local = paths.local_mirror_dir(workdir, "runs")
+        cfg.model.vae_workdir = os.path.abspath(find_or_train(cfg, local, demo_images(cfg, workdir)))
 
 
 def latent_stats(cfg, cache_dir):
