@@ -139,12 +139,12 @@ def reference_run(demo_cache, tmp_path_factory):
 # The suite runs on 2 xdist workers, one test module per worker at a time (pytest.ini). The
 # modules that compile train steps and run training subprocesses go first, longest first, so
 # the quick modules fill in behind them instead of leaving one worker alone at the end.
-_LONGEST_FIRST = ("test_reliability", "test_scale", "test_train", "test_attention", "test_multihost",
+_LONGEST_FIRST = ("test_reliability", "test_gcs_run", "test_gcs_outage", "test_scale", "test_train", "test_attention", "test_multihost",
                   "test_trainable", "test_accumulation", "test_sources", "test_adapters",
                   "test_vae_decoder", "test_demo_vae", "test_step_sweep", "test_sample", "test_lora_interop",
-                  "test_cli_errors", "test_lora_runs", "test_interop", "test_sharding_golden",
+                  "test_cli_errors", "test_gcs_cache", "test_gcs_readers", "test_lora_runs", "test_interop", "test_sharding_golden",
                   "test_models", "test_tfds", "test_export_safety", "test_checkpoints", "test_runs",
-                  "test_workdir_lock")
+                  "test_workdir_lock", "test_gcs_lock", "test_gcs_paths")
 
 
 def pytest_collection_modifyitems(config, items):
