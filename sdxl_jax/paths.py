@@ -44,6 +44,7 @@ class _QuietRetries(logging.Filter):
 
 
 logging.getLogger("gcsfs").addFilter(_QuietRetries())
+logging.getLogger("fsspec.caching").setLevel(logging.WARNING)  # an INFO line per file opened
 
 
 def is_remote(path) -> bool:
