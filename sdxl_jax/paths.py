@@ -288,7 +288,11 @@ def local_mirror_dir(path, kind: str) -> str:
     path = absolute(path)
     if not is_remote(path):
         return path
-    base = os.environ.get("SDXL_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                "sdxl_jax")
     scheme, rest = path.split("://", 1)
-    return os.path.join(base, kind, scheme, rest)
+    return os.path.join(user_cache_dir(), kind, scheme, rest)
+
+
+def user_cache_dir() -> str:
+    """This user's sdxl_jax cache on this host: SDXL_JAX_CACHE_DIR, else ~/.cache/sdxl_jax."""
+    return os.environ.get("SDXL_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                "sdxl_jax")
