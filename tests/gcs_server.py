@@ -32,6 +32,14 @@ def binary() -> str:
     return path
 
 
+def _die_with_parent() -> None:
+    """In the server's process: SIGKILL it when the test process ends, however it ends (a
+    crashed or killed pytest would otherwise leave it running)."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +67,8 @@ class GcsServer:
             self._proc = subprocess.Popen(
                 [binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
                  "-backend", "filesystem", "-filesystem-root", data, "-log-level", "warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent)
         t0 = time.time()
         while True:
             try:
