@@ -9,7 +9,6 @@ run the same command on every worker (jax.distributed discovers the slice); else
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import flags
@@ -35,7 +34,8 @@ def main(argv):
 
     cfg = _CONFIG.value
     validate(cfg, num_devices=jax.device_count())  # a ConfigError is one line (sdxl_jax.cli)
-    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    from sdxl_jax import paths
+    if paths.isfile(_WORKDIR.value):
         raise NotADirectoryError(f"--workdir {_WORKDIR.value!r} is a file, not a run directory; "
                                  "choose another path")
     from sdxl_jax.run_inputs import Command

@@ -25,7 +25,7 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
-from sdxl_jax.data.build import build_cache  # noqa: F401  (the library entry point)
+from sdxl_jax.data.staged import build_cache  # noqa: F401  (the library entry point; gs:// too)
 from sdxl_jax.data.tfds_source import tfds_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ztsnr.py", "config file[:preset]")

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
-import shutil
 import sys
 from typing import Any, Callable, NamedTuple, TypeVar
 
@@ -28,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sdxl_jax import paths
 from sdxl_jax.parallel import host_barrier
 
 log = logging.getLogger(__name__)
@@ -84,17 +83,11 @@ def is_disk_full(exc: BaseException) -> bool:
     """ENOSPC / EDQUOT anywhere in the exception's cause/context chain or exception group;
     TensorStore's errors arrive as ValueError("RESOURCE_EXHAUSTED: … No space left on device
     [os_error_code='28']"), so the text counts too."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in paths.exception_chain(exc):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if any(s in str(e) for s in _NO_SPACE):
             return True
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
     return False
 
 
@@ -150,9 +143,9 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)  # a local path or a gs:// URL
         self.read_only = read_only
-        self._disk_full: DiskFullError | None = None
+        self._failure: DiskFullError | paths.StorageError | None = None  # ends every later call
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                    save_interval_steps=0)
@@ -178,48 +171,62 @@ class Checkpointer:
     # ---- writing -------------------------------------------------------------------------------
     def save(self, step: int, state, data_state: dict, config: dict, meta: dict) -> None:
         """Start (async) or write (sync) step `step`. Raises DiskFullError when this save or the
-        previous async one ran out of space."""
-        self._guard(lambda: self._mngr.save(int(step), force=True, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config),
-            meta=ocp.args.JsonSave(meta))))
+        previous async one ran out of space, StorageError when a gs:// directory does not answer
+        (checked before starting: a save begun into an outage leaves Orbax's writer threads
+        retrying for many minutes)."""
+        def start():
+            paths.check_reachable(self.directory)
+            self._mngr.save(int(step), force=True, args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+                meta=ocp.args.JsonSave(meta)))
+        self._guard(start)
 
     def wait(self) -> None:
         self._guard(self._mngr.wait_until_finished)
 
     def close(self) -> None:
-        """Wait for a pending save, then release the manager. After a DiskFullError was raised
-        it only releases: closing while that error unwinds must not replace it."""
+        """Wait for a pending save, then release the manager. After a DiskFullError or
+        StorageError was raised it only releases: closing while that error unwinds must not
+        replace it."""
         try:
-            if self._disk_full is None:
+            if self._failure is None:
                 self._guard(self._mngr.wait_until_finished)
         finally:
             try:
                 self._mngr.close()
             except Exception:
-                if self._disk_full is None:
+                if self._failure is None:
                     raise
 
     def _guard(self, fn: Callable[[], T]) -> T:
-        if self._disk_full is not None:
-            raise self._disk_full
+        if self._failure is not None:
+            raise self._failure
         try:
             return fn()
         except Exception as e:
-            if not is_disk_full(e):
+            if is_disk_full(e):
+                self._failure = self._disk_full_error()
+            elif paths.is_remote(self.directory) and paths.is_unreachable(e):
+                last = self._mngr.latest_step()  # known without asking the storage
+                self._failure = paths.StorageError(
+                    f"cannot write checkpoints to {self.directory}: storage did not answer "
+                    f"({type(e).__name__}); the last committed checkpoint is "
+                    f"{'step ' + str(last) if last is not None else 'none'}. Rerun the same "
+                    "command once the bucket answers to resume from it")
+            else:
                 raise
-            self._disk_full = self._disk_full_error()
-            raise self._disk_full from e
+            raise self._failure from e
 
     def _disk_full_error(self) -> DiskFullError:
         """Remove the unfinished step (it frees the space it took and can never complete) and
         name the newest complete one."""
         if jax.process_index() == 0:
-            for name in os.listdir(self.directory):
+            for name in paths.listdir(self.directory):
                 if _TMP_STEP.match(name):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        complete = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+                    paths.rmtree(paths.join(self.directory, name))
+        complete = [int(n) for n in paths.listdir(self.directory) if n.isdigit()]
         last = (f"last good checkpoint is step {max(complete)}" if complete
                 else "no checkpoint has been written yet")
         return DiskFullError(f"no space left on {self.directory}; {last}. Free space (or lower "
@@ -301,11 +308,11 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory} is opened read-only; not renaming steps {steps}")
         if jax.process_index() == 0:
             for step in steps:
-                src = os.path.join(self.directory, str(step))
+                src = paths.join(self.directory, str(step))
                 dst, n = src + CORRUPT_SUFFIX, 1
-                while os.path.exists(dst):  # the same step number went bad again in a later run
+                while paths.exists(dst):  # the same step number went bad again in a later run
                     dst, n = f"{src}{CORRUPT_SUFFIX}.{n}", n + 1
-                os.rename(src, dst)
+                paths.rename(src, dst)
                 log.warning("moved unreadable checkpoint step %d aside to %s (kept for "
                             "inspection; delete it when done)", step, dst)
         host_barrier("checkpoint.move_aside")

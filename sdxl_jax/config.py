@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 
+from sdxl_jax import paths
 from sdxl_jax.config_sections import MODEL_PRESETS, REMAT_MODES, TASKS, TRAINABLE_MODES  # noqa: F401
 from sdxl_jax.diffusion import HUBER_SCHEDULES, LOSS_TYPES, NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
 
@@ -234,7 +235,7 @@ def _check_unet(cfg) -> None:
     sources = _check_sources(cfg, given)
     if cfg.data.cache_dir and not sources:  # with data.sources: the folder of their caches
         _cache_exists(cfg.data.cache_dir, "data.cache_dir", has_images)
-    if cfg.model.vae_workdir and not os.path.isdir(os.path.join(cfg.model.vae_workdir, "checkpoints")):
+    if cfg.model.vae_workdir and not paths.isdir(paths.join(cfg.model.vae_workdir, "checkpoints")):
         raise ConfigError(f"model.vae_workdir={cfg.model.vae_workdir!r}: not a run directory (no "
                           "checkpoints/); give the --workdir of a configs/vae_decoder.py run")
     if cfg.model.preset == "sdxl" and not cfg.model.pretrained:
@@ -285,7 +286,7 @@ def _check_sources(cfg, single: list) -> list:
 def _cache_exists(path: str, key: str, has_images: bool) -> None:
     """A cache given by path must exist unless images are given to build it there: a typo
     never silently becomes a freshly generated demo cache."""
-    if not has_images and not os.path.exists(os.path.join(path, "manifest.json")):
+    if not has_images and not paths.exists(paths.join(path, "manifest.json")):  # or gs://
         raise ConfigError(f"{key}={path!r}: no latent cache there (no manifest.json); build one "
                           "with python -m data_tools.build_cache, or set data.images_dir / "
                           "data.manifest to build it")

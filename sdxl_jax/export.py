@@ -41,10 +41,11 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 
-from sdxl_jax import cli
+from sdxl_jax import cli, paths
 from sdxl_jax.modelspec import modelspec_metadata as _modelspec
 
 log = logging.getLogger("sdxl_jax.export")
@@ -491,7 +492,10 @@ def _parse(argv):
 
 @cli.entry_point  # user errors: one line `error: …`; --debug shows the traceback
 def main(argv=None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parse(argv)
+    if paths.is_remote(args.out):
+        return _export_remote(argv, args.out, args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from sdxl_jax import hub_export
 
@@ -549,6 +553,20 @@ def write_export(args, run, which: str, out: str) -> str:
         export_single_file(params, preset, out, args.dtype, meta,
                            overwrite=args.overwrite, allow_per_channel=args.allow_per_channel)
     return f"exported step {step} ({which} weights) of {args.workdir} to {out}"
+
+
+def _export_remote(argv: list, out: str, overwrite: bool) -> int:
+    """--out gs://…: the export is written to a local folder as usual (safetensors are written
+    with seeks), then uploaded file by file; the same refusal to replace without --overwrite."""
+    if paths.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose "
+                              "another --out")
+    with tempfile.TemporaryDirectory(prefix="sdxl_jax_export_") as tmp:
+        local = os.path.join(tmp, os.path.basename(out.rstrip("/")))
+        main.__wrapped__([*argv, "--out", local])  # the last --out wins
+        paths.upload_tree(local, out)
+    print(f"uploaded {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Image grids as PNG files: previews, reconstructions, comparison pictures."""
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+
+from sdxl_jax import paths
 
 
 def to_uint8(images_m1_1: np.ndarray) -> np.ndarray:
@@ -18,9 +20,8 @@ def make_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-    """Written to a temporary name and renamed: a reader never sees half a PNG."""
+    """A local path or a gs:// URL, written whole: a reader never sees half a PNG."""
     from PIL import Image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    paths.write_bytes(path, buf.getvalue())

@@ -40,6 +40,7 @@ import os
 
 import jax
 
+from sdxl_jax import paths
 from sdxl_jax.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointError, quiet_abandoned_reads
 from sdxl_jax.models import vae_parts
 from sdxl_jax.config import TRAINABLE_MODES
@@ -55,17 +56,18 @@ _FIELD = {"ema": "ema_params", "raw": "params"}
 
 
 def _checkpoints_dir(path: str, step: int | None) -> tuple[str, int | None]:
-    """(checkpoints directory, step) from a workdir or a step directory <workdir>/checkpoints/<n>."""
-    path = os.path.abspath(os.path.expanduser(str(path)).rstrip("/"))
+    """(checkpoints directory, step) from a workdir or a step directory <workdir>/checkpoints/<n>
+    (local paths or gs:// URLs)."""
+    path = paths.absolute(str(path).rstrip("/"))
     base, name = os.path.split(path)
-    if name.isdigit() and os.path.isdir(path):
+    if name.isdigit() and paths.isdir(path):
         if step is not None and step != int(name):
             raise ValueError(f"{path} is the checkpoint of step {name}, but step {step} was asked for")
         return base, int(name)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"{path}: no such run directory")
-    ckdir = os.path.join(path, "checkpoints")
-    if not os.path.isdir(ckdir):
+    ckdir = paths.join(path, "checkpoints")
+    if not paths.isdir(ckdir):
         raise FileNotFoundError(f"no checkpoints in {path}: not a run directory (no checkpoints/ "
                                 "in it) nor a checkpoint step directory <workdir>/checkpoints/<step>")
     return ckdir, step
@@ -85,7 +87,7 @@ class Run:
         try:
             steps = ck.steps
             if not steps:
-                moved = sorted(n for n in os.listdir(directory) if CORRUPT_SUFFIX in n)
+                moved = sorted(n for n in paths.listdir(directory) if CORRUPT_SUFFIX in n)
                 hint = f" (only steps moved aside as unreadable: {moved})" if moved else ""
                 raise CheckpointError(f"no finished checkpoint in {directory}{hint}")
             if step is not None and step not in steps:
@@ -101,7 +103,7 @@ class Run:
 
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.directory, str(self.step))
+        return paths.join(self.directory, str(self.step))
 
     def default_weights(self) -> str:
         return "ema" if self.config.get("ema", {}).get("enabled", True) else "raw"

@@ -41,10 +41,11 @@ log = logging.getLogger("sdxl_jax.sample")
 
 
 def _open(workdir, checkpoint, step):
+    from sdxl_jax import paths
     from sdxl_jax.runs import open_run
     if checkpoint:
-        path = os.path.abspath(checkpoint.rstrip("/"))
-        if not os.path.basename(path).isdigit() or not os.path.isdir(path):
+        path = paths.absolute(checkpoint.rstrip("/"))
+        if not os.path.basename(path).isdigit() or not paths.isdir(path):
             raise FileNotFoundError(f"--checkpoint {path!r} is not a checkpoint step directory "
                                     f"(expected <workdir>/checkpoints/<step>)")
         return open_run(path, step)

@@ -56,6 +56,36 @@ def demo_cache(demo_images, tmp_path_factory):
         vae_params=resolve_weights(cfg).load(("vae",))["vae"]))
 
 
+GCS_BUCKET = "sdxl-jax-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS server on loopback (tests/gcs_server.py), one per test process (xdist worker); its
+    endpoint settings stay in os.environ for the session, so subprocesses reach it too."""
+    from gcs_server import GcsServer
+    server = GcsServer(str(tmp_path_factory.mktemp("gcs_server"))).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        server.create_bucket(GCS_BUCKET)
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_dir(gcs_server, request):
+    """This test's own prefix in the test bucket: gs://<bucket>/<test name>-<random>."""
+    import uuid
+    return f"gs://{GCS_BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}-{uuid.uuid4().hex[:8]}"
+
+
 REFERENCE_STEPS = 8
 
 
@@ -112,12 +142,12 @@ def reference_run(demo_cache, tmp_path_factory):
 # The suite runs on 2 xdist workers, one test module per worker at a time (pytest.ini). The
 # modules that compile train steps and run training subprocesses go first, longest first, so
 # the quick modules fill in behind them instead of leaving one worker alone at the end.
-_LONGEST_FIRST = ("test_reliability", "test_run_inputs", "test_scale", "test_train", "test_attention", "test_multihost",
+_LONGEST_FIRST = ("test_reliability", "test_run_inputs", "test_gcs_run", "test_gcs_outage", "test_scale", "test_train", "test_attention", "test_multihost",
                   "test_trainable", "test_accumulation", "test_sources", "test_adapters",
                   "test_vae_decoder", "test_demo_vae", "test_step_sweep", "test_sample", "test_lora_interop",
-                  "test_cli_errors", "test_lora_runs", "test_interop", "test_sharding_golden",
+                  "test_cli_errors", "test_gcs_cache", "test_gcs_readers", "test_lora_runs", "test_interop", "test_sharding_golden",
                   "test_models", "test_tfds", "test_export_safety", "test_checkpoints", "test_runs",
-                  "test_workdir_lock")
+                  "test_workdir_lock", "test_gcs_lock", "test_gcs_paths")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,11 +6,15 @@ of the final params.
 
 When a `train()` call returns, its losses ("loss STEP VALUE") and "run START_STEP END_STEP" are
 appended to the log.
+
+SDXL_JAX_TEST_PAUSE_AT=N with SDXL_JAX_TEST_PAUSE_FILE=P: when step N's batch is fetched, create
+P.paused and wait until P.go exists (a test acts on the world between two known steps).
 """
 import hashlib
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
@@ -26,6 +30,11 @@ class FileLog(list):
         self._f.write(f"{item[0]} {item[1]}\n")
         self._f.flush()
         os.fsync(self._f.fileno())
+        if str(item[0]) == os.environ.get("SDXL_JAX_TEST_PAUSE_AT"):
+            pause = os.environ["SDXL_JAX_TEST_PAUSE_FILE"]
+            open(pause + ".paused", "w").close()
+            while not os.path.exists(pause + ".go"):
+                time.sleep(0.05)
 
 
 def params_digest(params) -> str:
@@ -62,4 +71,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from sdxl_jax import cli
+    cli.run(lambda argv: main())  # user errors as one line `error: …`, as train.py

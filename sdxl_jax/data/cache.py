@@ -177,8 +177,8 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    from sdxl_jax import paths  # a local path or a gs:// URL
+    return json.loads(paths.read_text(os.fspath(path)))
 
 
 class CacheError(ValueError):
@@ -215,10 +215,11 @@ def shard_problem(path: str | Path, count: int, nbytes: int | None = None) -> st
     own index, all without reading records: a truncated file fails the size check, and
     ArrayRecord reports 0 records for a file whose footer is gone.
     """
-    path = Path(path)
-    if not path.is_file():
+    from sdxl_jax import paths
+    path = os.fspath(path)
+    size = paths.size(path)  # a gs:// shard: one metadata request, before any reader opens it
+    if size is None:
         return "file missing"
-    size = path.stat().st_size
     if nbytes is not None and size != nbytes:
         return f"{size} bytes, {nbytes} when written (truncated or overwritten)"
     from array_record.python.array_record_module import ArrayRecordReader
@@ -237,8 +238,9 @@ def shard_problem(path: str | Path, count: int, nbytes: int | None = None) -> st
 
 def load_manifest(cache_dir: str) -> dict[str, Any]:
     """The manifest of a finished cache, or a clear error saying how to build one."""
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
+    from sdxl_jax import paths
+    path = paths.join(cache_dir, MANIFEST)
+    if not paths.isfile(path):
         raise FileNotFoundError(
             f"no latent cache at {cache_dir!r} ({MANIFEST} missing; an interrupted build leaves "
             f"none): build it with python -m data_tools.build_cache, giving your images (--images "
@@ -278,20 +280,20 @@ def read_index(cache_dir: str, manifest: dict[str, Any] | None = None) -> CacheI
     source = manifest.get("settings", {}).get("source")
     if not manifest.get("num_records"):
         raise CacheError(f"the cache {cache_dir} holds 0 records: every input was skipped; the "
-                         f"reason for each is in {Path(cache_dir) / SKIPPED}")
+                         f"reason for each is in {os.path.join(cache_dir, SKIPPED)}")
     buckets = [tuple(b) for b in manifest["buckets"]]
     shapes: dict[tuple[int, int], tuple[int, int, int]] = {}
     files, counts, bucket_ids, keys, tags = [], [], [], [], []
     for shard in manifest["shards"]:
         try:
-            summary = read_json(Path(cache_dir) / (shard["name"] + ".json"))
+            summary = read_json(os.path.join(cache_dir, shard["name"] + ".json"))
         except (OSError, ValueError) as e:
             raise _damaged(f"cache shard summary {shard['name']}.json of {cache_dir} is "
                            f"unreadable ({e})", cache_dir, source) from None
         if len(summary["records"]) != shard["count"]:
             raise _damaged(f"shard {shard['name']} of {cache_dir} holds {len(summary['records'])} "
                            f"records, manifest says {shard['count']}", cache_dir, source)
-        path = Path(cache_dir) / (shard["name"] + SHARD_EXT)
+        path = os.path.join(cache_dir, shard["name"] + SHARD_EXT)  # a URL joins the same way
         problem = shard_problem(path, shard["count"], summary.get("bytes"))
         if problem:
             raise _damaged(f"cache shard {path}: {problem}", cache_dir, source)

@@ -45,8 +45,10 @@ def use_compilation_cache(workdir: str) -> None:
 def demo_images(cfg, workdir: str) -> str:
     """The generated demo dataset in <workdir>/demo_data (made once): the tiny preset's fallback
     when no data is configured at all, so a demo runs on a fresh machine with no network."""
+    from sdxl_jax import paths
     from sdxl_jax.data.demo import make_demo_dataset
-    images = os.path.join(workdir, "demo_data")
+    # PIL writes files: a gs:// run keeps its generated images on this host
+    images = os.path.join(paths.local_mirror_dir(workdir, "runs"), "demo_data")
     if not os.path.isdir(images) or not os.listdir(images):
         log.info("generating the demo dataset (%d images) in %s", cfg.data.demo_size, images)
         make_demo_dataset(images, n=cfg.data.demo_size, seed=0)
@@ -183,5 +185,6 @@ class MetricReader:
             if self.writer is not None:
                 for k, v in out.items():
                     self.writer.add_scalar(f"train/{k}", v, s)
+                self.writer.flush()  # a gs:// run's event file is uploaded here
             if self.is_main:
                 log.info("%s", self.log_line(s, out))

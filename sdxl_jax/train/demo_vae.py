@@ -36,7 +36,8 @@ RECIPE = {  # on top of configs/vae_decoder.py:tiny
 
 
 def user_cache_dir() -> str:
-    return os.environ.get("SDXL_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sdxl_jax")
+    from sdxl_jax import paths
+    return paths.user_cache_dir()
 
 
 def vae_config(unet_cfg, images_dir: str):

@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 
 import jax
 import numpy as np
 
 from sdxl_jax import checkpoint as ckpt_lib
 from sdxl_jax import config
-from sdxl_jax import parallel
+from sdxl_jax import parallel, paths
 from sdxl_jax.data.cache import CacheError
 from sdxl_jax.run_inputs import Command, RunInputs, check_caches, repaired, resolve_run
 from sdxl_jax.train import unet_task, vae_task
@@ -32,10 +31,9 @@ from sdxl_jax.train.common import MetricMeans, MetricReader, Preemption, config_
 from sdxl_jax.train.common import use_compilation_cache
 from sdxl_jax.train.compile_ahead import Ahead
 from sdxl_jax.train.profiling import ProfileWindow
-from sdxl_jax.train.program import Program
 from sdxl_jax.train.task import Stage, Task  # noqa: F401  (the loop's contract with its tasks)
 from sdxl_jax.train.writer import open_writer
-from sdxl_jax.workdir_lock import WorkdirLock
+from sdxl_jax.workdir_lock import workdir_lock
 
 log = logging.getLogger("sdxl_jax.train")
 
@@ -68,13 +66,13 @@ def train(cfg, workdir: str, inputs: RunInputs | None = None, command: Command |
     `max_steps` stops early after a checkpoint (as a preemption would); `batch_log`, when given,
     collects (step, digest) of every local batch fed (tests compare data order across resumes);
     `metrics_log` collects (step, host metrics) of every step."""
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)  # a local directory or a gs:// prefix
     use_compilation_cache(workdir)  # persistent: a resumed run skips compiling
     inputs = inputs if inputs is not None else resolve_inputs(cfg, workdir)
     with contextlib.ExitStack() as cleanup:  # closes whatever was opened, on any exit
         # one trainer per workdir: a second one exits at once naming the first (a killed
         # process's lock dies with it)
-        cleanup.enter_context(WorkdirLock(workdir, jax.process_index()))
+        cleanup.enter_context(workdir_lock(workdir, jax.process_index()))
         try:
             check_caches(cfg, inputs, command)  # before anything compiles
             task = build_task(cfg, inputs, parallel.ShardingPlan.from_config(cfg.mesh), cleanup)
@@ -89,7 +87,7 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
     prog, is_main = task.program, jax.process_index() == 0
 
     # ---- state: fresh or restored ---------------------------------------------------------------
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
+    ckpt = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"), cfg.checkpoint.keep,
                                  cfg.checkpoint.async_save)
     cleanup.callback(ckpt.close)  # waits for a pending async save
     abstract = ckpt_lib.abstract_with_shardings(prog.abstract_state, prog.shardings)

@@ -1,8 +1,15 @@
 """Where a run's scalars and preview images go: TensorBoard (`<workdir>/tb`) always, and Weights &
 Biases beside it when `log.wandb_project` is set, with the same tags at the same steps.
 
+A gs:// run writes its TensorBoard events into a local directory and uploads the event files
+whole at every log boundary (`flush`) and at close: object storage has no append, and a writer
+appending through it would rewrite the object at every record. The event file name carries the
+pid and a random suffix, so two writers started in the same second never share one.
+
 Only process 0 opens a writer (the loop hands the others None). `wandb` is imported only when
-enabled. Its files go under `<workdir>/wandb`; the run id is kept in `<workdir>/wandb_id.txt`, so a
+enabled. Its files go under `<workdir>/wandb` (a gs:// run: under the local stand-in
+`paths.local_mirror_dir(workdir, "wandb")`, W&B writes files); the run id is kept in
+`<workdir>/wandb_id.txt`, so a
 resumed run continues the same W&B run (`resume="allow"`) and its curves carry on. W&B keeps
 steps monotonic: after resuming from a checkpoint older than the last logged step (a crash
 between saves), it drops (with a warning) the re-run steps up to that step; TensorBoard keeps both.
@@ -11,9 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 
 import numpy as np
+
+from sdxl_jax import paths
 
 log = logging.getLogger("sdxl_jax.train")
 
@@ -31,6 +42,10 @@ class Writer:
         self.tb.add_scalar(tag, value, step)
         if self.wandb_run is not None:
             self.wandb_run.log({tag: float(value)}, step=int(step))
+
+    def flush(self) -> None:
+        """Make what was logged so far visible to TensorBoard (a gs:// run: uploaded)."""
+        self.tb.flush()
 
     def add_image(self, tag: str, image, step: int, dataformats: str = "CHW") -> None:
         self.tb.add_image(tag, image, step, dataformats=dataformats)
@@ -75,11 +90,44 @@ def _hwc_uint8(image, dataformats: str) -> np.ndarray:
     return x
 
 
+class UploadedEvents:
+    """A tensorboardX SummaryWriter into a local directory whose event files are uploaded whole to
+    `url` at each flush (only files that grew) and at close."""
+
+    def __init__(self, url: str):
+        from tensorboardX import SummaryWriter
+        self.url, self.local = url, tempfile.mkdtemp(prefix="sdxl_jax_tb_")
+        self._sizes: dict = {}
+        self._tb = SummaryWriter(self.local, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+    def add_scalar(self, *args, **kw):
+        self._tb.add_scalar(*args, **kw)
+
+    def add_image(self, *args, **kw):
+        self._tb.add_image(*args, **kw)
+
+    def flush(self) -> None:
+        self._tb.flush()
+        for rel in paths.walk_files(self.local):
+            size = os.path.getsize(os.path.join(self.local, rel))
+            if self._sizes.get(rel) != size:
+                paths.upload(os.path.join(self.local, rel), paths.join(self.url, rel))
+                self._sizes[rel] = size
+
+    def close(self) -> None:
+        try:
+            self._tb.close()
+            self.flush()
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
 def open_writer(cfg, workdir: str, config: dict) -> Writer:
     """TensorBoard under `<workdir>/tb`, plus W&B when `cfg.log.wandb_project` is set, with
     `config` (the run's config as plain JSON) as the W&B run's config."""
     from tensorboardX import SummaryWriter
-    tb = SummaryWriter(os.path.join(workdir, "tb"))
+    tb_dir = paths.join(workdir, "tb")
+    tb = UploadedEvents(tb_dir) if paths.is_remote(tb_dir) else SummaryWriter(tb_dir)
     lg = cfg.get("log")
     if not (lg and lg.wandb_project):
         return Writer(tb)
@@ -92,18 +140,18 @@ def open_writer(cfg, workdir: str, config: dict) -> Writer:
 
 def _init_wandb(lg, workdir: str, config: dict):
     import wandb
-    id_path = os.path.join(workdir, WANDB_ID_FILE)
-    if os.path.exists(id_path):
-        with open(id_path) as f:
-            run_id = f.read().strip()
+    id_path = paths.join(workdir, WANDB_ID_FILE)
+    if paths.exists(id_path):
+        run_id = paths.read_text(id_path).strip()
     else:
         run_id = uuid.uuid4().hex[:12]
-        with open(id_path, "w") as f:
-            f.write(run_id + "\n")
+        paths.write_text(id_path, run_id + "\n")
+    files = paths.local_mirror_dir(workdir, "wandb")  # W&B writes local files only
+    os.makedirs(files, exist_ok=True)
     run = wandb.init(project=lg.wandb_project, entity=lg.wandb_entity or None,
                      name=lg.wandb_run_name or None, mode=lg.wandb_mode or None,
-                     dir=workdir,  # W&B writes <dir>/wandb/
+                     dir=files,  # W&B writes <dir>/wandb/
                      id=run_id, resume="allow", config=config)
     log.info("W&B run %s (project %s, mode %s) in %s", run.id, lg.wandb_project,
-             run.settings.mode, os.path.join(workdir, "wandb"))
+             run.settings.mode, os.path.join(files, "wandb"))
     return run
