@@ -125,6 +125,32 @@ def _check_common(cfg) -> None:
             raise ConfigError(f"data.{key}={cfg.data[key]!r}: no such file or directory")
     _check_pretrained(cfg)
     _check_log(cfg)
+    _check_profile(cfg)
+
+
+def _check_profile(cfg) -> None:
+    """profile_steps: "" or "a,b" with 0 ≤ a < b (the loop starts a trace at a, stops it at b)."""
+    spec = cfg.get("profile_steps", "")
+    if not spec:
+        return
+    parts = str(spec).split(",")
+    try:
+        a, b = (int(x) for x in parts)
+    except ValueError:
+        a = b = None
+    if a is None or not 0 <= a < b:
+        raise ConfigError(f"profile_steps={spec!r}: give 'a,b', the first and last step to trace "
+                          "with 0 ≤ a < b (e.g. '10,15'), or '' for no trace")
+
+
+def _check_lora_targets(cfg) -> None:
+    """lora.targets: each a regular expression (re.search on module paths)."""
+    targets = cfg.get("lora", {}).get("targets", ()) or ()
+    for i, pattern in enumerate(targets):
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"lora.targets[{i}]={pattern!r}: not a regular expression ({e})") from None
 
 
 def _check_log(cfg) -> None:
@@ -153,6 +179,7 @@ def _check_unet(cfg) -> None:
     if cfg.train.trainable == "unet+text" and not (cfg.text_encoders.train_l or cfg.text_encoders.train_g):
         raise ConfigError("train.trainable='unet+text' with text_encoders.train_l and train_g both "
                           "False: nothing but the UNet would train; set one, or train.trainable='unet'")
+    _check_lora_targets(cfg)
     if cfg.model.lora_init and cfg.train.trainable != "lora":
         raise ConfigError(f"model.lora_init={cfg.model.lora_init!r} needs train.trainable='lora'")
     if cfg.model.lora_init and not os.path.isfile(cfg.model.lora_init):
@@ -163,6 +190,11 @@ def _check_unet(cfg) -> None:
     _choice(cfg, "loss.huber_schedule", HUBER_SCHEDULES)
     _number(cfg, "loss.huber_c")
     _choice(cfg, "loss.masked", (False, True))
+    from sdxl_jax.prompts import SEED_LIMIT
+    for i, seed in enumerate(cfg.sample.seeds):
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(f"sample.seeds[{i}]={seed!r}: a seed must be an integer from 0 to "
+                              f"{SEED_LIMIT - 1}")
     if cfg.sample.prompts_file:
         from sdxl_jax.prompts import read_prompt_file
         try:

@@ -37,6 +37,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -190,8 +191,10 @@ def _component_configs(preset: str, meta: dict) -> dict:
 
 def check_out(out: str, fmt: str, overwrite: bool = False) -> None:
     """Refuse to replace an existing model unless `overwrite` (--overwrite), and never replace
-    something that is not an export of the same format: fails before any work is done."""
+    something that is not an export of the same format: fails before any work is done.
+    First the temporaries of killed exports beside `out` are cleaned (remove_stale_temporaries)."""
     out = os.path.abspath(out)
+    remove_stale_temporaries(os.path.dirname(out))
     if not os.path.lexists(out):
         return
     if fmt == "diffusers":
@@ -204,6 +207,50 @@ def check_out(out: str, fmt: str, overwrite: bool = False) -> None:
     if not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to "
                               "replace it, or choose another --out")
+
+
+# what an export writes beside its --out before renaming it into place, tagged with its PID:
+# `X.safetensors.tmp-PID` (a file being written), `.X.tmp-PID/` and `.X.old-PID/` (a diffusers
+# folder being staged, and the one it replaces for the instant of the swap)
+_TMP_FILE = re.compile(r"^(.+\.safetensors)\.tmp-(\d+)$")
+_TMP_DIR = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)$")
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Remove what killed exports left in `folder`: temporaries of PIDs that no process on this
+    host has any more. A replaced diffusers folder whose swap was cut short, with nothing at its
+    own name, is put back instead."""
+    if not os.path.isdir(folder):
+        return
+    stale = []  # (order, path, name it stands for, kind, pid): restores before removals
+    for n in sorted(os.listdir(folder)):
+        path = os.path.join(folder, n)
+        f, d = _TMP_FILE.match(n), _TMP_DIR.match(n)
+        if f and os.path.isfile(path) and not _alive(int(f.group(2))):
+            stale.append((1, path, f.group(1), "tmp", f.group(2)))
+        elif d and os.path.isdir(path) and not _alive(int(d.group(3))):
+            stale.append((0 if d.group(2) == "old" else 1, path, d.group(1), d.group(2), d.group(3)))
+    for _, path, name, kind, pid in sorted(stale):
+        home = os.path.join(folder, name)
+        if kind == "old" and not os.path.lexists(home):
+            os.replace(path, home)
+            log.warning("restored %s from %s: an export (pid %s) was killed while replacing it",
+                        home, path, pid)
+        else:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            log.info("removed %s, left by an export (pid %s) that is no longer running", path, pid)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _atomic_dir(out: str):

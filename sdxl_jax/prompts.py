@@ -11,7 +11,12 @@ file and line. A prompt with its own size is drawn at the nearest training bucke
 log aspect ratio, then nearest in log area, then the first in bucket order, so previews use
 shapes the model trained on; a missing side takes the default size's.
 
-Prompts with the same settings (size, steps, CFG, negative) are sampled in one call.
+Prompts with the same settings (size, steps, CFG, negative) are sampled together, in batches
+of at most `batch_size` images (one compiled shape per setting), so a long file is a long run,
+never one giant batch.
+
+Seeds are integers in [0, 2³²): JAX's PRNGKey keeps 32 bits without x64, so a larger seed would
+draw the same noise as a smaller one (and one beyond 64 bits cannot be converted at all).
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ from sdxl_jax.data.buckets import Bucket, make_buckets
 OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
            "l": ("cfg", float), "s": ("steps", int)}
 _OPTION_START = re.compile(r"(?:^|\s)--(?=\S)")
+SEED_LIMIT = 2 ** 32  # seeds are 0 … SEED_LIMIT - 1 (see the module docstring)
+DEFAULT_BATCH = 8  # images per sampling call: the usual preview grids stay one call (not measured
+# against device memory: the sample CLI's --batch-size lowers it)
 GRID_FILL = 128  # grey around rows narrower or shorter than the widest
 
 
@@ -68,12 +76,21 @@ def parse_prompt_line(text: str, where: str = "prompt") -> PromptSpec | None:
         except ValueError:
             raise ValueError(f"{where}: --{name} needs {'an integer' if kind is int else 'a number'}, "
                              f"got {value!r}") from None
+        if field == "seed":
+            check_seed(number, f"{where}: --{name}")
         if field in ("width", "height", "steps") and number < 1:
             raise ValueError(f"{where}: --{name} {number} must be at least 1")
         if kind is float and not math.isfinite(number):
             raise ValueError(f"{where}: --{name} {value} must be a finite number")
         values[field] = number
     return PromptSpec(prompt=parts[0].strip(), **values)
+
+
+def check_seed(seed: int, where: str = "seed") -> int:
+    """`seed` when it is in [0, 2³²), else ValueError naming `where`."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{where} {seed}: a seed must be an integer from 0 to {SEED_LIMIT - 1}")
+    return seed
 
 
 def read_prompt_file(path: str) -> list[PromptSpec]:
@@ -148,24 +165,42 @@ def preview_jobs(sample_cfg, buckets: Sequence[Bucket]) -> list[PromptJob]:
     return [PromptJob(p, seeds, defaults) for p in sample_cfg["prompts"]]
 
 
-def render_jobs(sampler, unet_params, jobs: Sequence[PromptJob], text_params=None) -> list[np.ndarray]:
-    """uint8 images (len(seeds), H, W, 3) per job, in job order; jobs with equal settings share
-    one `sampler.generate` call (one compiled shape per distinct size and step count).
+def render_jobs(sampler, unet_params, jobs: Sequence[PromptJob], text_params=None,
+                batch_size: int = DEFAULT_BATCH, on_done=None) -> list[np.ndarray] | None:
+    """uint8 images (len(seeds), H, W, 3) per job, in job order. Jobs with equal settings are
+    sampled together in `sampler.generate` calls of at most `batch_size` images; a setting with
+    more images than that runs in full batches (the last one padded by repeating its last
+    image), so each setting compiles one shape whatever the file's length.
+
+    `on_done(index, images)`, when given, receives each job's images as soon as its last batch
+    finishes and nothing is kept (returns None): a long prompt file holds one batch in memory.
     `text_params` replace the sampler's frozen text encoders (runs that train them)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size}: must be at least 1")
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(dataclasses.astuple(job.settings), []).append(i)
     out: list = [None] * len(jobs)
     for members in groups.values():
-        pairs = [(jobs[i].prompt, seed) for i in members for seed in jobs[i].seeds]
+        pairs = [(i, jobs[i].prompt, seed) for i in members for seed in jobs[i].seeds]
         settings = jobs[members[0]].settings
-        images, _ = (sampler.generate(unet_params, pairs, settings) if text_params is None
-                     else sampler.generate(unet_params, pairs, settings, text_params))
-        start = 0
-        for i in members:
-            out[i] = images[start:start + len(jobs[i].seeds)]
-            start += len(jobs[i].seeds)
-    return out
+        size = min(batch_size, len(pairs))
+        parts: dict[int, list] = {}
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start:start + size]
+            batch = [(p, seed) for _, p, seed in chunk]
+            batch += batch[-1:] * (size - len(batch))
+            images, _ = (sampler.generate(unet_params, batch, settings) if text_params is None
+                         else sampler.generate(unet_params, batch, settings, text_params))
+            for (i, _, _), image in zip(chunk, images):
+                parts.setdefault(i, []).append(image)
+                if len(parts[i]) == len(jobs[i].seeds):
+                    done = np.stack(parts.pop(i))
+                    if on_done is None:
+                        out[i] = done
+                    else:
+                        on_done(i, done)
+    return None if on_done is not None else out
 
 
 def rows_grid(rows: Sequence[np.ndarray], fill: int = GRID_FILL) -> np.ndarray:
@@ -180,6 +215,7 @@ def rows_grid(rows: Sequence[np.ndarray], fill: int = GRID_FILL) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
-def render_grid(sampler, unet_params, jobs: Sequence[PromptJob], text_params=None) -> np.ndarray:
+def render_grid(sampler, unet_params, jobs: Sequence[PromptJob], text_params=None,
+                batch_size: int = DEFAULT_BATCH) -> np.ndarray:
     """The preview grid of the jobs: one row per job, one column per seed."""
-    return rows_grid(render_jobs(sampler, unet_params, jobs, text_params))
+    return rows_grid(render_jobs(sampler, unet_params, jobs, text_params, batch_size))

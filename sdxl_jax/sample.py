@@ -10,6 +10,15 @@ undoing the checkpoint's own latent normalisation (scale or per-channel statisti
 Every model is the run's as trained (`runs.Run.params`: trained text encoders, a LoRA run's
 adapters merged). `--lora FILE` (a kohya / A1111 / ComfyUI or diffusers / PEFT .safetensors)
 merges one more adapter into them at `--lora-scale S` (W + S·ΔW in float32, METHODS §14).
+
+Images are sampled in batches of at most `--batch-size` (prompts with the same settings share a
+batch). `--out DIR/` (a trailing slash, or an existing folder) writes one PNG per image,
+`<row>-s<seed>.png` (row: the prompt file's line, or the --prompt's position), as each batch
+finishes, so a long prompt file is a long run that keeps what it has drawn; any other --out is
+one grid PNG written at the end.
+
+Without --step the newest step is read; when a trainer rotates it away mid-read
+(checkpoint.keep), the then newest step is read instead.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from sdxl_jax.grid import make_grid, save_png, to_uint8  # noqa: F401 (re-export
 from sdxl_jax.sampling import (ImageSampler, SampleSettings, check_settings,  # noqa: F401 (re-exported)
                                size_multiple)
 from sdxl_jax.diffusion import samplers
+from sdxl_jax.prompts import DEFAULT_BATCH, PromptJob, check_seed
 
 log = logging.getLogger("sdxl_jax.sample")
 
@@ -50,8 +60,37 @@ def _open(workdir, checkpoint, step):
     return open_run(workdir, step)
 
 
+GRID_WARN = 64  # images in one --out grid beyond which the folder output is suggested
+ROTATION_RETRIES = 5  # a trainer saving every step can rotate a few chosen steps in a row
+
+
+def _step_names(workdir) -> set:
+    folder = os.path.join(workdir, "checkpoints")
+    return {n for n in os.listdir(folder) if n.isdigit()} if os.path.isdir(folder) else set()
+
+
 def load_run(workdir=None, checkpoint=None, step=None, weights: str | None = "ema", *,
              lora: str = "", lora_scale: float = 1.0, all_models: bool = False):
+    """`_load_run`, read again from the then newest step when the step it chose (no `step`
+    given) disappeared while it was read: a trainer with checkpoint.keep removes old steps as
+    it saves new ones."""
+    from sdxl_jax.checkpoint import CheckpointError
+    retries = 0
+    while True:
+        before = _step_names(workdir) if workdir and step is None else None
+        try:
+            return _load_run(workdir, checkpoint, step, weights, lora=lora,
+                             lora_scale=lora_scale, all_models=all_models)
+        except CheckpointError:
+            if before is None or retries == ROTATION_RETRIES or _step_names(workdir) == before:
+                raise
+            retries += 1
+            log.warning("the checkpoint steps in %s changed while being read (a trainer rotating "
+                        "them?); reading the newest step again", workdir)
+
+
+def _load_run(workdir=None, checkpoint=None, step=None, weights: str | None = "ema", *,
+              lora: str = "", lora_scale: float = 1.0, all_models: bool = False):
     """(config dict, params, meta) of a saved run on one device, reading only the chosen
     weights (None: EMA when the run kept one); config and meta are those of the step read.
 
@@ -124,7 +163,11 @@ def main(argv=None) -> int:
                    "diffusers / PEFT layout) merged into the run's weights for sampling")
     p.add_argument("--lora-scale", type=float, default=None,
                    help="its strength S: W + S·ΔW (default 1; needs --lora)")
-    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per sampling call (default {DEFAULT_BATCH}); lower it if the "
+                   "device runs out of memory")
+    p.add_argument("--out", required=True, help="grid PNG path, or DIR/ for one PNG per image "
+                   "written as each batch finishes")
     a = p.parse_args(argv)
     if a.lora_scale is not None and not a.lora:
         p.error("--lora-scale needs --lora FILE")
@@ -141,8 +184,11 @@ def main(argv=None) -> int:
     check_settings(SampleSettings(width=1 if a.width is None else a.width,
                                   height=1 if a.height is None else a.height, steps=a.steps,
                                   cfg=a.cfg, rescale=a.rescale))
-    if os.path.isdir(a.out):
-        raise IsADirectoryError(f"--out {a.out!r} is a directory; give the PNG file to write")
+    batch_size = DEFAULT_BATCH if a.batch_size is None else a.batch_size
+    if batch_size < 1:
+        p.error(f"--batch-size {batch_size}: must be at least 1")
+    seeds = [check_seed(s, "--seed") for s in a.seed or [0]]
+    folder = check_out(a.out)  # before loading anything: the path must be writable as given
     cfg, trees, meta = load_run(a.workdir, a.checkpoint, a.step, a.weights, lora=a.lora,
                                 lora_scale=lora_scale, all_models=True)
     settings = SampleSettings(width=a.width or int(cfg["sample"]["width"]),
@@ -150,18 +196,59 @@ def main(argv=None) -> int:
                               cfg=a.cfg, rescale=a.rescale, sampler=a.sampler, schedule=a.schedule,
                               sigma_max_scaling=not a.no_sigma_max_scaling, negative=a.negative)
     check_settings(settings, cfg["model"]["preset"])  # before any compile
-    seeds = a.seed or [0]
     params = trees["unet"]
     sampler = sampler_for_run(cfg, meta, frozen={k: trees[k] for k in ("vae", "text_l", "text_g")})
     if a.prompts_file:
         jobs = prompt_file.resolve_prompts(specs, settings, seeds, prompt_file.config_buckets(cfg))
-        save_png(prompt_file.render_grid(sampler, params, jobs), a.out)
-        print(f"wrote {a.out} ({len(jobs)} prompts from {a.prompts_file})")
+        rows = [spec.line for spec in specs]
+        what = f"{len(jobs)} prompts from {a.prompts_file}"
+    else:
+        jobs = [PromptJob(prompt, tuple(seeds), settings) for prompt in a.prompt]
+        rows = list(range(1, len(jobs) + 1))
+        what = f"{len(jobs)}×{len(seeds)} grid, {settings.width}×{settings.height}"
+    if folder:
+        written = write_images(sampler, params, jobs, rows, a.out, batch_size)
+        print(f"wrote {written} images to {a.out} ({what})")
         return 0
-    images, _ = sampler(params, a.prompt, seeds, settings)
-    save_png(make_grid(images, len(a.prompt), len(seeds)), a.out)
-    print(f"wrote {a.out} ({len(a.prompt)}×{len(seeds)} grid, {settings.width}×{settings.height})")
+    from sdxl_jax.prompts import render_grid
+    images = sum(len(job.seeds) for job in jobs)
+    if images > GRID_WARN:
+        log.warning("%d images in one grid are kept in memory and written at the end; --out DIR/ "
+                    "writes each image as its batch finishes", images)
+    save_png(render_grid(sampler, params, jobs, batch_size=batch_size), a.out)
+    print(f"wrote {a.out} ({what})")
     return 0
+
+
+def check_out(out: str) -> bool:
+    """Whether `out` names a folder (a trailing slash, or an existing folder); NotADirectoryError
+    naming the first existing parent that is not a folder, before any work."""
+    folder = out.endswith(("/", os.sep)) or os.path.isdir(out)
+    parent = os.path.abspath(out if folder else os.path.dirname(os.path.abspath(out)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"--out {out!r}: {parent} is a file, not a folder; choose "
+                                 "another --out")
+    return folder
+
+
+def write_images(sampler, params, jobs, rows, folder: str, batch_size: int) -> int:
+    """One PNG per image, `<row>-s<seed>.png` in `folder`, each job's written when its last
+    batch finishes; the number written."""
+    from sdxl_jax.prompts import render_jobs
+    os.makedirs(folder, exist_ok=True)
+    count = 0
+
+    def save(i, images):
+        nonlocal count
+        for seed, image in zip(jobs[i].seeds, images):
+            save_png(image, os.path.join(folder, f"{rows[i]:05d}-s{seed}.png"))
+        count += len(images)
+        log.info("%d of %d images written to %s", count, sum(len(j.seeds) for j in jobs), folder)
+
+    render_jobs(sampler, params, jobs, batch_size=batch_size, on_done=save)
+    return count
 
 
 if __name__ == "__main__":

@@ -102,10 +102,7 @@ class WorkdirLock:
                 raise
             holder = _read_info(f)
             f.close()
-            raise WorkdirLockedError(
-                f"workdir {os.path.dirname(self.path)} is in use by another trainer "
-                f"({_describe(holder)}; lock file {self.path}): wait for it to finish, stop it, "
-                "or give another workdir") from None
+            raise WorkdirLockedError(self.busy(f"{_describe(holder)}; lock file {self.path}")) from None
         previous = _read_info(f)
         if previous:
             log.warning("took over the lock of %s: that run ended without releasing it (killed?)",
@@ -116,6 +113,11 @@ class WorkdirLock:
         f.flush()
         self._f = f
         return self
+
+    def busy(self, holder: str) -> str:
+        """The message when another process holds the lock (`holder`: who, and the file)."""
+        return (f"workdir {os.path.dirname(self.path)} is in use by another trainer ({holder}): "
+                "wait for it to finish, stop it, or give another workdir")
 
     def release(self) -> None:
         if self._f is None:

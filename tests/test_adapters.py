@@ -17,6 +17,7 @@ from sdxl_jax.models import build_text_encoders, encode_text, init_params, prese
 from sdxl_jax.models.remat import build_unet_variant
 from sdxl_jax.models.convert import flat_leaves
 from sdxl_jax.models.safetensors_io import SafetensorsFile, WeightsError
+from configs.ztsnr import get_config
 
 PRESET = "tiny"
 
@@ -389,3 +390,27 @@ def test_foreign_file_is_one_clear_error(tmp_path):
                       lambda k: np.zeros((2, 2), np.float32))
     with pytest.raises(WeightsError, match="names no layer"):
         read_lora(path, PRESET)
+
+
+def test_lora_init_reads_our_peft_export_as_the_run_it_came_from(base, conv_plan, tmp_path):
+    """A run's own lora-diffusers (PEFT) export records lora_alpha = r with α/r folded into
+    lora_B, so every alpha differs from a run with α ≠ r: as model.lora_init it is read with
+    the run's alpha and the same ΔW (it used to be refused as "another algo/rank/alpha")."""
+    from sdxl_jax.train.trainable import _adapters_from_file
+    adapters = randomised(init_adapters(conv_plan, seed=0), seed=5)
+    out = export_lora(str(tmp_path / "p.safetensors"), adapters, conv_plan, PRESET, "peft",
+                      np.float32)
+    cfg = get_config(PRESET)
+    cfg.model.lora_init = out
+    tree = _adapters_from_file(type("Trainable", (), {"plan": conv_plan}), cfg)
+    assert [p for p, _ in flat_leaves(tree)] == [p for p, _ in flat_leaves(adapters)]
+    for (p, x), (_, y) in zip(flat_leaves(tree), flat_leaves(adapters)):  # the run's own factors
+        np.testing.assert_allclose(x, np.asarray(y), rtol=1e-6, atol=1e-8, err_msg=str(p))
+    # what still differs is one line naming a layer with the file's and the run's settings
+    from sdxl_jax.adapters import read_lora_init
+    other = make_plan(base, AdapterConfig(rank=2, alpha=2.0, conv=True, conv_rank=3, conv_alpha=6.0))
+    # rank 4 → 2 on the 124 attention layers, 11 time_emb_proj and 8 1×1 conv_shortcuts
+    with pytest.raises(ValueError, match=r"model\.lora_init='.*p\.safetensors': 143 adapted layers "
+                                         r"differ .* e\.g\. unet/down_blocks_0/resnets_0/time_emb_proj"
+                                         r": file lora rank 4 alpha 4, run lora rank 2 alpha 2; set"):
+        read_lora_init(out, PRESET, other)

@@ -126,3 +126,76 @@ def test_a_cache_of_zero_records_is_an_error_naming_skipped_jsonl(tmp_path):
     # the manifest exists (the build finished); opening it says the same, not "lower the batch"
     with pytest.raises(C.CacheError, match=rf"holds 0 records.*{out / C.SKIPPED}"):
         make_train_iterator(config(), str(out), fake_tokenize(1), global_batch_size=8)
+
+
+def test_disk_full_is_one_line_and_the_partial_shard_is_removed(reference, copy):
+    """A real ENOSPC from the kernel: the shard a resumed build writes goes to /dev/full (its
+    temporary name is a link there), so the writer fails as on a full disk. One line naming the
+    folder, no partial shard left; after "freeing space" the rerun completes identically."""
+    from sdxl_jax import cli
+    images, _, manifest, ref_latents = reference
+    out, shard = copy
+    (out / (shard.name[:-len(C.SHARD_EXT)] + ".json")).unlink()  # the shard is not finished yet
+    shard.unlink()
+    tmp = out / (shard.name + ".tmp")
+    tmp.symlink_to("/dev/full")
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda argv: build(images, out), [])
+    assert e.value.code == (f"error: no space left on {out}; the shard being written was removed, "
+                            "the finished ones are kept: free space and rerun the same command "
+                            "to continue")
+    assert not tmp.is_symlink() and not tmp.exists() and not shard.exists()
+    calls = []
+    again = build(images, out, calls)
+    assert calls == [BATCH] and again["shards"] == manifest["shards"]
+    got = latents(out)
+    assert got.keys() == ref_latents.keys()
+    assert all(np.array_equal(got[k], ref_latents[k]) for k in ref_latents)
+
+
+def test_a_second_build_on_the_same_folder_exits_naming_the_first(reference, tmp_path):
+    """Two build_cache on one --out raced on the same *.array_record.tmp; the second now stops
+    at once, naming the first (another process holding the folder's lock)."""
+    import os
+    import subprocess
+    import sys
+    from sdxl_jax.workdir_lock import WorkdirLockedError
+    images = reference[0]
+    out = tmp_path / "cache"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from sdxl_jax.data.build import CacheLock; "
+         "lock = CacheLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+         str(out)], cwd=repo, env={**os.environ, "PYTHONPATH": repo}, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkdirLockedError,
+                           match=rf"cache folder {out} is being built by another build_cache "
+                                 rf"\(pid {holder.pid} on host .*build_cache\.0\.lock\): wait"):
+            build(images, out)
+        assert sorted(p.name for p in out.iterdir()) == ["build_cache.0.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert build(images, out)["num_records"] == N  # the lock dies with its holder
+
+
+def test_masks_added_after_a_build_are_named_with_rebuild(tmp_path, caplog):
+    """A resumed build keeps finished shards: a mask file added since is not cached (num_masked
+    stays 0), and the build says so, naming --rebuild; the rebuild caches it."""
+    from PIL import Image
+    images = tmp_path / "images"
+    make_demo_dataset(str(images), n=4)
+    out = tmp_path / "cache"
+    assert build(images, out)["num_masked"] == 0
+    first = sorted(images.glob("*.png"))[0]
+    mask = first.with_name(first.stem + ".mask.png")
+    Image.new("L", Image.open(first).size, 255).save(mask)
+    with caplog.at_level("WARNING", logger="sdxl_jax.data.build"):
+        assert build(images, out)["num_masked"] == 0
+    warned = [r.getMessage() for r in caplog.records if "mask" in r.getMessage()]
+    assert warned == [f"build_cache: mask files added after {out} was built are not in it (1, "
+                      f"e.g. {mask}): a resumed build keeps finished shards as they are; rerun "
+                      "with --rebuild to cache them"]
+    assert build(images, out, rebuild=True)["num_masked"] == 1

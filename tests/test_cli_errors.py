@@ -167,3 +167,23 @@ def test_wrapper_is_transparent_on_success(tmp_path, capsys):
     assert make_demo_dataset.main(["--out", str(tmp_path / "d"), "--n", "1"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote 1 captioned images to {tmp_path / 'd'}"
     assert json.loads((tmp_path / "d" / "demo.json").read_text())["spec"]["n"] == 1
+
+
+def test_train_profile_steps_one_value_before_anything_starts(tmp_path):
+    """profile_steps=3 used to fail after the restore with "not enough values to unpack"."""
+    proc = run(*TRAIN, "--workdir", str(tmp_path / "wd"), "--config.profile_steps=3")
+    assert_one_line(proc, "profile_steps='3': give 'a,b', the first and last step to trace")
+    assert not (tmp_path / "wd").exists()  # stopped before the run started
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lora.targets", ("attn1/(to_q",), r"lora\.targets\[0\]='attn1/\(to_q': not a regular "
+                                       r"expression \(missing \), unterminated subpattern"),
+    ("profile_steps", "5,2", r"profile_steps='5,2': give 'a,b'.* 0 ≤ a < b"),
+    ("profile_steps", "a,b", r"profile_steps='a,b': give 'a,b'"),
+])
+def test_config_values_that_reached_a_traceback_are_one_line(key, value, message):
+    from helpers import tiny_config
+    from sdxl_jax.config import ConfigError, validate
+    with pytest.raises(ConfigError, match=message):
+        validate(tiny_config(**{key: value, "train.trainable": "lora"}))

@@ -107,3 +107,31 @@ def test_per_channel_single_file_needs_allow_warns_and_records_statistics(params
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert np.isfinite(SafetensorsFile(str(tmp_path / "s.safetensors"))
                        .get("model.diffusion_model.out.2.weight")).all()
+
+
+def test_temporaries_of_killed_exports_are_cleaned_at_the_next_export(params, tmp_path):
+    """A killed export leaves `X.safetensors.tmp-PID` (and a diffusers export `.X.tmp-PID/`);
+    the next export into that folder removes those of dead PIDs, keeps a live process's, and
+    puts back a diffusers folder whose replacement was killed mid-swap."""
+    import subprocess
+    import sys
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID that no process has any more
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        dead, alive = gone.pid, live.pid
+        (tmp_path / f"model.safetensors.tmp-{dead}").write_bytes(b"half a model")
+        (tmp_path / f"other.safetensors.tmp-{alive}").write_bytes(b"being written")
+        (tmp_path / f".m_diffusers.tmp-{dead}" / "unet").mkdir(parents=True)
+        (tmp_path / f".kept_diffusers.old-{dead}").mkdir()  # the swap was killed: no kept_diffusers
+        (tmp_path / f".kept_diffusers.old-{dead}" / "model_index.json").write_text("{}")
+        (tmp_path / f"notes.tmp-{dead}").write_text("not an export's")
+        export.export_single_file(params, PRESET, str(tmp_path / "new.safetensors"), "fp16",
+                                  meta("new"))
+        assert sorted(os.listdir(tmp_path)) == ["kept_diffusers", "new.safetensors",
+                                                f"notes.tmp-{dead}",
+                                                f"other.safetensors.tmp-{alive}"]
+        assert (tmp_path / "kept_diffusers" / "model_index.json").read_text() == "{}"
+    finally:
+        live.kill()
+        live.wait()

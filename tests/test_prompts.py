@@ -129,3 +129,54 @@ def test_prompt_file_cli_errors_before_loading_the_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--workdir", str(tmp_path), "--out", out])  # neither --prompt nor --prompts-file
     assert "--prompts-file" in capsys.readouterr().err
+
+
+def test_seed_beyond_32_bits_names_file_and_line(tmp_path):
+    """A seed PRNGKey cannot take (beyond 64 bits: OverflowError) or would fold onto a smaller one
+    (beyond 32 bits) is one line naming the file and line, in the sample CLI's reader and in
+    the training config's sample.prompts_file, before any run starts."""
+    from sdxl_jax.config import ConfigError, validate
+    from helpers import tiny_config
+    path = tmp_path / "p.txt"
+    path.write_text("fine --d 4294967295\n\nhuge --d 1180591620717411303424\n", encoding="utf-8")
+    message = r"p\.txt:3: --d 1180591620717411303424: a seed must be an integer from 0 to 4294967295"
+    with pytest.raises(ValueError, match=message):
+        read_prompt_file(str(path))
+    with pytest.raises(ConfigError, match="sample.prompts_file: .*" + message):
+        validate(tiny_config(**{"sample.prompts_file": str(path)}))
+    path.write_text("folds onto 0 --d 4294967296\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"p\.txt:1: --d 4294967296: a seed must be"):
+        read_prompt_file(str(path))
+    with pytest.raises(ConfigError, match=r"sample.seeds\[1\]=-1: a seed must be"):
+        validate(tiny_config(**{"sample.seeds": (0, -1)}))
+
+
+def test_sample_seed_beyond_64_bits_is_one_line(tmp_path):
+    from sdxl_jax.sample import main
+    with pytest.raises(SystemExit) as e:  # no run exists: the seed is checked first
+        main(["--workdir", str(tmp_path), "--prompt", "x", "--seed", "1180591620717411303424",
+              "--out", str(tmp_path / "x.png")])
+    assert e.value.code == ("error: --seed 1180591620717411303424: a seed must be an integer "
+                            "from 0 to 4294967295")
+
+
+def test_a_long_prompt_file_is_sampled_in_bounded_batches():
+    """10,000 prompts of one setting: never one batch of 10,000 (the device OOM), but calls of
+    at most the batch size, the last one padded to the same shape; each prompt's images are
+    handed over as soon as they are drawn, in file order, and nothing is kept."""
+    defaults = SampleSettings(width=256, height=256, steps=28)
+    jobs = resolve_prompts([PromptSpec(chr(ord("a") + i % 26), seed=i % 256) for i in range(10_000)],
+                           defaults, (0,), TINY_BUCKETS)
+    sampler, done = _RecordingSampler(), []
+    assert render_jobs(sampler, None, jobs, batch_size=8,
+                       on_done=lambda i, images: done.append((i, images[:, 0, 0, :2].tolist()))) is None
+    assert [len(pairs) for pairs, *_ in sampler.calls] == [8] * 1250
+    assert done == [(i, [[ord("a") + i % 26, i % 256]]) for i in range(10_000)]
+    # several seeds per prompt split across batches, the last batch padded: rows stay whole
+    sampler = _RecordingSampler()
+    rows = render_jobs(sampler, None, resolve_prompts([PromptSpec("x"), PromptSpec("y")], defaults,
+                                                      (1, 2, 3), TINY_BUCKETS), batch_size=4)
+    assert [pairs for pairs, *_ in sampler.calls] == [[("x", 1), ("x", 2), ("x", 3), ("y", 1)],
+                                                      [("y", 2), ("y", 3), ("y", 3), ("y", 3)]]
+    assert [r[:, 0, 0, 1].tolist() for r in rows] == [[1, 2, 3], [1, 2, 3]]
+    assert [r[:, 0, 0, 0].tolist() for r in rows] == [[ord("x")] * 3, [ord("y")] * 3]

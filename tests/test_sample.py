@@ -117,3 +117,104 @@ def test_sampler_builds_the_runs_attention_options(attention, split):
     assert unet.split_head_dim == split
     del cfg["model"]["attention"], cfg["model"]["split_head_dim"]  # a run saved before the options
     assert not ImageSampler(cfg, frozen={}).unet.use_memory_efficient_attention
+
+
+def test_sample_out_under_a_file_fails_before_any_work(tmp_path):
+    """`--out existing.png/x.png`: one line naming the file in the way, before the run is read
+    (no run exists here: that error would come next), where it used to fail only after
+    sampling, with "[Errno 17] File exists"."""
+    from sdxl_jax import sample
+    wd = str(tmp_path / "no_run")
+    (tmp_path / "existing.png").write_bytes(b"png")
+    for out in ("existing.png/x.png", "existing.png/deeper/x.png", "existing.png/dir/"):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--workdir", wd, "--prompt", "x", "--out", str(tmp_path / out)])
+        assert e.value.code == (f"error: --out '{tmp_path / out}': {tmp_path / 'existing.png'} is "
+                                "a file, not a folder; choose another --out")
+
+
+def test_sample_prompt_file_in_batches_into_a_folder(saved_run, tmp_path, monkeypatch):
+    """--batch-size bounds every sampling call; --out DIR/ gets one PNG per image, named by the
+    file's line and the seed, each the same pixels as that image in the grid drawn with the
+    same batches."""
+    from sdxl_jax import sample
+    from sdxl_jax.sampling import ImageSampler
+    _, wd, _, _ = saved_run
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# five prompts, one setting\ncompletely black\nred circle --d 5\n"
+                       "blue square\n\nwhite\ngreen --d 9\n", encoding="utf-8")
+    batches = []
+    generate = ImageSampler.generate
+    monkeypatch.setattr(ImageSampler, "generate",
+                        lambda self, p, pairs, *a: batches.append(len(pairs)) or generate(self, p, pairs, *a))
+    common = ["--workdir", wd, "--prompts-file", str(prompts), "--seed", "0", "--seed", "3",
+              "--steps", "2", "--width", str(SIDE), "--height", str(SIDE), "--batch-size", "3"]
+    assert sample.main(common + ["--out", str(tmp_path / "each") + "/"]) == 0
+    assert batches == [3, 3, 3]  # 8 images: 3 + 3 + 2 padded to 3
+    names = sorted(os.listdir(tmp_path / "each"))
+    assert names == ["00002-s0.png", "00002-s3.png", "00003-s5.png", "00004-s0.png",
+                     "00004-s3.png", "00006-s0.png", "00006-s3.png", "00007-s9.png"]
+    assert sample.main(common + ["--out", str(tmp_path / "grid.png")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    cells = {(2, 0): (0, 0), (2, 3): (0, 1), (3, 5): (1, 0), (4, 0): (2, 0), (4, 3): (2, 1),
+             (6, 0): (3, 0), (6, 3): (3, 1), (7, 9): (4, 0)}
+    for (line, seed), (r, c) in cells.items():
+        image = np.asarray(Image.open(tmp_path / "each" / f"{line:05d}-s{seed}.png"))
+        np.testing.assert_array_equal(image, grid[r * SIDE:(r + 1) * SIDE, c * SIDE:(c + 1) * SIDE])
+
+
+def test_sample_reads_the_newest_step_when_a_trainer_rotates_its_step_away(saved_run, tmp_path,
+                                                                            monkeypatch):
+    """A trainer saving every step with checkpoint.keep=1 removes the step sample chose while
+    sample reads it: sample reads the new newest step instead of failing."""
+    import shutil
+    from sdxl_jax import sample
+    _, wd, state, _ = saved_run
+    mine = str(tmp_path / "run")
+    shutil.copytree(wd, mine)
+    ckdir = os.path.join(mine, "checkpoints")
+    restore = ckpt_lib.Checkpointer.restore_params
+    rotations = []
+
+    def rotate_then_restore(self, step, *a, **k):
+        if not rotations:  # what the trainer does between sample's choice and its array read
+            shutil.copytree(os.path.join(ckdir, str(step)), os.path.join(ckdir, str(step + 1)))
+            shutil.rmtree(os.path.join(ckdir, str(step)))
+            rotations.append(step)
+        return restore(self, step, *a, **k)
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "restore_params", rotate_then_restore)
+    _, params, _ = sample.load_run(mine)
+    assert rotations == [7] and sorted(os.listdir(ckdir)) == ["8"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+                 jax.device_get(state.ema_params))
+
+
+def test_a_failing_preview_is_logged_and_training_goes_on(saved_run, demo_cache, tmp_path, caplog):
+    """The evaluator the loop calls: a preview that cannot be written (samples/ is a file here)
+    is one warning; the validation figures are still written and the call returns."""
+    from sdxl_jax.train.evaluate import Evaluator
+    from sdxl_jax.train.step import StepConfig
+    from sdxl_jax.models.weights import frozen_params
+    cfg, _, state, mesh = saved_run
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "samples").write_text("not a folder")
+    tok_l, tok_g = models.get_tokenizers("tiny")
+    tokenize = lambda c: (models.tokenize(tok_l, c, 1), models.tokenize(tok_g, c, 1))  # noqa: E731
+    unet = models.build_unet(ENGINE_PRESET, "float32")
+    text_l, text_g = models.build_text_encoders(ENGINE_PRESET, "float32")
+
+    class Scalars:
+        def __init__(self):
+            self.seen = {}
+
+        def add_scalar(self, k, v, step):
+            self.seen[k] = v
+    writer = Scalars()
+    ev = Evaluator(cfg, str(wd), mesh, unet, text_l, text_g, StepConfig.from_config(cfg),
+                   frozen_params(cfg), tokenize, demo_cache, None, None, writer)
+    with caplog.at_level("WARNING", logger="sdxl_jax.train"):
+        ev(7, state)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("step 7 | preview failed, training goes on: ")
+    assert "val_ema/loss" in writer.seen and (wd / "samples").read_text() == "not a folder"

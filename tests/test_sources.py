@@ -104,6 +104,21 @@ def test_kohya_folders_become_sources(tmp_path):
         resolve_sources(cfg, wd)
 
 
+def test_kohya_folder_with_a_plain_subfolder_is_refused_naming_it(tmp_path):
+    """10_cat/ beside a plain misc/: read as one plain source, the 10 repeats would vanish."""
+    root = tmp_path / "train"
+    for sub in ("10_cat", "misc"):
+        (root / sub).mkdir(parents=True)
+    cfg = get_config("tiny")
+    cfg.data.images_dir = str(root)
+    with pytest.raises(ValueError, match=f"{root} mixes kohya-style N_name subfolders \\(10_cat\\) "
+                                         "with plain ones \\(misc\\).* Rename misc to 1_misc"):
+        resolve_sources(cfg, str(tmp_path / "wd"))
+    (root / "misc").rename(root / "1_misc")  # what the message says to do
+    assert [(s.name, s.repeats) for s in resolve_sources(cfg, str(tmp_path / "wd"))] == [
+        ("cat", 10), ("misc", 1)]
+
+
 @pytest.mark.parametrize("entries, message", [
     ([{"images_dir": "."}, {"images_dir": ".", "repeats": 0}],
      r"data\.sources\[1\]\.repeats=0: must be an integer ≥ 1"),

@@ -124,6 +124,29 @@ def test_progressive_stages_switch_and_resume_inside_a_stage(straight_run, demo_
     jax.tree.map(np.testing.assert_array_equal, _params_np(straight["state"]), _params_np(resumed["state"]))
 
 
+def test_resuming_in_stage_2_after_stage_1_changed_length_is_refused(demo_cache, tmp_path):
+    """Stopped inside stage 2 (step 3 of 2 + 2), then stage 1 lengthened to 4: step 3 falls in
+    stage 1 now and the saved stage-2 data position used to be dropped silently; shortened to
+    1, stage 2 would start at step 1 and its saved position would be 1 step off. Both are
+    refused naming the stages, nothing is changed, and the original stages resume."""
+    stages = lambda first, second: tiny_config(**{  # noqa: E731
+        "data.cache_dir": demo_cache, "checkpoint.every_steps": 2,
+        "train.stages": ({"steps": first, "cache_dir": demo_cache},
+                         {"steps": second, "cache_dir": demo_cache})})
+    wd = str(tmp_path / "staged")
+    assert train(stages(2, 2), wd, max_steps=3)["end_step"] == 3
+    with pytest.raises(ValueError, match=r"the checkpoint of step 3 holds the data position of "
+                                         r"train\.stages\[1\], which began at step 2, but with this "
+                                         r"config step 3 falls in train\.stages\[0\] \(steps 0–4\): a "
+                                         r"stage's steps changed since the checkpoint"):
+        train(stages(4, 2), wd)
+    with pytest.raises(ValueError, match=r"holds the data position of train\.stages\[1\], which "
+                                         r"began at step 2, .* falls in train\.stages\[1\] \(steps 1–5\)"):
+        train(stages(1, 4), wd)
+    assert ckpt_lib.Checkpointer(f"{wd}/checkpoints").steps == [2, 3]
+    assert train(stages(2, 2), wd)["end_step"] == 4
+
+
 def test_a_step_that_cannot_fit_stops_before_training(straight_run, tmp_path):
     from sdxl_jax.fit import FitError
     cfg = tiny_config(**{"data.cache_dir": straight_run[0].data.cache_dir, "train.fit_check": "1MiB"})

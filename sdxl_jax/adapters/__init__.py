@@ -10,4 +10,4 @@ from sdxl_jax.adapters.lora import (  # noqa: F401
     rank_masks)
 from sdxl_jax.adapters.formats import (  # noqa: F401
     detect_layout, export_lora, kohya_layout, kohya_module_names, lora_metadata, peft_layout,
-    read_lora, torch_module_names)
+    read_lora, read_lora_init, torch_module_names)

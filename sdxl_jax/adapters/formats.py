@@ -289,3 +289,39 @@ def read_lora(path: str, preset: str) -> tuple[dict, Plan]:
         values.setdefault(name, []).extend((p + (leaf,), x) for leaf, x in arrays.items())
     plan = {name: dict(sorted(plan[name].items())) for name in MODELS if name in plan}
     return {name: unflatten(values[name]) for name in plan}, plan
+
+
+# the factor whose product with the others is ΔW/scale: rescaling it alone rescales ΔW
+_SCALED_LEAF = {"lora": "lora_up", "lokr": "lokr_w1"}
+
+
+def read_lora_init(path: str, preset: str, plan: Plan, key: str = "model.lora_init") -> dict:
+    """The adapter tree of a LoRA file to start a run of `plan` from, with the ΔW it means.
+
+    A layer whose file alpha differs from the run's (a PEFT file records lora_alpha = r with
+    α/r folded into lora_B, so our own lora-diffusers export of an α ≠ r run is one) is read
+    with its scaled factor multiplied by file scale / run scale: the same ΔW under the run's
+    alpha. Any other difference (layers, algo, rank, factors) is one error naming a layer with
+    the file's and the run's settings."""
+    tree, theirs = read_lora(path, preset)
+    mine = {(m, p): t for m, targets in plan.items() for p, t in targets.items()}
+    found = {(m, p): t for m, targets in theirs.items() for p, t in targets.items()}
+    differ = []
+    for k in sorted(set(mine) | set(found)):
+        run, file = mine.get(k), found.get(k)
+        if run == file:
+            continue
+        if run is None or file is None or file._replace(alpha=run.alpha) != run:
+            differ.append((k, file, run))
+            continue
+        node = _get(tree[k[0]], k[1])
+        leaf = _SCALED_LEAF[run.algo]
+        node[leaf] = (node[leaf] * np.float32(file.scale / run.scale)).astype(np.float32)
+    if differ:
+        (m, p), file, run = differ[0]
+        show = lambda t: "not adapted" if t is None else f"{t.algo} rank {t.rank} alpha {t.alpha:g}"  # noqa: E731
+        raise ValueError(f"{key}={path!r}: {len(differ)} adapted layers differ from this run's "
+                         f"lora.* settings, e.g. {m}/{'/'.join(p)}: file {show(file)}, run "
+                         f"{show(run)}; set lora.algo / rank / models / conv / targets to match "
+                         "the file")
+    return tree

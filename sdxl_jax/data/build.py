@@ -7,6 +7,12 @@ Phases (each process of a multi-host job does its share, `sources[process_index:
      exists with the same sources is kept (resume), others are decoded (threads, ahead of the
      encoder), encoded in fixed-size batches (one compile per bucket) and written;
   4. finalize (process 0, after a barrier): manifest.json, tags.json, skipped.jsonl.
+
+One build per cache folder: a second `build_cache` on the same folder stops at once naming the
+first (`CacheLock`, the workdir lock's flock). A full disk stops the build with one line
+"no space left on DIR" and removes the shard it was writing; finished shards stay, so a rerun
+after freeing space continues. Mask files added after a build are named with --rebuild (a
+resumed build keeps finished shards as they are).
 """
 from __future__ import annotations
 
@@ -31,12 +37,29 @@ from sdxl_jax.data.buckets import Bucket, Fit, assign_bucket, buckets_from_confi
 from sdxl_jax.data.images import (BadInput, Source, list_folder, list_manifest, load_pixels_and_mask,
                                   mask_file, mask_to_latent, probe_size, read_caption)
 from sdxl_jax.data.tags import normalize_tags, tag_counts
+from sdxl_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
 # images (B, H, W, 3) float32 in [-1, 1] → (mean, std), each (B, H/f, W/f, C)
 EncodeFn = Callable[[np.ndarray], tuple[Any, Any]]
 _SHARD_FILE = re.compile(r"^b\d{5}x\d{5}-p\d{4}of\d{4}-\d{6}\.")
+
+
+class NoSpaceError(OSError):
+    """The disk filled while building a cache (the message names the folder)."""
+
+
+class CacheLock(WorkdirLock):
+    """One `build_cache` per cache folder and process index: `<out>/build_cache.<i>.lock`."""
+
+    def __init__(self, out, process_index: int = 0):
+        super().__init__(str(out), process_index)
+        self.path = os.path.join(os.path.abspath(out), f"build_cache.{int(process_index)}.lock")
+
+    def busy(self, holder: str) -> str:
+        return (f"cache folder {os.path.dirname(self.path)} is being built by another build_cache "
+                f"({holder}): wait for it to finish, stop it, or give another --out")
 
 
 @dataclass(frozen=True)
@@ -176,39 +199,43 @@ def _write_shard(out: Path, name: str, items: Sequence[Item], encode: EncodeFn, 
     bucket = buckets[items[0].bucket]
     stats, records, skipped, shape = C.LatentStats(), [], [], None
     tmp = out / (name + C.SHARD_EXT + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), C.WRITER_OPTIONS)
-    try:
-        for group in _decoded(items, pool, config, buckets, batch):
-            good = [(it, px) for it, px in group if not isinstance(px, str)]
-            skipped += [{"key": it.src.key, "path": it.src.path, "reason": px}
-                        for it, px in group if isinstance(px, str)]
-            if good:
-                pixels = np.stack([px for _, (px, _) in good])
-                pad = batch - len(good)  # fixed batch: one compiled encoder per bucket
-                if pad:
-                    pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
-                mean, std = encode(pixels)
-                with np.errstate(over="ignore"):  # overflow → inf → skipped just below
-                    mean = np.asarray(mean)[:len(good)].astype(dtype)
-                std = np.asarray(std)[:len(good)] if config.data.store_std else None
-                finite = np.isfinite(mean).reshape(len(good), -1).all(axis=1)
-                skipped += [{"key": it.src.key, "path": it.src.path,
-                             "reason": f"non-finite latent (VAE output beyond {dtype.name})"}
-                            for (it, _), ok in zip(good, finite) if not ok]
-                stats.update(mean[finite])
-                shape = list(mean.shape[1:])
-                for i, (it, (_, mask)) in enumerate(good):
-                    if not finite[i]:
-                        continue
-                    tids = time_ids(*it.size, it.fit, bucket)
-                    mask = None if mask is None else mask_to_latent(mask, mean.shape[1:3])
-                    writer.write(C.encode_record(mean[i], None if std is None else std[i],
-                                                 it.caption, it.tags, tids, it.src.key, mask))
-                    entry = {"key": it.src.key, "tags": it.tags}
-                    records.append(entry if mask is None else dict(entry, mask=True))
-            bar.update(len(group))
-    finally:
-        writer.close()
+    try:  # a failed write (a full disk) leaves no half shard: it frees the space it took
+        writer = ArrayRecordWriter(str(tmp), C.WRITER_OPTIONS)
+        try:
+            for group in _decoded(items, pool, config, buckets, batch):
+                good = [(it, px) for it, px in group if not isinstance(px, str)]
+                skipped += [{"key": it.src.key, "path": it.src.path, "reason": px}
+                            for it, px in group if isinstance(px, str)]
+                if good:
+                    pixels = np.stack([px for _, (px, _) in good])
+                    pad = batch - len(good)  # fixed batch: one compiled encoder per bucket
+                    if pad:
+                        pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
+                    mean, std = encode(pixels)
+                    with np.errstate(over="ignore"):  # overflow → inf → skipped just below
+                        mean = np.asarray(mean)[:len(good)].astype(dtype)
+                    std = np.asarray(std)[:len(good)] if config.data.store_std else None
+                    finite = np.isfinite(mean).reshape(len(good), -1).all(axis=1)
+                    skipped += [{"key": it.src.key, "path": it.src.path,
+                                 "reason": f"non-finite latent (VAE output beyond {dtype.name})"}
+                                for (it, _), ok in zip(good, finite) if not ok]
+                    stats.update(mean[finite])
+                    shape = list(mean.shape[1:])
+                    for i, (it, (_, mask)) in enumerate(good):
+                        if not finite[i]:
+                            continue
+                        tids = time_ids(*it.size, it.fit, bucket)
+                        mask = None if mask is None else mask_to_latent(mask, mean.shape[1:3])
+                        writer.write(C.encode_record(mean[i], None if std is None else std[i],
+                                                     it.caption, it.tags, tids, it.src.key, mask))
+                        entry = {"key": it.src.key, "tags": it.tags}
+                        records.append(entry if mask is None else dict(entry, mask=True))
+                bar.update(len(group))
+        finally:
+            writer.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out / (name + C.SHARD_EXT))
     summary = {"name": name, "bucket": list(bucket), "latent_shape": shape,
                "bytes": os.path.getsize(out / (name + C.SHARD_EXT)),  # checked on resume/open
@@ -216,6 +243,21 @@ def _write_shard(out: Path, name: str, items: Sequence[Item], encode: EncodeFn, 
                "records": records, "skipped": skipped, "latent_stats": stats.to_dict()}
     C.write_json(out / (name + ".json"), summary)
     return summary
+
+
+def _warn_new_masks(out: Path, kept: Sequence[tuple[Sequence[Item], dict]]) -> None:
+    """Warn when a mask file (x.mask.png) now lies beside an image whose record in a finished
+    shard holds no mask: a resumed build keeps finished shards as they are."""
+    new = []
+    for items, summary in kept:
+        masked = {r["key"]: bool(r.get("mask")) for r in summary["records"]}
+        new += [mask_file(it.src.path) for it in items
+                if not it.src.read and not masked.get(it.src.key, True)
+                and os.path.isfile(mask_file(it.src.path))]
+    if new:
+        log.warning("build_cache: mask files added after %s was built are not in it (%d, e.g. "
+                    "%s): a resumed build keeps finished shards as they are; rerun with --rebuild "
+                    "to cache them", out, len(new), new[0])
 
 
 def _chunks(items: Sequence[Item], buckets, size: int, process_index: int,
@@ -361,6 +403,22 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
     if not encoder_fingerprint:
         raise ValueError("an injected encode_fn needs an encoder_fingerprint (what the latents depend on)")
     settings = cache_settings(config, encoder_fingerprint, source)
+    with CacheLock(out, process_index):
+        try:
+            return _build(out, config, settings, sources, scan_skipped, encode_fn, rebuild,
+                          process_index, process_count, progress, verify)
+        except Exception as e:
+            from sdxl_jax.checkpoint import is_disk_full
+            if not is_disk_full(e):
+                raise
+            raise NoSpaceError(f"no space left on {out}; the shard being written was removed, the "
+                               "finished ones are kept: free space and rerun the same command to "
+                               "continue") from None
+
+
+def _build(out: Path, config, settings: dict, sources, scan_skipped, encode_fn, rebuild: bool,
+           process_index: int, process_count: int, progress: bool, verify: bool) -> dict:
+    """build_cache's work in `out`, holding its lock."""
     sid = C.settings_id(settings)
     _prepare_dir(out, settings, rebuild, process_index, process_count)
 
@@ -378,7 +436,9 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
             else:
                 scan_skipped.append({"key": res[0], "path": src.path, "reason": res[1]})
         chunks = _chunks(items, buckets, int(config.data.shard_size), process_index, process_count)
-        todo = [(n, its) for n, its in chunks if _existing_summary(out, n, its, sid, verify) is None]
+        kept = {n: _existing_summary(out, n, its, sid, verify) for n, its in chunks}
+        todo = [(n, its) for n, its in chunks if kept[n] is None]
+        _warn_new_masks(out, [(its, kept[n]) for n, its in chunks if kept[n] is not None])
         done = len(items) - sum(len(its) for _, its in todo)
         if done:
             log.info("build_cache: resuming, %d of %d images already cached", done, len(items))

@@ -11,7 +11,9 @@ sources before it, so one RecordSource reads them all.
 kohya's habit: a folder named `N_name` means "repeat N times". An entry whose images_dir is
 named so gets repeats N unless it gives repeats itself; an images_dir (an entry's, or the single
 `data.images_dir`) whose immediate subfolders are all `N_name` (kohya's train_data_dir layout)
-stands for one source per subfolder with repeats N (times the entry's own repeats).
+stands for one source per subfolder with repeats N (times the entry's own repeats). A folder
+mixing `N_name` subfolders with plain ones is refused, naming them: read as one plain source it
+would silently drop the repeats.
 """
 from __future__ import annotations
 
@@ -73,7 +75,14 @@ def kohya_subfolders(images_dir: str) -> list[tuple[str, int, str]]:
     entries = sorted(e for e in os.listdir(images_dir) if not e.startswith("."))
     subdirs = [e for e in entries if os.path.isdir(os.path.join(images_dir, e))]
     parsed = [(os.path.join(images_dir, e), kohya_folder(e)) for e in subdirs]
-    if not parsed or any(k is None for _, k in parsed):
+    plain = [e for e, (_, k) in zip(subdirs, parsed) if k is None]
+    if plain and len(plain) < len(parsed):
+        kohya = [e for e in subdirs if e not in plain]
+        raise ValueError(f"{images_dir} mixes kohya-style N_name subfolders ({', '.join(kohya[:3])}) "
+                         f"with plain ones ({', '.join(plain[:3])}): as one folder their repeat "
+                         f"counts would be lost. Rename {plain[0]} to 1_{plain[0]} (or another "
+                         "N_ prefix), or list each folder in data.sources")
+    if not parsed or plain:
         return []
     loose = [e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS)
              and os.path.isfile(os.path.join(images_dir, e))]

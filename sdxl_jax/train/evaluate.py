@@ -1,5 +1,8 @@
 """In-training evaluation: preview grids (EMA weights) and a deterministic validation loss.
 
+A preview that fails (any error: a bad prompt setting, device memory, a full disk) is logged
+as one warning and training goes on; previews are a view of the run, not part of it.
+
 Validation uses fixed timesteps, noise and captions, so curves are comparable across runs and
 resumes: sample j of validation batch b gets t = (b·B + j)·T/N_val spread over [0, T) and noise
 from PRNGKey(b). Both EMA and raw weights are evaluated with the same compiled function.
@@ -120,5 +123,10 @@ class Evaluator:
         if metrics:
             log.info("step %d | validation loss: ema %.4f, raw %.4f", step,
                      metrics.get("val_ema/loss", float("nan")), metrics.get("val_raw/loss", float("nan")))
-        path = self.previews(step, state.ema_params)
+        try:
+            path = self.previews(step, state.ema_params)
+        except Exception as e:  # noqa: BLE001 — a picture is never worth the run
+            log.warning("step %d | preview failed, training goes on: %s: %s", step,
+                        type(e).__name__, str(e)[:500])
+            return
         log.info("step %d | preview grid %s", step, path)

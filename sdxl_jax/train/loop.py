@@ -104,6 +104,7 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
     if restored is not None:
         task.check_restored(restored)
         state, data_state = restored.state, restored.data_state
+        check_stage_position(task.stages, restored.step, data_state)
         log.info("resumed from step %d in %s", restored.step, ckpt.directory)
     else:
         state, data_state = task.fresh_state(), None
@@ -150,8 +151,8 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
                 data_state = None
 
                 def save(s):
-                    ckpt.save(s, state, {"stage": stage.index, "iterator": it.get_state()},
-                              cfg_json, task.metadata)
+                    ckpt.save(s, state, {"stage": stage.index, "start": stage_start(task.stages, stage),
+                                         "iterator": it.get_state()}, cfg_json, task.metadata)
 
                 while step < min(stage.end_step, stop_at):
                     if profile and step == profile[0]:
@@ -187,6 +188,38 @@ def run(task: Task, cfg, workdir: str, cleanup: contextlib.ExitStack, max_steps=
         summary["compiles"] = prog.step.compile_count
     summary.update(end_step=step, state=state)
     return summary
+
+
+def stage_start(stages, stage: Stage) -> int:
+    """The step a stage starts at: the end of the one before it."""
+    i = stages.index(stage)
+    return stages[i - 1].end_step if i else 0
+
+
+def check_stage_position(stages, step: int, data_state: dict | None) -> None:
+    """A resumed run goes on from its saved data position only in the stage that position was
+    saved in, starting at the same step; a position saved exactly at the end of its stage is
+    left behind as the next stage starts. Any other case means a stage's length changed since
+    the checkpoint, which would silently drop or misplace the position: ValueError naming the
+    stages. (Checkpoints older than the saved "start" are checked by stage alone.)"""
+    if data_state is None:
+        return
+    now = next((s for s in stages if step < s.end_step), None)
+    if now is None:  # nothing left to train
+        return
+    saved = next((s for s in stages if s.index == data_state.get("stage", 0)), None)
+    was = data_state.get("start")
+    if saved is now and was in (None, stage_start(stages, now)):
+        return
+    if (saved is not None and stages.index(saved) == stages.index(now) - 1
+            and step == saved.end_step and was in (None, stage_start(stages, saved))):
+        return
+    began = f", which began at step {was}" if was is not None else ""
+    raise ValueError(
+        f"the checkpoint of step {step} holds the data position of train.stages[{data_state.get('stage', 0)}]"
+        f"{began}, but with this config step {step} falls in train.stages[{now.index}] (steps "
+        f"{stage_start(stages, now)}–{now.end_step}): a stage's steps changed since the "
+        "checkpoint. Restore the stage lengths it was trained with, or start a new workdir")
 
 
 def _check_fit(compiled, prog: Program, cfg) -> None:

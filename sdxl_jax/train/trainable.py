@@ -138,15 +138,7 @@ def frozen_values(tr: Trainable, sources: dict, shardings: dict) -> dict:
 
 
 def _adapters_from_file(tr: Trainable, cfg):
-    """model.lora_init: a kohya / PEFT file whose layers and ranks must be this run's plan."""
-    from sdxl_jax.adapters import read_lora
-    tree, plan = read_lora(cfg.model.lora_init, cfg.model.preset)
-    if plan != tr.plan:
-        mine = {(m, p): t for m, targets in tr.plan.items() for p, t in targets.items()}
-        theirs = {(m, p): t for m, targets in plan.items() for p, t in targets.items()}
-        differ = sorted(f"{m}/{'/'.join(p)}" for (m, p) in set(mine) | set(theirs)
-                        if mine.get((m, p)) != theirs.get((m, p)))
-        raise ValueError(f"model.lora_init={cfg.model.lora_init!r}: {len(differ)} adapted layers differ "
-                         f"from this run's lora.* settings (missing, or another algo/rank/alpha), e.g. "
-                         f"{differ[:3]}; set lora.algo / rank / alpha / models / conv to match the file")
-    return tree
+    """model.lora_init: a kohya / PEFT file whose layers and ranks must be this run's plan
+    (a layer's alpha may differ: it is read with the same ΔW, adapters.read_lora_init)."""
+    from sdxl_jax.adapters import read_lora_init
+    return read_lora_init(cfg.model.lora_init, cfg.model.preset, tr.plan)
