@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 
+from sdxl_jax import paths
 from sdxl_jax.config_sections import MODEL_PRESETS
 from sdxl_jax.diffusion import HUBER_SCHEDULES, LOSS_TYPES, NORMALIZATIONS, WEIGHTINGS, ZTSNR_MODES
 
@@ -121,7 +122,7 @@ def _check_common(cfg) -> None:
         raise ConfigError(f"data.buckets (min_side={b.min_side}, max_side={b.max_side}, "
                           f"max_area={b.max_area}, step={b.step}) produce no bucket")
     for key in ("images_dir", "manifest"):
-        if cfg.data[key] and not os.path.exists(cfg.data[key]):
+        if cfg.data[key] and not paths.exists(cfg.data[key]):
             raise ConfigError(f"data.{key}={cfg.data[key]!r}: no such file or directory")
     _check_pretrained(cfg)
     _check_log(cfg)
@@ -264,7 +265,7 @@ def _check_sources(cfg, single: list) -> list:
             if k in s and not isinstance(s[k], str):
                 raise ConfigError(f"{key}.{k}={s[k]!r}: must be a string")
         for k in ("images_dir", "manifest"):
-            if s.get(k) and not os.path.exists(s[k]):
+            if s.get(k) and not paths.exists(s[k]):
                 raise ConfigError(f"{key}.{k}={s[k]!r}: no such file or directory")
         if s.get("cache_dir"):
             _cache_exists(s["cache_dir"], f"{key}.cache_dir", bool(s.get("images_dir") or s.get("manifest")))
@@ -283,7 +284,7 @@ def _check_sources(cfg, single: list) -> list:
 def _cache_exists(path: str, key: str, has_images: bool) -> None:
     """A cache given by path must exist unless images are given to build it there: a typo
     never silently becomes a freshly generated demo cache."""
-    if not has_images and not os.path.exists(os.path.join(path, "manifest.json")):
+    if not has_images and not paths.exists(paths.join(path, "manifest.json")):
         raise ConfigError(f"{key}={path!r}: no latent cache there (no manifest.json); build one "
                           "with python -m data_tools.build_cache, or set data.images_dir / "
                           "data.manifest to build it")

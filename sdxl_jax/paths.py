@@ -192,6 +192,24 @@ def rmtree(path) -> None:
     call_remote("delete", path, lambda: p.rmtree() if p.exists() else None)
 
 
+def remove(path) -> None:
+    """Delete one file/object; a missing one is fine."""
+    path = absolute(path)
+    if not is_remote(path):
+        if os.path.lexists(path):
+            os.unlink(path)
+        return
+    call_remote("delete", path, lambda: epath(path).unlink(missing_ok=True))
+
+
+def size(path) -> int:
+    """Size in bytes of a file/object (FileNotFoundError when missing)."""
+    path = absolute(path)
+    if not is_remote(path):
+        return os.path.getsize(path)
+    return call_remote("check", path, lambda: epath(path).stat().length)
+
+
 def rename(src, dst) -> None:
     """Move a file or directory (on GCS: copy every object, then delete the source)."""
     src, dst = absolute(src), absolute(dst)
@@ -257,7 +275,15 @@ def upload_tree(local: str, path) -> None:
 
 
 def walk_files(path) -> Iterator[str]:
-    """Every file below a local directory, as paths relative to it (sorted)."""
+    """Every file below a directory, as paths relative to it (sorted; on GCS one paged listing
+    of the prefix instead of a request per folder)."""
+    path = absolute(path)
+    if is_remote(path):
+        prefix = _blob(path + "/").name
+        names = call_remote("list", path, lambda: sorted(
+            b.name[len(prefix):] for b in _CLIENT.list_blobs(_blob(path).bucket, prefix=prefix)))
+        yield from (n for n in names if n and not n.endswith("/"))
+        return
     for root, _, files in sorted(os.walk(path)):
         for name in sorted(files):
             yield os.path.relpath(os.path.join(root, name), path)

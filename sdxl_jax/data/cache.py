@@ -36,6 +36,8 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
+from sdxl_jax import paths
+
 FORMAT = "sdxl_jax.latent_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -169,16 +171,12 @@ def settings_id(settings: dict[str, Any]) -> str:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename) so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
-    os.replace(tmp, path)
+    """Write JSON as a whole file or object (paths.write_text): readers never see half of it."""
+    paths.write_text(os.fspath(path), json.dumps(obj, indent=1, sort_keys=False))
 
 
 def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(paths.read_text(os.fspath(path)))
 
 
 class CacheError(ValueError):
@@ -199,12 +197,13 @@ def shard_problem(path: str | Path, count: int, nbytes: int | None = None) -> st
 
     Checks presence, size (when the summary recorded it) and the record count in the file's
     own index, all without reading records: a truncated file fails the size check, and
-    ArrayRecord reports 0 records for a file whose footer is gone.
+    ArrayRecord reports 0 records for a file whose footer is gone. A gs:// shard is read by
+    ArrayRecord's own GCS reader (index only).
     """
-    path = Path(path)
-    if not path.is_file():
+    path = os.fspath(path)
+    if not paths.isfile(path):
         return "file missing"
-    size = path.stat().st_size
+    size = paths.size(path)
     if nbytes is not None and size != nbytes:
         return f"{size} bytes, {nbytes} when written (truncated or overwritten)"
     from array_record.python.array_record_module import ArrayRecordReader
@@ -223,8 +222,8 @@ def shard_problem(path: str | Path, count: int, nbytes: int | None = None) -> st
 
 def load_manifest(cache_dir: str) -> dict[str, Any]:
     """The manifest of a finished cache, or a clear error saying how to build one."""
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
+    path = paths.join(cache_dir, MANIFEST)
+    if not paths.isfile(path):
         raise FileNotFoundError(
             f"no latent cache at {cache_dir!r} ({MANIFEST} missing; an interrupted build leaves "
             "none): run `python -m data_tools.build_cache --images DIR --out "
@@ -264,13 +263,13 @@ def read_index(cache_dir: str, manifest: dict[str, Any] | None = None) -> CacheI
     source = manifest.get("settings", {}).get("source")
     if not manifest.get("num_records"):
         raise CacheError(f"the cache {cache_dir} holds 0 records: every input was skipped; the "
-                         f"reason for each is in {Path(cache_dir) / SKIPPED}")
+                         f"reason for each is in {paths.join(cache_dir, SKIPPED)}")
     buckets = [tuple(b) for b in manifest["buckets"]]
     shapes: dict[tuple[int, int], tuple[int, int, int]] = {}
     files, counts, bucket_ids, keys, tags = [], [], [], [], []
     for shard in manifest["shards"]:
         try:
-            summary = read_json(Path(cache_dir) / (shard["name"] + ".json"))
+            summary = read_json(paths.join(cache_dir, shard["name"] + ".json"))
         except (OSError, ValueError) as e:
             raise CacheError(f"cache shard summary {shard['name']}.json of {cache_dir} is "
                              f"unreadable ({e}); {rebuild_hint(cache_dir, source)}") from None
@@ -278,7 +277,7 @@ def read_index(cache_dir: str, manifest: dict[str, Any] | None = None) -> CacheI
             raise CacheError(f"shard {shard['name']} of {cache_dir} holds "
                              f"{len(summary['records'])} records, manifest says {shard['count']}; "
                              f"{rebuild_hint(cache_dir, source)}")
-        path = Path(cache_dir) / (shard["name"] + SHARD_EXT)
+        path = paths.join(cache_dir, shard["name"] + SHARD_EXT)
         problem = shard_problem(path, shard["count"], summary.get("bytes"))
         if problem:
             raise CacheError(f"cache shard {path}: {problem}; {rebuild_hint(cache_dir, source)}")
@@ -293,14 +292,14 @@ def read_index(cache_dir: str, manifest: dict[str, Any] | None = None) -> CacheI
     return CacheIndex(files, counts, np.asarray(bucket_ids, np.int32), buckets, latent_shapes, keys, tags)
 
 
-def _hint_for(cache_dir: Path) -> str:
+def _hint_for(cache_dir: str) -> str:
     """rebuild_hint with the cache's inputs when its manifest says them (--verify: the shard
     has its recorded size and count, so only reading it back finds the damage)."""
     try:
-        source = read_json(cache_dir / MANIFEST)["settings"]["source"]
+        source = read_json(paths.join(cache_dir, MANIFEST))["settings"]["source"]
     except (OSError, ValueError, KeyError, TypeError):
         source = None
-    return rebuild_hint(str(cache_dir), source, verify=True)
+    return rebuild_hint(cache_dir, source, verify=True)
 
 
 class RecordSource:
@@ -334,7 +333,7 @@ class RecordSource:
         except (RuntimeError, OSError) as e:  # Riegeli: "chunk hash mismatch", "open() failed"
             path = self._files[shard]
             raise CacheError(f"cache shard {path}: record {record_id - start} is unreadable "
-                             f"({e}); {_hint_for(Path(path).parent)}") from e
+                             f"({e}); {_hint_for(os.path.dirname(path))}") from e
 
     def close(self) -> None:
         for r in self._readers:

@@ -9,7 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from sdxl_jax import parallel
+from sdxl_jax import parallel, paths
 from sdxl_jax.config_sections import offline_preset
 from sdxl_jax.train import optim
 from sdxl_jax.train.common import config_json, demo_images, package_versions
@@ -105,7 +105,7 @@ def ensure_cache(cfg, cache_dir: str, workdir: str) -> None:
     data.cache_dir) the tiny preset falls back to the generated demo dataset so the demo runs
     on a fresh machine with no network. A configured cache_dir that does not exist is an error
     (config.validate), never silently replaced."""
-    if os.path.exists(os.path.join(cache_dir, "manifest.json")):
+    if paths.exists(paths.join(cache_dir, "manifest.json")):
         return
     from sdxl_jax.data import build_cache
     from sdxl_jax.data.tfds_source import tfds_from_config
@@ -130,7 +130,7 @@ def stage_data(st: dict):
 def ensure_source_caches(cfg, sources) -> None:
     """Build each data source's missing cache from its images_dir / manifest, all with this
     config's settings (so they hold the same latents)."""
-    missing = [s for s in sources if not os.path.exists(os.path.join(s.cache_dir, "manifest.json"))]
+    missing = [s for s in sources if not paths.exists(paths.join(s.cache_dir, "manifest.json"))]
     if not missing:
         return
     from sdxl_jax.data import build_cache

@@ -1,0 +1,94 @@
+"""Latent caches and datasets on gs:// (a real GCS server on loopback, conftest.gcs_server): a
+cache built from gs:// images into gs:// holds the local cache's records byte for byte and
+trains to the same losses; a rerun resumes it; a missing shard object is one error naming it;
+a JSONL manifest on gs:// is read with its relative entries."""
+import json
+import time
+
+import pytest
+
+from conftest import GCS_BUCKET, REFERENCE_STEPS
+from data_tools.bench_loader import fake_tokenize
+from helpers import tiny_config
+from sdxl_jax import paths
+from sdxl_jax.data import cache as C
+from sdxl_jax.data import make_train_iterator
+from sdxl_jax.data.build import build_cache
+from sdxl_jax.data.images import list_manifest, read_caption
+
+
+def _records(cache_dir):
+    """{key: record bytes} of every record of a cache (read through ArrayRecord, local or gs://)."""
+    index = C.read_index(cache_dir)
+    source = C.RecordSource(index.files, index.counts)
+    try:
+        return {key: source[i] for i, key in enumerate(index.keys)}
+    finally:
+        source.close()
+
+
+def _objects(server, url):
+    prefix = url.split(f"gs://{GCS_BUCKET}/", 1)[1] + "/"
+    return sorted(n[len(prefix):] for n in server.objects(GCS_BUCKET, prefix))
+
+
+def test_cache_built_from_and_to_gs_trains_as_the_local_one(demo_images, demo_cache, reference_run,
+                                                            gcs_server, gcs_dir, tmp_path, caplog):
+    from sdxl_jax.train.loop import train
+    images, cache = gcs_dir + "/images", gcs_dir + "/cache"
+    paths.upload_tree(demo_images, images)
+    m = build_cache(tiny_config(), images_dir=images, out=cache, progress=False,
+                    process_index=0, process_count=1)
+    local = C.load_manifest(demo_cache)
+    assert m["num_records"] == local["num_records"] == 48
+    assert m["settings"]["source"] == f"images:{images}"
+    assert [s["name"] for s in m["shards"]] == [s["name"] for s in local["shards"]]
+    assert _records(cache) == _records(demo_cache)  # the same latents, captions and keys, bytewise
+    objects = _objects(gcs_server, cache)
+    assert "manifest.json" in objects and not [n for n in objects if n.endswith(".tmp")]
+    assert not [n for n in objects if n.startswith("build_cache.")]  # the lock object released
+    # a rerun (also reading every record back) keeps every shard: nothing is rewritten
+    before = {n: paths.epath(f"{cache}/{n}").stat().mtime for n in objects if n.endswith(C.SHARD_EXT)}
+    caplog.set_level("INFO")
+    build_cache(tiny_config(), images_dir=images, out=cache, progress=False, verify=True,
+                process_index=0, process_count=1)
+    assert "resuming, 48 of 48 images already cached" in caplog.text
+    assert {n: paths.epath(f"{cache}/{n}").stat().mtime for n in before} == before
+    # trained from the gs:// cache: the losses of the local reference run, bitwise
+    ref_cfg, _, ref, _ = reference_run
+    steps = 3
+    cfg = tiny_config(**{"data.cache_dir": cache, "train.steps": steps})
+    assert cfg.train.lr_schedule == "constant" and steps < REFERENCE_STEPS
+    out = train(cfg, str(tmp_path / "run"))
+    assert out["losses"] == ref["losses"][:steps]
+
+
+def test_missing_shard_object_is_one_error_naming_it(demo_cache, gcs_server, gcs_dir):
+    cache = gcs_dir + "/cache"
+    paths.upload_tree(demo_cache, cache)
+    shard = f"{cache}/{C.load_manifest(cache)['shards'][0]['name']}{C.SHARD_EXT}"
+    assert len(_records(cache)) == 48  # complete, it reads from gs://
+    paths.remove(shard)
+    t = time.time()
+    with pytest.raises(C.CacheError) as e:
+        make_train_iterator(tiny_config(), cache, fake_tokenize(1))
+    assert time.time() - t < 30  # refused up front, no retrying reader
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"cache shard {shard}: file missing; rerun build_cache")
+
+
+def test_manifest_on_gs_with_relative_and_absolute_entries(demo_images, gcs_server, gcs_dir):
+    folder = gcs_dir + "/data"
+    paths.upload_tree(demo_images, folder)
+    names = sorted(n for n in paths.walk_files(folder) if n.endswith(".png"))[:3]
+    lines = [{"path": names[0], "caption": "a, b"},  # relative to the manifest's folder
+             {"path": f"{folder}/{names[1]}", "caption": "c"},  # a URL
+             {"path": names[2]}]  # no caption: skipped, named
+    paths.write_text(f"{folder}/list.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+    sources, skipped = list_manifest(f"{folder}/list.jsonl")
+    assert [(s.path, s.key, read_caption(s)) for s in sources] == [
+        (f"{folder}/{names[0]}", names[0], "a, b"), (f"{folder}/{names[1]}", f"{folder}/{names[1]}", "c")]
+    assert skipped == [(names[2], f'missing caption ({folder}/list.jsonl:3 has no "caption")')]
+    with open(f"{demo_images}/{names[0]}", "rb") as f:
+        assert paths.read_bytes(sources[0].path) == f.read()
