@@ -237,6 +237,7 @@ def write_bytes(path, data: bytes) -> None:
     path = absolute(path)
     if is_remote(path):
         call_remote("write", path, lambda: _blob(path).upload_from_string(data, **_bounded()))
+        _forget_listings(path)
         return
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -263,6 +264,16 @@ def upload(local_file: str, path) -> None:
         shutil.copyfile(local_file, path)
         return
     call_remote("upload to", path, lambda: _blob(path).upload_from_filename(local_file, **_bounded()))
+    _forget_listings(path)
+
+
+def _forget_listings(url: str) -> None:
+    """gcsfs caches folder listings, and an object written through the storage client is not in
+    them: drop the cached listings of its folders, or epath's exists/isfile would miss it."""
+    p = epath(url)
+    fs = getattr(p._backend, "fs", None)
+    if fs is not None:
+        fs(url).invalidate_cache(url)
 
 
 def upload_tree(local: str, path) -> None:
