@@ -267,6 +267,20 @@ def upload(local_file: str, path) -> None:
     _forget_listings(path)
 
 
+def download(url: str, local_file: str) -> None:
+    """Copy the object `url` to `local_file` (checksummed by the storage client; written under a
+    temporary name and renamed when complete)."""
+    os.makedirs(os.path.dirname(local_file), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(local_file), suffix=".tmp")
+    os.close(fd)
+    try:
+        call_remote("download", url, lambda: _blob(url).download_to_filename(tmp, **_bounded()))
+        os.replace(tmp, local_file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _forget_listings(url: str) -> None:
     """gcsfs caches folder listings, and an object written through the storage client is not in
     them: drop the cached listings of its folders, or epath's exists/isfile would miss it."""

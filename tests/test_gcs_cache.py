@@ -33,8 +33,10 @@ def _objects(server, url):
 
 
 def test_cache_built_from_and_to_gs_trains_as_the_local_one(demo_images, demo_cache, reference_run,
-                                                            gcs_server, gcs_dir, tmp_path, caplog):
+                                                            gcs_server, gcs_dir, tmp_path, caplog,
+                                                            monkeypatch):
     from sdxl_jax.train.loop import train
+    monkeypatch.setenv("SDXL_JAX_CACHE_DIR", str(tmp_path / "user_cache"))  # the shard copies
     images, cache = gcs_dir + "/images", gcs_dir + "/cache"
     paths.upload_tree(demo_images, images)
     m = build_cache(tiny_config(), images_dir=images, out=cache, progress=False,
@@ -76,6 +78,43 @@ def test_missing_shard_object_is_one_error_naming_it(demo_cache, gcs_server, gcs
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith(f"cache shard {shard}: file missing; rerun build_cache")
+
+
+def test_loader_copies_gs_shards_locally_and_feeds_the_same_batches(demo_cache, gcs_server, gcs_dir,
+                                                                   tmp_path, monkeypatch):
+    """The loader reads from gs:// at once and switches to the local copies of the shards once
+    the background download has made them; the batches are those of the local cache throughout.
+    With data.local_shard_cache_gb = 0 nothing is copied."""
+    import numpy as np
+    from sdxl_jax.data import shard_mirror
+    monkeypatch.setenv("SDXL_JAX_CACHE_DIR", str(tmp_path / "user_cache"))
+    cache = gcs_dir + "/cache"
+    paths.upload_tree(demo_cache, cache)
+    shards = [s["name"] + C.SHARD_EXT for s in C.load_manifest(cache)["shards"]]
+    copies = [str(tmp_path / "user_cache" / "shards" / cache.replace("://", "/", 1) / n) for n in shards]
+
+    def batches(cache_dir, gb, n=6):
+        cfg = tiny_config(**{"data.local_shard_cache_gb": gb})
+        it = make_train_iterator(cfg, cache_dir, fake_tokenize(1))
+        try:
+            return [next(it) for _ in range(n)]
+        finally:
+            it.close()
+    local = batches(demo_cache, 50.0)
+    direct = batches(cache, 0.0)
+    assert not (tmp_path / "user_cache").exists()
+    mirrored = batches(cache, 50.0)
+    for a, b, c in zip(local, direct, mirrored):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+            np.testing.assert_array_equal(a[k], c[k])
+    t = time.time()
+    while not all(shard_mirror._READY.get(f"{cache}/{n}") for n in shards) and time.time() - t < 60:
+        time.sleep(0.2)
+    assert [shard_mirror._READY.get(f"{cache}/{n}") for n in shards] == copies
+    for n, copy in zip(shards, copies):
+        with open(f"{demo_cache}/{n}", "rb") as f, open(copy, "rb") as g:
+            assert f.read() == g.read()
 
 
 def test_manifest_on_gs_with_relative_and_absolute_entries(demo_images, gcs_server, gcs_dir):

@@ -312,10 +312,12 @@ class RecordSource:
     """
     _OPTIONS = "readahead_buffer_size:0"  # random access: no read-ahead
 
-    def __init__(self, files: Sequence[str], counts: Sequence[int]):
+    def __init__(self, files: Sequence[str], counts: Sequence[int], mirror=None):
         self._files = list(files)
         self._ends = np.cumsum(counts)
         self._readers: list[Any] = [None] * len(self._files)
+        self._mirror = mirror  # shard_mirror.ShardMirror: local copies of gs:// shards
+        self._remote = [paths.is_remote(f) for f in self._files]  # readers not yet on a copy
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
@@ -326,9 +328,15 @@ class RecordSource:
             raise IndexError(f"record {record_id} out of range [0, {len(self)})")
         start = int(self._ends[shard - 1]) if shard else 0
         try:
+            if self._remote[shard] and self._mirror is not None and self._mirror.local(self._files[shard]):
+                if self._readers[shard] is not None:
+                    self._readers[shard].close()
+                self._readers[shard], self._remote[shard] = None, False
             if self._readers[shard] is None:
                 from array_record.python.array_record_module import ArrayRecordReader
-                self._readers[shard] = ArrayRecordReader(self._files[shard], options=self._OPTIONS)
+                path = self._files[shard]
+                path = (self._mirror.local(path) if self._mirror is not None else None) or path
+                self._readers[shard] = ArrayRecordReader(path, options=self._OPTIONS)
             return self._readers[shard].read([record_id - start])[0]
         except (RuntimeError, OSError) as e:  # Riegeli: "chunk hash mismatch", "open() failed"
             path = self._files[shard]
