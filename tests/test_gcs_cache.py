@@ -131,3 +131,49 @@ def test_manifest_on_gs_with_relative_and_absolute_entries(demo_images, gcs_serv
     assert skipped == [(names[2], f'missing caption ({folder}/list.jsonl:3 has no "caption")')]
     with open(f"{demo_images}/{names[0]}", "rb") as f:
         assert paths.read_bytes(sources[0].path) == f.read()
+
+
+def test_two_process_build_writes_one_gs_cache(demo_images, gcs_server, gcs_dir, tmp_path, monkeypatch):
+    """Two builder processes (threads here, meeting at a shared barrier) write their shards into
+    the same gs:// cache; it holds the records of a one-process local build."""
+    import threading
+
+    from data_tools.bench_loader import pool_encode
+    from sdxl_jax.data import build as build_module
+    barrier = threading.Barrier(2, timeout=60)
+    monkeypatch.setattr(build_module, "_barrier", lambda name, count: barrier.wait())
+    cfg = tiny_config(**{"data.shard_size": 16})
+    kw = dict(encode_fn=pool_encode, encoder_fingerprint="pool8", progress=False)
+    cache, results = gcs_dir + "/cache", {}
+
+    def run(p):
+        results[p] = build_cache(cfg, images_dir=demo_images, out=cache, process_index=p,
+                                 process_count=2, **kw)
+    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] and results[0]["num_records"] == 48
+    assert {s["name"].split("-")[1] for s in results[0]["shards"]} == {"p0000of0002", "p0001of0002"}
+    objects = _objects(gcs_server, cache)
+    assert {"parts/part-0000of0002.json", "parts/part-0001of0002.json", "manifest.json"} <= set(objects)
+    monkeypatch.undo()  # the real (no-op) barrier of one process
+    build_cache(cfg, images_dir=demo_images, out=str(tmp_path / "local"), process_index=0,
+                process_count=1, **kw)
+    assert _records(cache) == _records(str(tmp_path / "local"))
+
+
+def test_tfds_data_dir_on_gs(tmp_path, gcs_server, gcs_dir):
+    """A prepared TFDS dataset copied to gs:// is cached as from its local data dir."""
+    from test_tfds import NAME, build, make_demo_dataset, write_tfds
+    from sdxl_jax.data.tfds_source import TfdsInput
+    images, data_dir = tmp_path / "images", tmp_path / "tfds_data"
+    make_demo_dataset(str(images), 6, 0, 128)
+    write_tfds(images, data_dir)
+    paths.upload_tree(str(data_dir), gcs_dir + "/tfds")
+    local = build(tmp_path / "a", tfds=TfdsInput(NAME, "train", str(data_dir)))
+    remote = build(gcs_dir + "/cache", tfds=TfdsInput(NAME, "train", gcs_dir + "/tfds"))
+    assert remote["settings"]["source"] == local["settings"]["source"].replace(str(data_dir), gcs_dir + "/tfds")
+    assert remote["num_records"] == local["num_records"] == 6
+    assert _records(gcs_dir + "/cache") == _records(str(tmp_path / "a"))
