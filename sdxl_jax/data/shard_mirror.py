@@ -34,6 +34,7 @@ class ShardMirror:
     """Which shard URLs have a complete local copy; `local(url)` is that copy's path or None."""
 
     def __init__(self, files: Sequence[str], budget_bytes: float):
+        self._enabled = budget_bytes > 0
         self._stop = threading.Event()
         remote = [f for f in dict.fromkeys(files) if paths.is_remote(f)]
         self._thread = None
@@ -43,7 +44,7 @@ class ShardMirror:
             self._thread.start()
 
     def local(self, url: str) -> str | None:
-        return _READY.get(url)
+        return _READY.get(url) if self._enabled else None
 
     def _copy_all(self, urls: Sequence[str], budget: float) -> None:
         used = 0
