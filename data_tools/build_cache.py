@@ -15,6 +15,11 @@ with their reason in CACHE/skipped.jsonl; a build that caches no image at all is
 Config fields can be overridden as in train.py (--config.data.shard_size=256). On several
 hosts run the same command on every host (after jax.distributed is initialised by
 sdxl_jax.parallel): each process encodes its share of the images.
+
+--out, --images, --manifest (and its entries) and --tfds-data-dir may be gs://BUCKET/PATH: each
+shard is written to a local temporary file and uploaded whole once complete, its summary after
+it and the manifest last, so an interrupted build resumes and --verify checks as on disk; the
+hosts of a multi-host build write into the same gs:// cache.
 """
 from __future__ import annotations
 
