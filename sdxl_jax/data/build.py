@@ -11,10 +11,12 @@ Phases (each process of a multi-host job does its share, `sources[process_index:
 One build per cache folder: a second `build_cache` on the same folder stops at once naming the
 first (`CacheLock`, the workdir lock's flock). A full disk stops the build with one line
 "no space left on DIR" and removes the shard it was writing; finished shards stay, so a rerun
-after freeing space continues. A gs:// `out` (paths) gets the same files: ArrayRecord writes
-only local files, so each shard is written to a temporary local file and uploaded whole before its
-summary, and the lock is a heartbeat object (workdir_lock.ObjectLock). Mask files added after a build are named with --rebuild (a
+after freeing space continues. Mask files added after a build are named with --rebuild (a
 resumed build keeps finished shards as they are).
+
+A gs:// `out` (paths) gets the same files: ArrayRecord writes only local files, so each shard is
+written to a temporary local file and uploaded whole before its summary; the lock is a heartbeat
+object (workdir_lock.ObjectLock).
 """
 from __future__ import annotations
 
