@@ -162,6 +162,13 @@ def test_two_process_build_writes_one_gs_cache(demo_images, gcs_server, gcs_dir,
     build_cache(cfg, images_dir=demo_images, out=str(tmp_path / "local"), process_index=0,
                 process_count=1, **kw)
     assert _records(cache) == _records(str(tmp_path / "local"))
+    # rebuilt by one process with --rebuild: the two-process shards and parts are gone
+    m = build_cache(cfg, images_dir=demo_images, out=cache, rebuild=True, process_index=0,
+                    process_count=1, **kw)
+    shards = {n for n in _objects(gcs_server, cache) if n.endswith(C.SHARD_EXT)}
+    assert shards == {s["name"] + C.SHARD_EXT for s in m["shards"]}
+    assert {n.split("-")[1] for n in shards} == {"p0000of0001"}
+    assert [n for n in _objects(gcs_server, cache) if n.startswith("parts/")] == ["parts/part-0000of0001.json"]
 
 
 def test_tfds_data_dir_on_gs(tmp_path, gcs_server, gcs_dir):
