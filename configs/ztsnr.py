@@ -165,6 +165,9 @@ def _data(tiny: bool) -> ml_collections.ConfigDict:
     d.keep_first_n = 1  # ... keeping the first N in place
     d.prefetch = 2  # batches prefetched in a background thread
     d.read_threads = 2  # threads reading/decoding cache records for each batch
+    # a gs:// cache: shards copied to local disk in the background, up to this many GB, and read
+    # from there once copied (sdxl_jax/data/shard_mirror.py); 0 = every record from gs://
+    d.local_shard_cache_gb = 50.0
     d.latents_dtype = "float16"  # storage dtype of latents in the cache
     d.demo_size = 256  # images of the generated demo dataset (tiny preset, missing images_dir)
     # the tiny demo (no data configured) first trains its own VAE from scratch on the demo images

@@ -17,6 +17,11 @@ one train.py resolves for the same config (sdxl_jax.run_inputs: --config.model.v
 model.pretrained, or the seeded init), and the trainer refuses a cache of another VAE. On several
 hosts run the same command on every host (after jax.distributed is initialised by
 sdxl_jax.parallel): each process encodes its share of the images.
+
+--out, --images, --manifest (and its entries) and --tfds-data-dir may be gs://BUCKET/PATH: each
+shard is written to a local temporary file and uploaded whole once complete, its summary after
+it and the manifest last, so an interrupted build resumes and --verify checks as on disk; the
+hosts of a multi-host build write into the same gs:// cache.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
-from sdxl_jax.data.staged import build_cache  # noqa: F401  (the library entry point; gs:// too)
+from sdxl_jax.data.build import build_cache  # noqa: F401  (the library entry point)
 from sdxl_jax.data.tfds_source import tfds_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ztsnr.py", "config file[:preset]")

@@ -124,7 +124,7 @@ def _check_common(cfg) -> None:
         raise ConfigError(f"data.buckets (min_side={b.min_side}, max_side={b.max_side}, "
                           f"max_area={b.max_area}, step={b.step}) produce no bucket")
     for key in ("images_dir", "manifest"):
-        if cfg.data[key] and not os.path.exists(cfg.data[key]):
+        if cfg.data[key] and not paths.exists(cfg.data[key]):
             raise ConfigError(f"data.{key}={cfg.data[key]!r}: no such file or directory")
     _check_pretrained(cfg)
     _check_log(cfg)
@@ -267,7 +267,7 @@ def _check_sources(cfg, single: list) -> list:
             if k in s and not isinstance(s[k], str):
                 raise ConfigError(f"{key}.{k}={s[k]!r}: must be a string")
         for k in ("images_dir", "manifest"):
-            if s.get(k) and not os.path.exists(s[k]):
+            if s.get(k) and not paths.exists(s[k]):
                 raise ConfigError(f"{key}.{k}={s[k]!r}: no such file or directory")
         if s.get("cache_dir"):
             _cache_exists(s["cache_dir"], f"{key}.cache_dir", bool(s.get("images_dir") or s.get("manifest")))

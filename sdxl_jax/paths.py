@@ -210,6 +210,16 @@ def rmtree(path) -> None:
     call_remote("delete", path, lambda: p.rmtree() if p.exists() else None)
 
 
+def remove(path) -> None:
+    """Delete one file/object; a missing one is fine."""
+    path = absolute(path)
+    if not is_remote(path):
+        if os.path.lexists(path):
+            os.unlink(path)
+        return
+    call_remote("delete", path, lambda: epath(path).unlink(missing_ok=True))
+
+
 def rename(src, dst) -> None:
     """Move a file or directory (on GCS: copy every object, then delete the source)."""
     src, dst = absolute(src), absolute(dst)
@@ -237,6 +247,7 @@ def write_bytes(path, data: bytes) -> None:
     path = absolute(path)
     if is_remote(path):
         call_remote("write", path, lambda: _blob(path).upload_from_string(data, **_bounded()))
+        _forget_listings(path)
         return
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -263,6 +274,30 @@ def upload(local_file: str, path) -> None:
         shutil.copyfile(local_file, path)
         return
     call_remote("upload to", path, lambda: _blob(path).upload_from_filename(local_file, **_bounded()))
+    _forget_listings(path)
+
+
+def download(url: str, local_file: str) -> None:
+    """Copy the object `url` to `local_file` (checksummed by the storage client; written under a
+    temporary name and renamed when complete)."""
+    os.makedirs(os.path.dirname(local_file), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(local_file), suffix=".tmp")
+    os.close(fd)
+    try:
+        call_remote("download", url, lambda: _blob(url).download_to_filename(tmp, **_bounded()))
+        os.replace(tmp, local_file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _forget_listings(url: str) -> None:
+    """gcsfs caches folder listings, and an object written through the storage client is not in
+    them: drop the cached listings of its folders, or epath's exists/isfile would miss it."""
+    p = epath(url)
+    fs = getattr(p._backend, "fs", None)
+    if fs is not None:
+        fs(url).invalidate_cache(url)
 
 
 def upload_tree(local: str, path) -> None:
@@ -275,7 +310,15 @@ def upload_tree(local: str, path) -> None:
 
 
 def walk_files(path) -> Iterator[str]:
-    """Every file below a local directory, as paths relative to it (sorted)."""
+    """Every file below a directory, as paths relative to it (sorted; on GCS one paged listing
+    of the prefix instead of a request per folder)."""
+    path = absolute(path)
+    if is_remote(path):
+        prefix = _blob(path + "/").name
+        names = call_remote("list", path, lambda: sorted(
+            b.name[len(prefix):] for b in _CLIENT.list_blobs(_blob(path).bucket, prefix=prefix)))
+        yield from (n for n in names if n and not n.endswith("/"))
+        return
     for root, _, files in sorted(os.walk(path)):
         for name in sorted(files):
             yield os.path.relpath(os.path.join(root, name), path)

@@ -11,7 +11,6 @@ from sdxl_jax.data.tags import augment_caption, normalize_tags, tag_counts, tag_
 
 
 def build_cache(*args, **kwargs):
-    """See sdxl_jax.data.build.build_cache (imported lazily: it pulls in image decoding); a gs://
-    `out` is built locally and uploaded (sdxl_jax.data.staged)."""
-    from sdxl_jax.data.staged import build_cache as _build
+    """See sdxl_jax.data.build.build_cache (imported lazily: it pulls in image decoding)."""
+    from sdxl_jax.data.build import build_cache as _build
     return _build(*args, **kwargs)

@@ -13,6 +13,10 @@ first (`CacheLock`, the workdir lock's flock). A full disk stops the build with 
 "no space left on DIR" and removes the shard it was writing; finished shards stay, so a rerun
 after freeing space continues. Mask files added after a build are named with --rebuild (a
 resumed build keeps finished shards as they are).
+
+A gs:// `out` (paths) gets the same files: ArrayRecord writes only local files, so each shard is
+written to a temporary local file and uploaded whole before its summary; the lock is a heartbeat
+object (workdir_lock.ObjectLock).
 """
 from __future__ import annotations
 
@@ -21,23 +25,24 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm.auto import tqdm
 
+from sdxl_jax import paths
 from sdxl_jax.data import cache as C
 from sdxl_jax.data.buckets import Bucket, Fit, assign_bucket, buckets_from_config, fit_cover, time_ids
 from sdxl_jax.data.images import (BadInput, Source, list_folder, list_manifest, load_pixels_and_mask,
                                   mask_file, mask_to_latent, probe_size, read_caption)
 from sdxl_jax.data.tags import normalize_tags, tag_counts
-from sdxl_jax.workdir_lock import WorkdirLock
+from sdxl_jax.workdir_lock import ObjectLock, WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,18 @@ class CacheLock(WorkdirLock):
     def busy(self, holder: str) -> str:
         return (f"cache folder {os.path.dirname(self.path)} is being built by another build_cache "
                 f"({holder}): wait for it to finish, stop it, or give another --out")
+
+
+class CacheObjectLock(ObjectLock):
+    """CacheLock of a gs:// cache folder: the heartbeat lock object `<out>/build_cache.<i>.lock`."""
+
+    def __init__(self, out: str, process_index: int = 0):
+        super().__init__(out, process_index)
+        self.path = paths.join(out, f"build_cache.{int(process_index)}.lock")
+
+
+def cache_lock(out: str, process_index: int = 0):
+    return CacheObjectLock(out, process_index) if paths.is_remote(out) else CacheLock(out, process_index)
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,7 @@ def _source_desc(images_dir: str | None, manifest: str | None, tfds=None) -> str
                          "dataset, NAME[:SPLIT])")
     if tfds is not None:
         return tfds.description
-    return f"images:{os.path.abspath(images_dir)}" if images_dir else f"manifest:{os.path.abspath(manifest)}"
+    return f"images:{paths.absolute(images_dir)}" if images_dir else f"manifest:{paths.absolute(manifest)}"
 
 
 # The processes of a build wait for each other's shards: one host may encode for hours longer
@@ -117,19 +134,19 @@ def _barrier(name: str, process_count: int) -> None:
         host_barrier(name, _BUILD_WAIT_S)
 
 
-def _remove_cache_files(out: Path) -> None:
+def _remove_cache_files(out: str) -> None:
     """Delete what a build writes, and nothing else (`out` may be a shared folder)."""
-    shutil.rmtree(out / C.PARTS, ignore_errors=True)
-    for f in out.iterdir():
-        if f.is_file() and (_SHARD_FILE.match(f.name) or f.name in C.CACHE_FILES
-                            or f.name.startswith(tuple(n + ".tmp" for n in C.CACHE_FILES))):
-            f.unlink()
+    paths.rmtree(paths.join(out, C.PARTS))
+    for name in paths.listdir(out):
+        f = paths.join(out, name)
+        if (_SHARD_FILE.match(name) or name in C.CACHE_FILES) and paths.isfile(f):
+            paths.remove(f)
 
 
-def _prepare_dir(out: Path, settings: dict, rebuild: bool, process_index: int, process_count: int) -> None:
+def _prepare_dir(out: str, settings: dict, rebuild: bool, process_index: int, process_count: int) -> None:
     """Create or check `out`; with `rebuild`, process 0 empties it first."""
-    path = out / C.SETTINGS
-    if not rebuild and path.exists():
+    path = paths.join(out, C.SETTINGS)
+    if not rebuild and paths.exists(path):
         old = C.read_json(path)
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
@@ -138,10 +155,9 @@ def _prepare_dir(out: Path, settings: dict, rebuild: bool, process_index: int, p
                              "or choose another --out")
     _barrier("build_cache:checked", process_count)
     if process_index == 0:
-        if rebuild and out.exists():
+        if rebuild and paths.isdir(out):
             _remove_cache_files(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / C.PARTS).mkdir(exist_ok=True)
+        paths.makedirs(paths.join(out, C.PARTS))
         C.write_json(path, settings)
     _barrier("build_cache:prepared", process_count)
 
@@ -176,7 +192,7 @@ def _decoded(items: Sequence[Item], pool: ThreadPoolExecutor, config, buckets,
             image = it.src.read()[0] if it.src.read else it.src.path
             mask = None if it.src.read else mask_file(it.src.path)
             return load_pixels_and_mask(image, config.data.max_image_pixels, it.fit, buckets[it.bucket],
-                                        mask if mask and os.path.isfile(mask) else None)
+                                        mask if mask and paths.isfile(mask) else None)
         except BadInput as e:
             return str(e)
     pending: deque = deque()
@@ -196,15 +212,19 @@ def _decoded(items: Sequence[Item], pool: ThreadPoolExecutor, config, buckets,
         yield out
 
 
-def _write_shard(out: Path, name: str, items: Sequence[Item], encode: EncodeFn, config,
+def _write_shard(out: str, name: str, items: Sequence[Item], encode: EncodeFn, config,
                  buckets, pool, settings_id: str, batch: int, bar) -> dict:
     """Encode and write one chunk; return its summary (also written as <name>.json)."""
     dtype = np.dtype(config.data.latents_dtype)
     bucket = buckets[items[0].bucket]
     stats, records, skipped, shape = C.LatentStats(), [], [], None
-    tmp = out / (name + C.SHARD_EXT + ".tmp")
+    # ArrayRecord writes local files only: a gs:// shard is written to a local temporary file
+    # and uploaded whole once complete, its summary after it
+    staging = tempfile.mkdtemp(prefix="sdxl_jax_shard_") if paths.is_remote(out) else out
+    tmp = os.path.join(staging, name + C.SHARD_EXT + ".tmp")
+    final = paths.join(out, name + C.SHARD_EXT)
     try:  # a failed write (a full disk) leaves no half shard: it frees the space it took
-        writer = ArrayRecordWriter(str(tmp), C.WRITER_OPTIONS)
+        writer = ArrayRecordWriter(tmp, C.WRITER_OPTIONS)
         try:
             for group in _decoded(items, pool, config, buckets, batch):
                 good = [(it, px) for it, px in group if not isinstance(px, str)]
@@ -237,19 +257,24 @@ def _write_shard(out: Path, name: str, items: Sequence[Item], encode: EncodeFn, 
                 bar.update(len(group))
         finally:
             writer.close()
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out / (name + C.SHARD_EXT))
-    summary = {"name": name, "bucket": list(bucket), "latent_shape": shape,
-               "bytes": os.path.getsize(out / (name + C.SHARD_EXT)),  # checked on resume/open
+        nbytes = os.path.getsize(tmp)  # checked on resume/open
+        if staging == out:
+            os.replace(tmp, final)
+        else:
+            paths.upload(tmp, final)
+    finally:
+        if staging != out:
+            shutil.rmtree(staging, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
+    summary = {"name": name, "bucket": list(bucket), "latent_shape": shape, "bytes": nbytes,
                "settings_id": settings_id, "sources": [it.src.key for it in items],
                "records": records, "skipped": skipped, "latent_stats": stats.to_dict()}
-    C.write_json(out / (name + ".json"), summary)
+    C.write_json(paths.join(out, name + ".json"), summary)
     return summary
 
 
-def _warn_new_masks(out: Path, kept: Sequence[tuple[Sequence[Item], dict]]) -> None:
+def _warn_new_masks(out: str, kept: Sequence[tuple[Sequence[Item], dict]]) -> None:
     """Warn when a mask file (x.mask.png) now lies beside an image whose record in a finished
     shard holds no mask: a resumed build keeps finished shards as they are."""
     new = []
@@ -257,7 +282,7 @@ def _warn_new_masks(out: Path, kept: Sequence[tuple[Sequence[Item], dict]]) -> N
         masked = {r["key"]: bool(r.get("mask")) for r in summary["records"]}
         new += [mask_file(it.src.path) for it in items
                 if not it.src.read and not masked.get(it.src.key, True)
-                and os.path.isfile(mask_file(it.src.path))]
+                and paths.isfile(mask_file(it.src.path))]
     if new:
         log.warning("build_cache: mask files added after %s was built are not in it (%d, e.g. "
                     "%s): a resumed build keeps finished shards as they are; rerun with --rebuild "
@@ -276,15 +301,15 @@ def _chunks(items: Sequence[Item], buckets, size: int, process_index: int,
     return chunks
 
 
-def _existing_summary(out: Path, name: str, items: Sequence[Item], sid: str,
+def _existing_summary(out: str, name: str, items: Sequence[Item], sid: str,
                       verify: bool = False) -> dict | None:
     """The summary of an already complete, intact shard with exactly these sources, else None.
 
     Intact: the file has the size and record count the summary recorded (C.shard_problem);
     with `verify` every record is also read back (Riegeli's chunk hashes catch flipped bytes).
     """
-    path = out / (name + ".json")
-    if not path.exists():
+    path = paths.join(out, name + ".json")
+    if not paths.exists(path):
         return None
     try:
         summary = C.read_json(path)
@@ -292,7 +317,7 @@ def _existing_summary(out: Path, name: str, items: Sequence[Item], sid: str,
         return None
     if summary.get("settings_id") != sid or summary.get("sources") != [it.src.key for it in items]:
         return None
-    shard = out / (name + C.SHARD_EXT)
+    shard = paths.join(out, name + C.SHARD_EXT)
     problem = C.shard_problem(shard, len(summary["records"]), summary.get("bytes"))
     if problem is None and verify:
         problem = _read_problem(shard, len(summary["records"]))
@@ -302,9 +327,9 @@ def _existing_summary(out: Path, name: str, items: Sequence[Item], sid: str,
     return summary
 
 
-def _read_problem(shard: Path, count: int) -> str | None:
+def _read_problem(shard: str, count: int) -> str | None:
     """Read back and decode every record of `shard`; the first error, or None."""
-    reader = C.RecordSource([str(shard)], [count])
+    reader = C.RecordSource([shard], [count])
     try:
         for i in range(count):
             C.decode_record(reader[i])
@@ -315,9 +340,10 @@ def _read_problem(shard: Path, count: int) -> str | None:
     return None
 
 
-def _finalize(out: Path, settings: dict, process_count: int) -> dict:
-    """Merge every process's part into manifest.json, tags.json and skipped.jsonl."""
-    parts = [C.read_json(out / C.PARTS / f"part-{p:04d}of{process_count:04d}.json")
+def _finalize(out: str, settings: dict, process_count: int) -> dict:
+    """Merge every process's part into manifest.json, tags.json and skipped.jsonl (the
+    manifest last: a cache without one is unfinished)."""
+    parts = [C.read_json(paths.join(out, C.PARTS, f"part-{p:04d}of{process_count:04d}.json"))
              for p in range(process_count)]
     shard_names = sorted(n for part in parts for n in part["shards"])
     stats, skipped, counts, shards, tag_lists = C.LatentStats(), [], Counter(), [], []
@@ -325,7 +351,7 @@ def _finalize(out: Path, settings: dict, process_count: int) -> dict:
     for part in parts:
         skipped += part["scan_skipped"]
     for name in shard_names:
-        s = C.read_json(out / (name + ".json"))
+        s = C.read_json(paths.join(out, name + ".json"))
         skipped += s["skipped"]
         if not s["records"]:
             continue
@@ -336,15 +362,14 @@ def _finalize(out: Path, settings: dict, process_count: int) -> dict:
         shards.append({"name": name, "bucket": s["bucket"], "count": len(s["records"]),
                        "latent_shape": s["latent_shape"]})
     keep = set(shard_names)
-    for f in out.iterdir():  # shards of an earlier layout (other inputs or process count)
-        if _SHARD_FILE.match(f.name) and f.name.split(".")[0] not in keep:
-            f.unlink()
+    for f in paths.listdir(out):  # shards of an earlier layout (other inputs or process count)
+        if _SHARD_FILE.match(f) and f.split(".")[0] not in keep:
+            paths.remove(paths.join(out, f))
     tags = tag_counts(tag_lists)
-    C.write_json(out / C.TAGS, tags)
+    C.write_json(paths.join(out, C.TAGS), tags)
     skipped.sort(key=lambda s: s["key"])
-    with open(out / C.SKIPPED, "w", encoding="utf-8") as f:
-        for s in skipped:
-            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    paths.write_text(paths.join(out, C.SKIPPED),
+                     "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
     freqs = sorted(tags.values())
     manifest = {
         "format": C.FORMAT, "version": C.VERSION, "settings": settings,
@@ -361,7 +386,7 @@ def _finalize(out: Path, settings: dict, process_count: int) -> dict:
                       "top": [[t, c] for t, c in list(tags.items())[:25]]},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    C.write_json(out / C.MANIFEST, manifest)
+    C.write_json(paths.join(out, C.MANIFEST), manifest)
     return manifest
 
 
@@ -384,9 +409,9 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
     files keep their content under the same name; use rebuild after edits.
     A build that ends with 0 records raises CacheError pointing at skipped.jsonl.
     """
-    out = Path(out or config.data.cache_dir or "")
-    if not str(out) or str(out) == ".":
+    if not (out or config.data.cache_dir):
         raise ValueError("no cache folder: pass out= (--out) or set data.cache_dir")
+    out = paths.absolute(out or config.data.cache_dir)
     tfds = tfds or None  # "": an unset data.tfds
     if tfds is not None and not (images_dir or manifest):
         from sdxl_jax.data.tfds_source import open_tfds  # imports tensorflow_datasets: only here
@@ -411,7 +436,7 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
     if not encoder_fingerprint:
         raise ValueError("an injected encode_fn needs an encoder_fingerprint (what the latents depend on)")
     settings = cache_settings(config, encoder_fingerprint, source)
-    with CacheLock(out, process_index):
+    with cache_lock(out, process_index):
         try:
             return _build(out, config, settings, sources, scan_skipped, encode_fn, rebuild,
                           process_index, process_count, progress, verify)
@@ -424,7 +449,7 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
                                "continue") from None
 
 
-def _build(out: Path, config, settings: dict, sources, scan_skipped, encode_fn, rebuild: bool,
+def _build(out: str, config, settings: dict, sources, scan_skipped, encode_fn, rebuild: bool,
            process_index: int, process_count: int, progress: bool, verify: bool) -> dict:
     """build_cache's work in `out`, holding its lock."""
     sid = C.settings_id(settings)
@@ -436,7 +461,7 @@ def _build(out: Path, config, settings: dict, sources, scan_skipped, encode_fn, 
     scan_skipped = [{"key": k, "path": k, "reason": r} for k, r in scan_skipped if process_index == 0]
     chunks = _cache_mine(out, mine, config, buckets, encode_fn, sid, scan_skipped, process_index,
                          process_count, progress, verify)
-    C.write_json(out / C.PARTS / f"part-{process_index:04d}of{process_count:04d}.json",
+    C.write_json(paths.join(out, C.PARTS, f"part-{process_index:04d}of{process_count:04d}.json"),
                  {"shards": [n for n, _ in chunks], "scan_skipped": scan_skipped})
     _barrier("build_cache:written", process_count)
     if process_index == 0:
@@ -448,7 +473,7 @@ def _build(out: Path, config, settings: dict, sources, scan_skipped, encode_fn, 
     return result
 
 
-def _cache_mine(out: Path, mine: list, config, buckets, encode_fn, sid: str, scan_skipped: list,
+def _cache_mine(out: str, mine: list, config, buckets, encode_fn, sid: str, scan_skipped: list,
                 process_index: int, process_count: int, progress: bool, verify: bool) -> list:
     """Scan this process's inputs (the unusable ones appended to `scan_skipped`), plan its shards
     and write those not already complete; returns the shard plan [(name, items)]."""
@@ -475,15 +500,15 @@ def _cache_mine(out: Path, mine: list, config, buckets, encode_fn, sid: str, sca
     return chunks
 
 
-def _report(out: Path, result: dict, process_index: int) -> None:
+def _report(out: str, result: dict, process_index: int) -> None:
     """Log the build's outcome; a cache of 0 records is an error (raised on every process)."""
     log.info("build_cache: %d images in %s", result["num_records"], out)
     if result["num_skipped"] and process_index == 0:
         kinds = Counter(s["reason"].split(":")[0]
-                        for s in map(json.loads, (out / C.SKIPPED).read_text().splitlines()))
+                        for s in map(json.loads, paths.read_text(paths.join(out, C.SKIPPED)).splitlines()))
         log.warning("build_cache: %d inputs skipped (%s); every one with its reason in %s",
                     result["num_skipped"], ", ".join(f"{k}: {n}" for k, n in kinds.most_common()),
-                    out / C.SKIPPED)
+                    paths.join(out, C.SKIPPED))
     if not result["num_records"]:  # after the barriers: every process raises, none waits
         raise C.CacheError(f"build_cache: 0 images cached in {out}: all {result['num_skipped']} "
-                           f"inputs were skipped; the reason for each is in {out / C.SKIPPED}")
+                           f"inputs were skipped; the reason for each is in {paths.join(out, C.SKIPPED)}")

@@ -36,6 +36,8 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
+from sdxl_jax import paths
+
 FORMAT = "sdxl_jax.latent_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -169,15 +171,11 @@ def settings_id(settings: dict[str, Any]) -> str:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename) so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
-    os.replace(tmp, path)
+    """Write JSON as a whole file or object (paths.write_text): readers never see half of it."""
+    paths.write_text(os.fspath(path), json.dumps(obj, indent=1, sort_keys=False))
 
 
 def read_json(path: str | Path) -> Any:
-    from sdxl_jax import paths  # a local path or a gs:// URL
     return json.loads(paths.read_text(os.fspath(path)))
 
 
@@ -191,7 +189,7 @@ class CacheError(ValueError):
     def __init__(self, message: str, cache_dir: str | None = None, verify: bool = False,
                  problem: str | None = None):
         super().__init__(message)
-        self.cache_dir = None if cache_dir is None else os.path.abspath(str(cache_dir))
+        self.cache_dir = None if cache_dir is None else paths.absolute(str(cache_dir))
         self.verify, self.problem = verify, problem or message
 
 
@@ -213,9 +211,9 @@ def shard_problem(path: str | Path, count: int, nbytes: int | None = None) -> st
 
     Checks presence, size (when the summary recorded it) and the record count in the file's
     own index, all without reading records: a truncated file fails the size check, and
-    ArrayRecord reports 0 records for a file whose footer is gone.
+    ArrayRecord reports 0 records for a file whose footer is gone. A gs:// shard is read by
+    ArrayRecord's own GCS reader (index only).
     """
-    from sdxl_jax import paths
     path = os.fspath(path)
     size = paths.size(path)  # a gs:// shard: one metadata request, before any reader opens it
     if size is None:
@@ -238,7 +236,6 @@ def shard_problem(path: str | Path, count: int, nbytes: int | None = None) -> st
 
 def load_manifest(cache_dir: str) -> dict[str, Any]:
     """The manifest of a finished cache, or a clear error saying how to build one."""
-    from sdxl_jax import paths
     path = paths.join(cache_dir, MANIFEST)
     if not paths.isfile(path):
         raise FileNotFoundError(
@@ -280,20 +277,20 @@ def read_index(cache_dir: str, manifest: dict[str, Any] | None = None) -> CacheI
     source = manifest.get("settings", {}).get("source")
     if not manifest.get("num_records"):
         raise CacheError(f"the cache {cache_dir} holds 0 records: every input was skipped; the "
-                         f"reason for each is in {os.path.join(cache_dir, SKIPPED)}")
+                         f"reason for each is in {paths.join(cache_dir, SKIPPED)}")
     buckets = [tuple(b) for b in manifest["buckets"]]
     shapes: dict[tuple[int, int], tuple[int, int, int]] = {}
     files, counts, bucket_ids, keys, tags = [], [], [], [], []
     for shard in manifest["shards"]:
         try:
-            summary = read_json(os.path.join(cache_dir, shard["name"] + ".json"))
+            summary = read_json(paths.join(cache_dir, shard["name"] + ".json"))
         except (OSError, ValueError) as e:
             raise _damaged(f"cache shard summary {shard['name']}.json of {cache_dir} is "
                            f"unreadable ({e})", cache_dir, source) from None
         if len(summary["records"]) != shard["count"]:
             raise _damaged(f"shard {shard['name']} of {cache_dir} holds {len(summary['records'])} "
                            f"records, manifest says {shard['count']}", cache_dir, source)
-        path = os.path.join(cache_dir, shard["name"] + SHARD_EXT)  # a URL joins the same way
+        path = paths.join(cache_dir, shard["name"] + SHARD_EXT)
         problem = shard_problem(path, shard["count"], summary.get("bytes"))
         if problem:
             raise _damaged(f"cache shard {path}: {problem}", cache_dir, source)
@@ -308,10 +305,10 @@ def read_index(cache_dir: str, manifest: dict[str, Any] | None = None) -> CacheI
     return CacheIndex(files, counts, np.asarray(bucket_ids, np.int32), buckets, latent_shapes, keys, tags)
 
 
-def _source_of(cache_dir: Path) -> str | None:
+def _source_of(cache_dir: str) -> str | None:
     """The inputs a cache was built from, as its manifest says them."""
     try:
-        return read_json(cache_dir / MANIFEST)["settings"]["source"]
+        return read_json(paths.join(cache_dir, MANIFEST))["settings"]["source"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -326,10 +323,12 @@ class RecordSource:
     """
     _OPTIONS = "readahead_buffer_size:0"  # random access: no read-ahead
 
-    def __init__(self, files: Sequence[str], counts: Sequence[int]):
+    def __init__(self, files: Sequence[str], counts: Sequence[int], mirror=None):
         self._files = list(files)
         self._ends = np.cumsum(counts)
         self._readers: list[Any] = [None] * len(self._files)
+        self._mirror = mirror  # shard_mirror.ShardMirror: local copies of gs:// shards
+        self._remote = [paths.is_remote(f) for f in self._files]  # readers not yet on a copy
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
@@ -340,15 +339,21 @@ class RecordSource:
             raise IndexError(f"record {record_id} out of range [0, {len(self)})")
         start = int(self._ends[shard - 1]) if shard else 0
         try:
+            if self._remote[shard] and self._mirror is not None and self._mirror.local(self._files[shard]):
+                if self._readers[shard] is not None:
+                    self._readers[shard].close()
+                self._readers[shard], self._remote[shard] = None, False
             if self._readers[shard] is None:
                 from array_record.python.array_record_module import ArrayRecordReader
-                self._readers[shard] = ArrayRecordReader(self._files[shard], options=self._OPTIONS)
+                path = self._files[shard]
+                path = (self._mirror.local(path) if self._mirror is not None else None) or path
+                self._readers[shard] = ArrayRecordReader(path, options=self._OPTIONS)
             return self._readers[shard].read([record_id - start])[0]
         except (RuntimeError, OSError) as e:  # Riegeli: "chunk hash mismatch", "open() failed"
             path = self._files[shard]
             # --verify: the shard has its recorded size and count, so only reading it back
             # finds the damage
-            folder = Path(path).parent
+            folder = os.path.dirname(path)  # a URL's folder too
             raise _damaged(f"cache shard {path}: record {record_id - start} is unreadable ({e})",
                            folder, _source_of(folder), verify=True) from e
 

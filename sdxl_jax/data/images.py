@@ -17,6 +17,7 @@ from typing import Callable, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sdxl_jax import paths
 from sdxl_jax.data.buckets import Bucket, Fit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -48,8 +49,7 @@ class Source:
 
 def mask_file(path: str) -> str:
     """Where the loss mask of the image at `path` would be: x.png / x.jpg → x.mask.png."""
-    p = Path(path)
-    return str(p.with_name(p.stem + MASK_SUFFIX))
+    return os.path.splitext(path)[0] + MASK_SUFFIX
 
 
 def is_mask_file(name: str) -> bool:
@@ -59,7 +59,10 @@ def is_mask_file(name: str) -> bool:
 def list_folder(images_dir: str) -> tuple[list[Source], list[tuple[str, str]]]:
     """All images under `images_dir` (recursive, sorted; symlinked folders followed once) with
     captions from same-name .txt files, plus (name, reason) skips for unusable file names.
-    Loss mask files (x.mask.png) belong to their image and are not listed."""
+    Loss mask files (x.mask.png) belong to their image and are not listed. A gs:// folder is
+    listed in one paged request (paths.walk_files)."""
+    if paths.is_remote(images_dir):
+        return _list_remote_folder(paths.absolute(images_dir))
     root = Path(images_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"images folder {images_dir!r} does not exist")
@@ -84,41 +87,48 @@ def list_folder(images_dir: str) -> tuple[list[Source], list[tuple[str, str]]]:
     return found, skipped
 
 
+def _list_remote_folder(root: str) -> tuple[list[Source], list[tuple[str, str]]]:
+    if not paths.isdir(root):
+        raise FileNotFoundError(f"images folder {root!r} does not exist")
+    return [Source(paths.join(root, key), key, None) for key in paths.walk_files(root)
+            if key.lower().endswith(IMAGE_EXTENSIONS) and not is_mask_file(key)], []
+
+
 def list_manifest(manifest: str) -> tuple[list[Source], list[tuple[str, str]]]:
     """Sources from a JSONL file of {"path": …, "caption": …}, plus (line, reason) skips.
 
-    Relative paths are taken relative to the manifest's folder.
+    Relative paths are taken relative to the manifest's folder; the manifest and its entries
+    may be gs:// URLs.
     """
-    mpath = Path(manifest)
-    if not mpath.is_file():
+    if not paths.isfile(manifest):
         raise FileNotFoundError(f"manifest {manifest!r} does not exist")
+    folder = os.path.dirname(paths.absolute(manifest))
     sources, skipped, seen = [], [], set()
-    with open(mpath, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{manifest}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                entry = json.loads(raw.decode("utf-8"))
-                path, caption = entry["path"], entry.get("caption")
-                if not isinstance(path, str) or not (caption is None or isinstance(caption, str)):
-                    raise TypeError("path must be a string and caption a string")
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                skipped.append((where, f"bad manifest line: {type(e).__name__}: {e}"))
-                continue
-            if is_mask_file(path):
-                skipped.append((path, f"a loss mask file ({where}), not an image: list the image "
-                                      f"it belongs to (x.png for x{MASK_SUFFIX})"))
-                continue
-            if caption is None:
-                skipped.append((path, f"missing caption ({where} has no \"caption\")"))
-                continue
-            full = Path(path) if os.path.isabs(path) else mpath.parent / path
-            if path in seen:
-                skipped.append((path, f"duplicate entry ({where})"))
-                continue
-            seen.add(path)
-            sources.append(Source(str(full), path, caption))
+    for lineno, raw in enumerate(paths.read_bytes(manifest).splitlines(), 1):
+        where = f"{manifest}:{lineno}"
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw.decode("utf-8"))
+            path, caption = entry["path"], entry.get("caption")
+            if not isinstance(path, str) or not (caption is None or isinstance(caption, str)):
+                raise TypeError("path must be a string and caption a string")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            skipped.append((where, f"bad manifest line: {type(e).__name__}: {e}"))
+            continue
+        if is_mask_file(path):
+            skipped.append((path, f"a loss mask file ({where}), not an image: list the image "
+                                  f"it belongs to (x.png for x{MASK_SUFFIX})"))
+            continue
+        if caption is None:
+            skipped.append((path, f"missing caption ({where} has no \"caption\")"))
+            continue
+        full = path if os.path.isabs(path) or paths.is_remote(path) else paths.join(folder, path)
+        if path in seen:
+            skipped.append((path, f"duplicate entry ({where})"))
+            continue
+        seen.add(path)
+        sources.append(Source(full, path, caption))
     return sources, skipped
 
 
@@ -126,17 +136,20 @@ def read_caption(src: Source) -> str:
     """The caption text: given inline, or the UTF-8 .txt next to the image."""
     if src.caption is not None:
         return src.caption
-    txt = Path(src.path).with_suffix(".txt")
+    txt = os.path.splitext(src.path)[0] + ".txt"
+    name = os.path.basename(txt)
     try:
-        data = txt.read_bytes()
+        data = paths.read_bytes(txt)
     except FileNotFoundError:
-        raise BadInput(f"missing caption: no {txt.name}") from None
+        raise BadInput(f"missing caption: no {name}") from None
+    except paths.StorageError:
+        raise
     except OSError as e:
-        raise BadInput(f"unreadable caption: {txt.name}: {e}") from None
+        raise BadInput(f"unreadable caption: {name}: {e}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise BadInput(f"caption not UTF-8: {txt.name} ({e.reason} at byte {e.start})") from None
+        raise BadInput(f"caption not UTF-8: {name} ({e.reason} at byte {e.start})") from None
 
 
 def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
@@ -158,6 +171,11 @@ def _open(image: ImageInput, max_pixels: int) -> Image.Image:
     """Open lazily (header only) and reject empty, non-image and oversized inputs."""
     if isinstance(image, np.ndarray):
         return _from_array(image, max_pixels)
+    if isinstance(image, str) and paths.is_remote(image):  # gs://: read whole, decoded from memory
+        try:
+            image = paths.read_bytes(image)
+        except FileNotFoundError:
+            raise BadInput("file not found") from None
     if isinstance(image, bytes):
         if not image:
             raise BadInput("empty image (0 bytes)")
@@ -311,7 +329,7 @@ def _load(image: ImageInput, max_pixels: int, fit: Fit, bucket: Bucket, want_mas
 
 def _read_mask(path: str, max_pixels: int, size: tuple[int, int], cut) -> np.ndarray:
     """The mask file at `path` for an image displayed at `size` (w, h), cut like its pixels."""
-    name = Path(path).name
+    name = os.path.basename(path)
     try:
         with _open(path, max_pixels) as img:
             img.load()

@@ -25,6 +25,7 @@ from grain.experimental import ThreadPrefetchIterDataset
 
 from sdxl_jax.data import cache as C
 from sdxl_jax.data.buckets import batch_sizes as bucket_batch_sizes
+from sdxl_jax.data.shard_mirror import ShardMirror
 from sdxl_jax.data.plan import EpochPlan, EpochRecords, plan_epoch
 from sdxl_jax.data.sources import DataSource, as_sources, check_compatible, combine_indexes
 from sdxl_jax.data.tags import augment_caption, tag_weights
@@ -96,17 +97,20 @@ class _Reader:
         self._masked = bool(config.loss.masked)  # batch["loss_mask"] only then: same step otherwise
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max(1, int(d.read_threads)), thread_name_prefix="cache-read")
+        self._mirror = ShardMirror(index.files, float(d.get("local_shard_cache_gb", 0)) * 2**30)
 
     def _load(self, out: np.ndarray, row: int, record_id: int) -> dict[str, Any]:
         source = getattr(self._local, "source", None)
         if source is None:
-            source = self._local.source = C.RecordSource(self._index.files, self._index.counts)
+            source = self._local.source = C.RecordSource(self._index.files, self._index.counts,
+                                                         self._mirror)
         rec = C.decode_record(source[record_id])
         out[row] = rec.pop("latent")
         return rec
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._mirror.close()
 
     def __call__(self, spec: dict[str, Any]) -> dict[str, Any]:
         ids = spec["ids"]
@@ -310,7 +314,8 @@ def _open(config, cache_dir, process_index, process_count, global_batch_size, ba
     for key, ok in (("val_fraction", 0 <= d.val_fraction < 1),
                     ("caption_dropout", 0 <= d.caption_dropout <= 1),
                     ("keep_first_n", d.keep_first_n >= 0), ("read_threads", d.read_threads >= 1),
-                    ("prefetch", d.prefetch >= 0)):
+                    ("prefetch", d.prefetch >= 0),
+                    ("local_shard_cache_gb", d.get("local_shard_cache_gb", 0) >= 0)):
         if not ok:
             raise ValueError(f"data.{key}={d[key]!r} is out of range")
     sources = as_sources(cache_dir)

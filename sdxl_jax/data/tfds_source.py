@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from sdxl_jax import paths
 from sdxl_jax.data.images import BadInput, ImageInput, Source
 
 DEFAULT_SPLIT = "train"
@@ -69,7 +70,7 @@ def tfds_from_config(data, spec: str | None = None, data_dir: str | None = None,
 
 def _data_dir(inp: TfdsInput) -> str:
     from tensorflow_datasets.core import constants
-    return os.path.abspath(os.path.expanduser(inp.data_dir or constants.get_default_data_dir()))
+    return paths.absolute(inp.data_dir or constants.get_default_data_dir())
 
 
 def _not_prepared(inp: TfdsInput, data_dir: str, missing: str | None = None) -> FileNotFoundError:
