@@ -403,7 +403,7 @@ def build_cache(config, images_dir: str | None = None, manifest: str | None = No
     `tfds` (instead of images_dir/manifest): a prepared TFDS split, "NAME[:SPLIT]" or a
     sdxl_jax.data.tfds_source.TfdsInput (data dir, image and caption feature names).
     On several hosts every process calls this (default: the JAX process index/count) with `out`
-    on a filesystem they all share; process 0 writes the manifest once all shards exist.
+    on a filesystem they all share or on gs://; process 0 writes the manifest once all shards exist.
     Resume keeps a finished shard whose file still has its recorded size and record count and
     rebuilds any other; `verify` also reads every kept record back. Resume trusts that input
     files keep their content under the same name; use rebuild after edits.
