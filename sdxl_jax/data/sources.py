@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sdxl_jax import paths
 from sdxl_jax.data import cache as C
 from sdxl_jax.data.images import IMAGE_EXTENSIONS
 
@@ -122,7 +123,7 @@ def resolve_sources(cfg, workdir: str | None = None) -> list[DataSource]:
     if not entries:
         if not d.images_dir:
             return []
-        if root and os.path.exists(os.path.join(root, C.MANIFEST)) and kohya_subfolders(d.images_dir):
+        if root and paths.exists(paths.join(root, C.MANIFEST)) and kohya_subfolders(d.images_dir):
             log.warning("data.images_dir %s has kohya-style N_name subfolders, but the single cache "
                         "%s already exists and is used as it is (no repeats); remove it, or list "
                         "the folders in data.sources, to train them as sources", d.images_dir, root)
