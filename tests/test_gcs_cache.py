@@ -46,11 +46,13 @@ def test_cache_built_to_gcs_and_trained_from_it(demo_images, demo_cache, referen
     batches and losses."""
     from sdxl_jax.config import validate
     from sdxl_jax.data import build_cache
+    from sdxl_jax.run_inputs import resolve_weights
     from sdxl_jax.train.loop import train
     _, _, ref, ref_log = reference_run
     monkeypatch.setenv("SDXL_JAX_CACHE_DIR", str(tmp_path / "user_cache"))  # the local stand-in
     remote = gcs_dir + "/cache"
-    manifest = build_cache(tiny_config(), images_dir=demo_images, out=remote, progress=False)
+    vae = resolve_weights(tiny_config()).load(("vae",))["vae"]  # as conftest.demo_cache encodes
+    manifest = build_cache(tiny_config(), images_dir=demo_images, out=remote, progress=False, vae_params=vae)
     assert load_manifest(remote) == manifest
     for shard in manifest["shards"]:
         name = shard["name"] + ".array_record"
