@@ -24,6 +24,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
+from sdxl_jax import paths
 from sdxl_jax.config_sections import offline_preset
 from sdxl_jax.data import cache as C
 from sdxl_jax.data.sources import DataSource, resolve_sources
@@ -111,7 +112,7 @@ def resolve_vae(cfg, workdir: str | None, fingerprint: bool = True) -> VaeSource
     """The run's VAE source (see the module docstring); `fingerprint` loads it to hash it."""
     m, unet = cfg["model"], cfg.get("task", "unet") == "unet"  # a VAE run trains from its source
     if unet and m.get("vae_workdir"):
-        path = os.path.abspath(m["vae_workdir"])
+        path = paths.absolute(m["vae_workdir"])  # a local run or a gs:// one
         check_vae_run(path)
         src = VaeSource("run", path)
     elif unet and demo_wanted(cfg) and int(_get(cfg, "data.demo_vae_steps", 0)):
@@ -174,9 +175,9 @@ class CacheInput:
     def inputs(self) -> str:
         """The build_cache description of what this cache is meant to hold ("" = unknown)."""
         if self.images_dir:
-            return f"images:{os.path.abspath(self.images_dir)}"
+            return f"images:{paths.absolute(self.images_dir)}"
         if self.manifest:
-            return f"manifest:{os.path.abspath(self.manifest)}"
+            return f"manifest:{paths.absolute(self.manifest)}"
         return ""
 
 
@@ -200,9 +201,8 @@ class StageInputs:
 
 
 def _cache_input(name: str, cache_dir: str, images_dir="", manifest="", tfds="") -> CacheInput:
-    cache_dir = os.path.abspath(cache_dir)
-    path = os.path.join(cache_dir, C.MANIFEST)
-    if not os.path.isfile(path):
+    cache_dir = paths.absolute(cache_dir)  # a folder or a gs:// prefix
+    if not paths.isfile(paths.join(cache_dir, C.MANIFEST)):
         return CacheInput(name, cache_dir, images_dir, manifest, tfds)
     m = C.load_manifest(cache_dir)
     buckets = tuple(tuple(b) for b in m["buckets"])
@@ -215,7 +215,7 @@ def _cache_input(name: str, cache_dir: str, images_dir="", manifest="", tfds="")
 def _stages(cfg, workdir: str | None, demo_images: str) -> tuple[StageInputs, ...]:
     d = cfg.data
     sources = resolve_sources(cfg, workdir)
-    root = d.cache_dir or (os.path.join(workdir, "cache") if workdir else "")
+    root = d.cache_dir or (paths.join(workdir, "cache") if workdir else "")
     raw = list(cfg.train.stages) or [{"steps": cfg.train.steps}]
     out, end = [], 0
     for i, st in enumerate(raw):
@@ -303,6 +303,12 @@ class RunInputs:
         return out
 
 
+def demo_data_dir(workdir: str) -> str:
+    """Where the generated demo dataset of a run is: <workdir>/demo_data, on this host for a
+    gs:// workdir (PIL writes files)."""
+    return os.path.join(paths.local_mirror_dir(workdir, "runs"), "demo_data")
+
+
 def _has_files(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
@@ -310,7 +316,7 @@ def _has_files(path: str) -> bool:
 def resolve_run(cfg, workdir: str | None) -> RunInputs:
     """The inputs of the run `cfg` in `workdir` (None: a tool without a run directory, e.g.
     build_cache, which then needs data.cache_dir). Reads only; see RunInputs.missing."""
-    demo = os.path.join(workdir, "demo_data") if workdir and demo_wanted(cfg) else ""
+    demo = demo_data_dir(workdir) if workdir and demo_wanted(cfg) else ""
     weights = resolve_weights(cfg, workdir, fingerprint=cfg.task != VAE_TASK)
     if cfg.task == VAE_TASK:
         if not (cfg.data.images_dir or cfg.data.manifest or demo):

@@ -57,8 +57,9 @@ ROTATION_RETRIES = 5  # a trainer saving every step can rotate a few chosen step
 
 
 def _step_names(workdir) -> set:
-    folder = os.path.join(workdir, "checkpoints")
-    return {n for n in os.listdir(folder) if n.isdigit()} if os.path.isdir(folder) else set()
+    from sdxl_jax import paths
+    folder = paths.join(workdir, "checkpoints")  # a local folder or a gs:// prefix
+    return {n for n in paths.listdir(folder) if n.isdigit()} if paths.isdir(folder) else set()
 
 
 def load_run(workdir=None, checkpoint=None, step=None, weights: str | None = "ema", *,
@@ -213,6 +214,9 @@ def main(argv=None) -> int:
 def check_out(out: str) -> bool:
     """Whether `out` names a folder (a trailing slash, or an existing folder); NotADirectoryError
     naming the first existing parent that is not a folder, before any work."""
+    from sdxl_jax import paths
+    if paths.is_remote(out):  # a bucket has only key prefixes: the trailing slash says "folder"
+        return out.endswith("/")
     folder = out.endswith(("/", os.sep)) or os.path.isdir(out)
     parent = os.path.abspath(out if folder else os.path.dirname(os.path.abspath(out)))
     while not os.path.exists(parent):
@@ -226,8 +230,9 @@ def check_out(out: str) -> bool:
 def write_images(sampler, params, jobs, rows, folder: str, batch_size: int) -> int:
     """One PNG per image, `<row>-s<seed>.png` in `folder`, each job's written when its last
     batch finishes; the number written."""
+    from sdxl_jax import paths
     from sdxl_jax.prompts import render_jobs
-    os.makedirs(folder, exist_ok=True)
+    paths.makedirs(folder)  # a local folder or a gs:// prefix (save_png writes either)
     count = 0
 
     def save(i, images):

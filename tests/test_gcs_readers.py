@@ -45,6 +45,12 @@ def test_sample_and_export_from_and_to_gcs_match_local(state_and_config, gcs_dir
                             "--width", str(SIDE), "--height", str(SIDE), "--out", out]) == 0
         png[name] = paths.read_bytes(out)
     assert png["gcs"] == png["local"] and png["local"][:8] == b"\x89PNG\r\n\x1a\n"
+    pngs = {}  # --out DIR/: one PNG per image, into a gs:// prefix too
+    for name, out in (("local", str(tmp_path / "pngs") + "/"), ("gcs", gcs_dir + "/out/pngs/")):
+        assert sample_main(["--workdir", local, "--prompt", "red circle", "--seed", "0", "--steps", "2",
+                            "--width", str(SIDE), "--height", str(SIDE), "--out", out]) == 0
+        pngs[name] = {n: paths.read_bytes(out + n) for n in paths.listdir(out)}
+    assert pngs["gcs"] == pngs["local"] and list(pngs["local"]) == ["00001-s0.png"]
     model = {}
     for name, wd, out in (("local", local, str(tmp_path / "local.safetensors")),
                           ("gcs", remote, gcs_dir + "/out/model.safetensors")):

@@ -11,6 +11,7 @@ from conftest import GCS_BUCKET
 from helpers import tiny_config
 from test_reliability import STEPS, _read_log, _TermAt, _wait_for_step
 from sdxl_jax import checkpoint as ckpt_lib
+from sdxl_jax import paths
 from sdxl_jax.train.loop import train
 
 HERE = os.path.dirname(__file__)
@@ -69,3 +70,47 @@ def test_gs_workdir_preempt_kill_resume_bitwise(demo_cache, reference_run, gcs_s
     ck = ckpt_lib.Checkpointer(wd + "/checkpoints", read_only=True)
     assert ck.steps == [4, 6, 8]
     ck.close()
+
+
+def test_gs_run_inputs_in_the_bucket_and_the_demo_kept_on_this_host(demo_cache, gcs_server, gcs_dir,
+                                                                     tmp_path, monkeypatch):
+    """A gs:// workdir with no data configured: its latent cache is <workdir>/cache in the bucket
+    (found there once uploaded), while the generated demo dataset and the demo VAE, which are
+    written as local files, are kept in this host's stand-in <user cache>/runs/gs/<bucket>/<key>.
+    Resolving writes nothing to the bucket."""
+    from sdxl_jax.data.cache import load_manifest
+    from sdxl_jax.run_inputs import resolve_run
+    monkeypatch.setenv("SDXL_JAX_CACHE_DIR", str(tmp_path / "user_cache"))
+    wd = gcs_dir + "/run"
+    host = str(tmp_path / "user_cache" / "runs" / "gs" / wd[len("gs://"):])
+    cfg = tiny_config(**{"data.demo_vae_steps": 50})
+    inputs = resolve_run(cfg, wd)
+    assert inputs.vae.kind == "demo" and os.path.dirname(inputs.vae.path) == host + "/demo_vae"
+    assert inputs.missing == (f"the demo dataset {host}/demo_data", f"the demo VAE {inputs.vae.path}",
+                              f"the latent cache {wd}/cache")
+    assert _objects(gcs_server, wd) == []
+    paths.upload_tree(demo_cache, wd + "/cache")
+    cache = resolve_run(cfg, wd).stages[0].caches[0]
+    assert cache.cache_dir == wd + "/cache" and cache.exists
+    assert cache.vae_fingerprint == load_manifest(demo_cache)["vae_fingerprint"]
+    assert resolve_run(cfg, wd).missing == inputs.missing[:2]
+
+
+def test_prepare_run_builds_a_missing_cache_into_the_gs_workdir(demo_images, demo_cache, gcs_server,
+                                                                gcs_dir, tmp_path, monkeypatch):
+    """train.py's prepare phase with a gs:// workdir and data.images_dir: the missing cache is
+    built into <workdir>/cache in the bucket, holding the same shards as the local build, and the
+    prepare lock object is gone afterwards."""
+    from sdxl_jax.data.cache import load_manifest
+    from sdxl_jax.train.prepare import prepare_run
+    monkeypatch.setenv("SDXL_JAX_CACHE_DIR", str(tmp_path / "user_cache"))  # the local stand-in
+    wd = gcs_dir + "/run"
+    inputs = prepare_run(tiny_config(**{"data.images_dir": demo_images}), wd)
+    cache = inputs.stages[0].caches[0]
+    assert cache.cache_dir == wd + "/cache" and cache.exists and not inputs.missing
+    assert cache.inputs == f"images:{demo_images}"
+    for shard in load_manifest(demo_cache)["shards"]:
+        name = shard["name"] + ".array_record"
+        with open(os.path.join(demo_cache, name), "rb") as f:
+            assert paths.read_bytes(f"{wd}/cache/{name}") == f.read()
+    assert not [n for n in _objects(gcs_server, wd) if n.startswith("train.")]

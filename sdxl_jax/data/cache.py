@@ -188,6 +188,7 @@ class CacheError(ValueError):
 
     def __init__(self, message: str, cache_dir: str | None = None, verify: bool = False,
                  problem: str | None = None):
+        from sdxl_jax import paths  # a gs:// cache keeps its URL (run_inputs.repaired matches it)
         super().__init__(message)
         self.cache_dir = None if cache_dir is None else paths.absolute(str(cache_dir))
         self.verify, self.problem = verify, problem or message

@@ -45,10 +45,9 @@ def use_compilation_cache(workdir: str) -> None:
 def demo_images(cfg, workdir: str) -> str:
     """The generated demo dataset in <workdir>/demo_data (made once): the tiny preset's fallback
     when no data is configured at all, so a demo runs on a fresh machine with no network."""
-    from sdxl_jax import paths
     from sdxl_jax.data.demo import make_demo_dataset
-    # PIL writes files: a gs:// run keeps its generated images on this host
-    images = os.path.join(paths.local_mirror_dir(workdir, "runs"), "demo_data")
+    from sdxl_jax.run_inputs import demo_data_dir
+    images = demo_data_dir(workdir)
     if not os.path.isdir(images) or not os.listdir(images):
         log.info("generating the demo dataset (%d images) in %s", cfg.data.demo_size, images)
         make_demo_dataset(images, n=cfg.data.demo_size, seed=0)

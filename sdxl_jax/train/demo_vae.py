@@ -59,10 +59,14 @@ def settings_hash(vcfg, demo_size: int) -> str:
 
 def locations(unet_cfg, workdir: str | None) -> tuple[str, str]:
     """(under the workdir, in the user cache): where a demo VAE of these settings is kept; the
-    settings' hash names the directory (without a workdir: the user cache's, twice)."""
+    settings' hash names the directory (without a workdir: the user cache's, twice). Beside a
+    gs:// workdir it stays on this host: its finished marker and shared copy are local files."""
+    from sdxl_jax import paths
     digest = settings_hash(vae_config(unet_cfg, ""), unet_cfg.data.demo_size)
     shared = os.path.join(user_cache_dir(), "demo_vae", digest)
-    return (os.path.join(workdir, "demo_vae", digest) if workdir else shared), shared
+    if not workdir:
+        return shared, shared
+    return os.path.join(paths.local_mirror_dir(workdir, "runs"), "demo_vae", digest), shared
 
 
 def finished(path: str) -> bool:

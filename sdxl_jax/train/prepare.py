@@ -10,26 +10,26 @@ function of (cfg, inputs, plan) alone.
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 
+from sdxl_jax import paths
 from sdxl_jax.run_inputs import Command, RunInputs, check_one_source_per_cache, demo_vae_dir, resolve_run
 from sdxl_jax.train import demo_vae
 from sdxl_jax.train.common import demo_images, use_compilation_cache
-from sdxl_jax.workdir_lock import WorkdirLock
+from sdxl_jax.workdir_lock import workdir_lock
 
 log = logging.getLogger("sdxl_jax.train")
 
 
 def prepare_run(cfg, workdir: str, command: Command | None = None) -> RunInputs:
     """The run's inputs with nothing missing (made here, holding the workdir's lock)."""
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)  # a local directory or a gs:// prefix
     use_compilation_cache(workdir)  # the demo VAE's and the run's compiles share it
     inputs = resolve_run(cfg, workdir)
     if not inputs.missing:
         return inputs
-    with WorkdirLock(workdir, jax.process_index()):
+    with workdir_lock(workdir, jax.process_index()):  # a lock object on gs://
         if inputs.demo_images:
             demo_images(cfg, workdir)
         if not inputs.vae.ready:
