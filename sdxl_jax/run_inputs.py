@@ -303,12 +303,6 @@ class RunInputs:
         return out
 
 
-def demo_data_dir(workdir: str) -> str:
-    """Where the generated demo dataset of a run is: <workdir>/demo_data, on this host for a
-    gs:// workdir (PIL writes files)."""
-    return os.path.join(paths.local_mirror_dir(workdir, "runs"), "demo_data")
-
-
 def _has_files(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
@@ -316,7 +310,8 @@ def _has_files(path: str) -> bool:
 def resolve_run(cfg, workdir: str | None) -> RunInputs:
     """The inputs of the run `cfg` in `workdir` (None: a tool without a run directory, e.g.
     build_cache, which then needs data.cache_dir). Reads only; see RunInputs.missing."""
-    demo = demo_data_dir(workdir) if workdir and demo_wanted(cfg) else ""
+    from sdxl_jax.data import demo as demo_data
+    demo = demo_data.data_dir(workdir) if workdir and demo_wanted(cfg) else ""
     weights = resolve_weights(cfg, workdir, fingerprint=cfg.task != VAE_TASK)
     if cfg.task == VAE_TASK:
         if not (cfg.data.images_dir or cfg.data.manifest or demo):

@@ -170,7 +170,7 @@ def test_a_program_is_built_once_per_fingerprint_and_plan(monkeypatch):
 def test_mode_lists_are_the_configs():
     """The task registry and the model's remat modes are the lists config.validate checks."""
     from sdxl_jax import config as config_lib
-    from sdxl_jax.models.remat import REMAT_MODES
+    from sdxl_jax.models.unet import REMAT_MODES
     from sdxl_jax.train.loop import TASKS
     assert tuple(TASKS) == config_lib.TASKS == ("unet", "vae_decoder")
     assert REMAT_MODES == config_lib.REMAT_MODES == ("none", "blocks", "dots")

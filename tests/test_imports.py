@@ -88,5 +88,5 @@ def test_no_import_cycles():
 
 def test_the_graph_is_read():  # the checks above see real edges (not a vacuous empty graph)
     graph = _graph()
-    assert "sdxl_jax.train.program" in graph["sdxl_jax.train.loop"]
+    assert "sdxl_jax.train.compile_ahead" in graph["sdxl_jax.train.loop"]
     assert "sdxl_jax.models.autoencoder" in graph["sdxl_jax.models.build"]

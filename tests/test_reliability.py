@@ -156,10 +156,12 @@ def test_nonfinite_steps_change_nothing_and_k_in_a_row_stop(demo_cache, tmp_path
     # the count of skipped steps is the state's: the resumed run's first step is the second
     monkeypatch.undo()
     _poison(monkeypatch, nan_steps={1})  # the resumed process's first batch
-    with pytest.raises(NonFiniteError, match=r"^2 consecutive non-finite steps up to step \d+: stopping. The last good checkpoint \(3\)"):
+    # steps are numbered by checkpoint (the resumed run's first step is 4, not the state's count
+    # of applied updates), and step 4's scheduled checkpoint holds the unchanged state
+    with pytest.raises(NonFiniteError, match=r"^2 consecutive non-finite steps up to step 4: stopping. The last good checkpoint \(4\)"):
         train(cfg, wd)
     ck = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
-    assert ck.steps == [2, 3]  # the last good checkpoints, intact and restorable
+    assert ck.steps == [2, 3, 4]  # intact and restorable
     assert ck.read_json(2, "meta")["prediction_type"] == "v_prediction"
     ck.close()
 

@@ -37,10 +37,12 @@ images, work = sys.argv[1:]
 from helpers import tiny_config
 from sdxl_jax import export, sample
 from sdxl_jax.data import build_cache
+from sdxl_jax.run_inputs import resolve_weights
 from sdxl_jax.train.loop import train
 
 cache = f"{work}/cache"
-build_cache(tiny_config(), images_dir=images, out=cache, progress=False)
+build_cache(tiny_config(), images_dir=images, out=cache, progress=False,
+            vae_params=resolve_weights(tiny_config()).load(("vae",))["vae"])
 wd = f"{work}/run"
 summary = train(tiny_config(**{"data.cache_dir": cache, "train.steps": 2}), wd)
 assert sample.main(["--workdir", wd, "--prompt", "red circle", "--seed", "0", "--steps", "2",

@@ -182,3 +182,11 @@ def make_demo_dataset(out: str, n: int = 256, seed: int = 0, side: int = 256) ->
         files.append(path.name)
     marker.write_text(json.dumps({"spec": spec, "files": files}))
     return files
+
+
+def data_dir(workdir: str) -> str:
+    """Where the generated demo dataset of a run is: <workdir>/demo_data, on this host for a
+    gs:// workdir (PIL writes files)."""
+    import os
+    from sdxl_jax import paths
+    return os.path.join(paths.local_mirror_dir(workdir, "runs"), "demo_data")

@@ -185,6 +185,8 @@ def compile_until_buffers(lowered, options: dict, module: str = "train_step", po
     import threading
     if "xla_dump_to" not in options:
         raise ValueError("compiling until buffer assignment needs compiler_options['xla_dump_to']")
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
     failed = []
 
     def compile_quietly():
@@ -192,12 +194,21 @@ def compile_until_buffers(lowered, options: dict, module: str = "train_step", po
             lowered.compile(compiler_options=options)
         except Exception as e:  # after buffer assignment: code generation without the bf16 pass
             failed.append(e)
+    # A persistent-cache hit would skip the compile and so the dump (the cache key leaves out
+    # every xla_dump_* option): this compile bypasses the cache. The cache's on/off state is read
+    # once per process, hence the resets around the switch.
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     thread = threading.Thread(target=compile_quietly, daemon=True)
     thread.start()
     try:
         return wait_for_buffer_assignment(options["xla_dump_to"], thread.is_alive, module, poll_s)
     except RuntimeError as e:  # the compile failed before buffer assignment: say why
         raise RuntimeError(f"{e}: {failed[0] if failed else 'no error raised'}") from None
+    finally:  # the compile has passed its cache lookup once buffers are assigned (or it ended)
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def wait_for_buffer_assignment(dump_dir: str, compiling, module: str = "train_step",

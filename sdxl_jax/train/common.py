@@ -45,9 +45,8 @@ def use_compilation_cache(workdir: str) -> None:
 def demo_images(cfg, workdir: str) -> str:
     """The generated demo dataset in <workdir>/demo_data (made once): the tiny preset's fallback
     when no data is configured at all, so a demo runs on a fresh machine with no network."""
-    from sdxl_jax.data.demo import make_demo_dataset
-    from sdxl_jax.run_inputs import demo_data_dir
-    images = demo_data_dir(workdir)
+    from sdxl_jax.data.demo import data_dir, make_demo_dataset
+    images = data_dir(workdir)
     if not os.path.isdir(images) or not os.listdir(images):
         log.info("generating the demo dataset (%d images) in %s", cfg.data.demo_size, images)
         make_demo_dataset(images, n=cfg.data.demo_size, seed=0)
