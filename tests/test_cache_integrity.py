@@ -1,4 +1,4 @@
-"""Cache integrity (issue 19, items 1 and 7): a truncated, deleted or corrupted shard is named
+"""Cache integrity: a truncated, deleted or corrupted shard is named
 with the fix when the cache is opened or read, a build_cache rerun rebuilds exactly the damaged
 shard, and a build that caches nothing is an error pointing at skipped.jsonl.
 

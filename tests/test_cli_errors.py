@@ -1,6 +1,5 @@
-"""Every CLI turns a user's mistake into one line `error: …` and a non-zero exit (issue 19,
-item 5): real subprocesses for the entry points (each fails before anything compiles), and the
-shared wrapper (sdxl_jax.cli) in-process for the rest."""
+"""Every CLI turns a user's mistake into one line `error: …` and a non-zero exit: real
+subprocesses for the entry points (each fails before anything compiles), and the shared wrapper (sdxl_jax.cli) in-process for the rest."""
 import json
 import os
 import subprocess

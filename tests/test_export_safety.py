@@ -1,4 +1,4 @@
-"""Export safety (issue 19, items 9 and 11): an existing export is never replaced without
+"""Export safety: an existing export is never replaced without
 overwrite (--overwrite), and a per_channel run's single file, which other tools decode with
 the 0.13025 scale only (METHODS §16), needs allow_per_channel (--allow-per-channel), warns and
 carries the statistics in its metadata."""

@@ -1,5 +1,4 @@
-"""LoRA and text-encoder-trained runs through the run reader and the CLIs (issue 17, items 3 and
-6): checkpoints saved by hand per the trainer's contract (train.trainable, meta trainable /
+"""LoRA and text-encoder-trained runs through the run reader and the CLIs: checkpoints saved by hand per the trainer's contract (train.trainable, meta trainable /
 trained_text / lora), then
 - export --format lora / lora-diffusers: files whose read_lora round trip is the run's adapters;
 - export --merge-lora: single-file weights = source + (α/r)·B·A, recomputed in float64;

@@ -1,4 +1,4 @@
-"""TFDS datasets as a cache-builder source (issue 20): the cache of a TFDS ArrayRecord dataset
+"""TFDS datasets as a cache-builder source: the cache of a TFDS ArrayRecord dataset
 equals the folder-source cache of the same images, bit for bit.
 
 The dataset is written here, without TensorFlow, by a GeneratorBasedBuilder in the ArrayRecord

@@ -13,7 +13,7 @@ and transformer depths (1, 2, 10), at 1/5 of its widths) it reports, at batch --
   `parallel.global_batch` → step, metrics read one step late, over the bare time), and the
   compile count after several steps of one bucket (must be 1).
 - spmd: the same jitted step with inputs on a SingleDeviceSharding vs a NamedSharding of a
-  1-device mesh (issue 8 item 5), plus the UNet-only step both ways.
+  1-device mesh, plus the UNet-only step both ways.
 - torch: the same-config diffusers UNet2DConditionModel train step (fwd+bwd+AdamW, eager,
   float32) against the JAX UNet-only step (fwd+bwd+AdamW); torch is imported only here.
 
@@ -245,7 +245,7 @@ def train_step_runner(s: TrainSetup, state_sh, frozen_sh, batch_sh, program=None
 
 
 def bench_spmd(s: TrainSetup, n: int) -> dict:
-    """Issue 8 item 5: one train step program fed SingleDeviceSharding inputs, 1-device
+    """One train step program fed SingleDeviceSharding inputs, 1-device
     NamedSharding inputs, through CompiledStep on a 1-device mesh, and (when more devices are
     visible) through CompiledStep on a data-parallel mesh over all of them; timed interleaved
     so a change in the machine's load hits every variant alike."""
