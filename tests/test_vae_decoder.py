@@ -130,6 +130,21 @@ def test_resume_from_midway_checkpoint_matches_straight_run(run):
     ck.close()
 
 
+def test_a_run_on_gcs_ends_as_the_local_run(run, gcs_server, gcs_dir):
+    """The VAE task with its run directory on gs:// (conftest's GCS server on loopback) trains
+    the same decoder, bitwise, as the local run; its checkpoints are committed objects in the
+    bucket, its reconstruction grid is there too, and the run reader opens it."""
+    from sdxl_jax import paths
+    wd = gcs_dir + "/vae"
+    out = train(run.cfg, wd)
+    assert out["end_step"] == STEPS
+    jax.tree.map(np.testing.assert_array_equal, _np(run.summary["state"].params), _np(out["state"].params))
+    for step in (STEPS // 2, STEPS):
+        assert paths.isfile(paths.join(wd, "checkpoints", str(step), "commit_success.txt"))
+    assert [n for n in paths.listdir(paths.join(wd, "samples")) if n.endswith(".png")]
+    jax.tree.map(np.testing.assert_array_equal, _np(run.finetuned), _np(open_run(wd).params("vae")))
+
+
 def _unet_run(workdir: str):
     """A UNet training run's checkpoint (tiny, random weights; EMA = params + 1), as export reads it."""
     from configs.ztsnr import get_config
