@@ -109,7 +109,7 @@ def _check_common(cfg) -> None:
         _number(cfg, key, allow_zero=True)
     if not isinstance(cfg.train.steps, int) or not isinstance(cfg.train.per_device_batch_size, int):
         raise ConfigError("train.steps and train.per_device_batch_size must be integers")
-    workers = cfg.train.get("compile_workers", 0)
+    workers = cfg.train.compile_workers
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"train.compile_workers={workers!r}: must be an integer ≥ 0 (0 = one per core)")
     from sdxl_jax.fit import parse_fit_check

@@ -97,7 +97,7 @@ class _Reader:
         self._masked = bool(config.loss.masked)  # batch["loss_mask"] only then: same step otherwise
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max(1, int(d.read_threads)), thread_name_prefix="cache-read")
-        self._mirror = ShardMirror(index.files, float(d.get("local_shard_cache_gb", 0)) * 2**30)
+        self._mirror = ShardMirror(index.files, float(d.local_shard_cache_gb) * 2**30)
 
     def _load(self, out: np.ndarray, row: int, record_id: int) -> dict[str, Any]:
         source = getattr(self._local, "source", None)
@@ -315,7 +315,7 @@ def _open(config, cache_dir, process_index, process_count, global_batch_size, ba
                     ("caption_dropout", 0 <= d.caption_dropout <= 1),
                     ("keep_first_n", d.keep_first_n >= 0), ("read_threads", d.read_threads >= 1),
                     ("prefetch", d.prefetch >= 0),
-                    ("local_shard_cache_gb", d.get("local_shard_cache_gb", 0) >= 0)):
+                    ("local_shard_cache_gb", d.local_shard_cache_gb >= 0)):
         if not ok:
             raise ValueError(f"data.{key}={d[key]!r} is out of range")
     sources = as_sources(cache_dir)

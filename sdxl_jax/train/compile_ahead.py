@@ -40,7 +40,7 @@ def loader_shapes(it) -> list[tuple[int, int, int]]:
 def _fit_checker(prog, cfg, is_main: bool):
     """(check(shape, compiled) or None, whether it has a limit to check against)."""
     from sdxl_jax.fit import check_step_fit, device_limit, parse_fit_check
-    setting = parse_fit_check(cfg.train.get("fit_check", "auto"))
+    setting = parse_fit_check(cfg.train.fit_check)
     if setting == "off":
         return None, False
     devices = list(prog.plan.mesh.devices.flat)
@@ -87,7 +87,7 @@ class Ahead:
         batch = abstract_batch(parallel.global_batch(local, prog.plan.mesh))
         label = self._labels.get(prog.step.signature(batch), "the first batch's shape")
         self._check, self._gating = _fit_checker(prog, cfg, is_main)
-        self.pool = pool_for(prog, int(cfg.train.get("compile_workers", 0)))
+        self.pool = pool_for(prog, int(cfg.train.compile_workers))
         self.pool.submit([Shape(label, batch)], first=True)
         self.pool.submit(shapes)
         cleanup.callback(self.pool.close, False)  # an error or preemption: drop the rest
