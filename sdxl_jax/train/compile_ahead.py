@@ -97,8 +97,8 @@ class Ahead:
             log.info("compiling the train step ahead for %d batch shape(s): %s", len(planned),
                      "; ".join(planned))
 
-    def _fit(self, shape: Shape, compiled) -> None:
-        key = self.pool.signature(shape.batch)
+    def _fit(self, shape: Shape, compiled, key: tuple | None = None) -> None:
+        key = self.pool.signature(shape.batch) if key is None else key
         if self._check is not None and key not in self._checked:
             self._checked.add(key)
             self._check(shape, compiled)
@@ -125,9 +125,10 @@ class Ahead:
         is a stall of the loop, logged."""
         if self.pool is None:
             return
-        label = self._labels.get(self.pool.signature(batch), "")
+        key = self.pool.signature(batch)  # once per step: host-side shapes only
+        label = self._labels.get(key, "")
         waited, compiled = self.pool.wait(batch, label)
-        self._fit(Shape(label or "a new shape", batch), compiled)
+        self._fit(Shape(label or "a new shape", batch), compiled, key)
         if self._waits == 0:
             self.first_wait_s += waited
         else:
