@@ -6,8 +6,9 @@ import ml_collections
 
 PRESETS = ("sdxl", "tiny")  # the config presets (configs/ztsnr.py:PRESET), here so configs need no JAX
 # The model sizes (sdxl_jax.models.presets): the config presets' own, plus "micro" (tiny's text
-# towers and VAE, a one-level UNet; smoke and engine tests: ~2.5x faster to compile than tiny).
-MODEL_PRESETS = PRESETS + ("micro",)
+# towers and VAE, a one-level UNet; smoke and engine tests: ~2.5x faster to compile than tiny) and
+# "mid" (tiny's text towers and VAE, SDXL's UNet structure at 1/5 width: parity tests and benches).
+MODEL_PRESETS = PRESETS + ("micro", "mid")
 # The choices of the keys that name a mode, each kept here once (config.validate checks them)
 TASKS = ("unet", "vae_decoder")  # task: train.loop maps each to the module that builds it
 TRAINABLE_MODES = ("unet", "unet+text", "lora")  # train.trainable (train/trainable.py, runs.py)

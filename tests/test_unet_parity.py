@@ -4,8 +4,8 @@ requirements.txt) with the same random weights, moved into our tree by our own c
 
 Every parameter is random, norm scales and biases included (PyTorch initialises GroupNorm /
 LayerNorm to 1 / 0, which would hide a mismatch in them). Two presets: "tiny", and "mid"
-(`tools.bench.unet_sizes`: SDXL's 3 levels, 2 resnets per level, transformer depths 1/2/10, at
-1/5 of SDXL's width); two bucket shapes each, timesteps up to 999.
+(models/presets.py: SDXL's 3 levels, 2 resnets per level, transformer depths 1/2/10, at 1/5 of
+SDXL's width); two bucket shapes each, timesteps up to 999.
 """
 import functools
 
@@ -14,61 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel as TorchUNet
 
 from sdxl_jax import models
 from sdxl_jax.models import convert
-from sdxl_jax.models.unet import dummy_inputs
-from sdxl_jax.tools.bench import unet_sizes
+from sdxl_jax.tools.torch_reference import our_params, random_torch_unet, torch_forward, unet_inputs
 
 torch.set_num_threads(2)
-
-
-def _torch_unet(cfg: dict, seed: int = 0):
-    with torch.device("meta"):  # no PyTorch init: every parameter is drawn below
-        model = TorchUNet(**cfg)
-    model = model.to_empty(device="cpu").eval()
-    assert not list(model.buffers())
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or p.ndim == 1:  # biases, norm weights: ~N(0 or 1, 0.1²)
-                base = 1.0 if p.ndim == 1 and name.endswith("weight") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
-            else:  # conv_out is zero in no PyTorch init, but keep every kernel N(0, 1/fan_in)
-                fan_in = int(np.prod(p.shape[1:]))
-                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
-    return model
-
-
-def _our_params(model, cfg: dict):
-    """The PyTorch state dict in our tree, through our converter."""
-    unet = models.build_unet(cfg, "float32")
-    abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), *dummy_inputs(cfg)))["params"]
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    leaves = convert.torch_leaves("unet", abstract)
-    assert sorted(lf.key for lf in leaves) == sorted(state), "converter and model disagree on names"
-    return convert.unflatten([(lf.path, jnp.asarray(convert.torch_to_flax(lf.kind, state[lf.key])))
-                              for lf in leaves])
-
-
-def _inputs(cfg: dict, h: int, w: int, timesteps, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    b = len(timesteps)
-    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-    return dict(z=rng.standard_normal((b, h, w, cfg["in_channels"])).astype(np.float32),
-                t=np.asarray(timesteps, np.float32),
-                context=rng.standard_normal((b, 77, cfg["cross_attention_dim"])).astype(np.float32),
-                pooled=rng.standard_normal((b, pooled)).astype(np.float32),
-                time_ids=np.tile(np.array([[8 * h, 8 * w, 0, 0, 8 * h, 8 * w]], np.float32), (b, 1)))
-
-
-def _torch_forward(model, x: dict, z=None):
-    z = torch.from_numpy(x["z"]).permute(0, 3, 1, 2) if z is None else z
-    out = model(z, torch.from_numpy(x["t"]), encoder_hidden_states=torch.from_numpy(x["context"]),
-                added_cond_kwargs={"text_embeds": torch.from_numpy(x["pooled"]),
-                                   "time_ids": torch.from_numpy(x["time_ids"])}).sample
-    return out.permute(0, 2, 3, 1)
 
 
 def _ours(cfg, dtype="float32"):
@@ -77,16 +28,12 @@ def _ours(cfg, dtype="float32"):
                                                   x["pooled"], x["time_ids"]))
 
 
-def _config(name: str) -> dict:
-    return unet_sizes("mid") if name == "mid" else models.unet_config(name)
-
-
 @functools.lru_cache(maxsize=2)
 def _models(name: str):
     """(config, PyTorch UNet, our params): built once per preset for the tests of this file."""
-    cfg = _config(name)
-    model = _torch_unet(cfg)
-    return cfg, model, _our_params(model, cfg)
+    cfg = models.unet_config(name)
+    model = random_torch_unet(cfg)
+    return cfg, model, our_params(model, cfg)
 
 
 def output_errors(name: str, shapes, timesteps, dtype="float32") -> list:
@@ -95,9 +42,9 @@ def output_errors(name: str, shapes, timesteps, dtype="float32") -> list:
     apply = _ours(cfg, dtype)
     found = []
     for h, w in shapes:
-        x = _inputs(cfg, h, w, timesteps)
+        x = unet_inputs(cfg, h, w, timesteps)
         with torch.no_grad():
-            want = _torch_forward(model, x).numpy()
+            want = torch_forward(model, x).numpy()
         got = np.asarray(apply(params, x))
         found.append((h, w, float(np.abs(got - want).max()), float(np.abs(want).max())))
     return found
@@ -122,7 +69,7 @@ def gradient_errors() -> dict:
     parameter gradient."""
     cfg, model, params = _models("tiny")
     model.zero_grad(set_to_none=True)
-    x = _inputs(cfg, 16, 16, [10.0, 999.0])
+    x = unet_inputs(cfg, 16, 16, [10.0, 999.0])
     r = np.random.default_rng(1).standard_normal(x["z"].shape[:3] + (cfg["out_channels"],)).astype(np.float32)
     unet = models.build_unet(cfg, "float32")
 
@@ -132,7 +79,7 @@ def gradient_errors() -> dict:
     grads, dz = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x["z"])
 
     z = torch.from_numpy(x["z"]).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
-    (_torch_forward(model, x, z) * torch.from_numpy(r)).sum().backward()
+    (torch_forward(model, x, z) * torch.from_numpy(r)).sum().backward()
     want_dz = z.grad.permute(0, 2, 3, 1).numpy()
     found = {"input": (float(np.abs(np.asarray(dz) - want_dz).max()), float(np.abs(want_dz).max()))}
 

@@ -1,5 +1,7 @@
 """Architecture sizes: "sdxl" (the real SDXL base 1.0 configs), "tiny" (same blocks, small) and
-"micro" (tiny's text towers and VAE, a one-level UNet: for tests of the engine, not of SDXL).
+"micro" (tiny's text towers and VAE, a one-level UNet: for tests of the engine, not of SDXL) and
+"mid" (tiny's text towers and VAE, SDXL's UNet blocks, layers per block and transformer depths
+1/2/10 at 1/5 of its widths: parity tests, benches and compile timings of a larger step).
 
 Each function returns constructor kwargs for the diffusers / transformers config classes, so the
 same dicts describe the modules built here and the folders written by export. "tiny" keeps every
@@ -75,6 +77,12 @@ def unet_config(preset: str) -> dict:
         time_dim = 256
         sizes = dict(sample_size=128, block_out_channels=(320, 640, 1280),
                      transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20))
+    elif preset == "mid":
+        # SDXL's structure (levels, 2 resnets per block, transformer depths 1/2/10, heads of 64
+        # channels) at 1/5 of its widths
+        time_dim = 16
+        sizes = dict(sample_size=32, block_out_channels=(64, 128, 256),
+                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(1, 2, 4))
     elif preset == "micro":
         # The smallest UNet with every kind of block the trainer touches: one level with
         # cross-attention (2 heads), the mid block, text_time conditioning. For engine and smoke

@@ -36,17 +36,11 @@ SECTIONS = ("peak", "step", "spmd", "torch")
 
 # ---- model sizes ---------------------------------------------------------------------------------
 def unet_sizes(name: str) -> dict:
-    """UNet config: "tiny" (the preset) or "mid" (SDXL structure, 1/5 width)."""
+    """UNet config: "tiny" or "mid" (models/presets.py: SDXL structure, 1/5 width)."""
     from sdxl_jax.models import presets
-    tiny = presets.unet_config("tiny")  # cross-attention / pooled dims match the tiny text towers
-    if name == "tiny":
-        return tiny
-    if name == "mid":
-        sdxl = presets.unet_config("sdxl")
-        return dict(tiny, block_out_channels=(64, 128, 256), layers_per_block=sdxl["layers_per_block"],
-                    transformer_layers_per_block=sdxl["transformer_layers_per_block"],
-                    attention_head_dim=(1, 2, 4))  # heads of 64 channels, as in SDXL
-    raise ValueError(f"--models: unknown model {name!r}; choose tiny or mid")
+    if name not in ("tiny", "mid"):
+        raise ValueError(f"--models: unknown model {name!r}; choose tiny or mid")
+    return presets.unet_config(name)
 
 
 def unet_params(unet, sizes: dict, seed: int = 0):
