@@ -1,5 +1,6 @@
 """The prepare phase: make what a run's inputs lack — the generated demo dataset, the demo's own
-VAE, the latent caches to build — before any task is built, then resolve them again.
+VAE, the latent caches to build — before any task is built, then resolve them again. The UNet's
+train step compiles beside that work when its shapes follow from the images (compile_early.py).
 
     inputs = prepare_run(cfg, workdir, command)   # what train.py does before loop.train
     loop.train(cfg, workdir, inputs, command=command)
