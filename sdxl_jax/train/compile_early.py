@@ -68,4 +68,4 @@ def start(cfg, inputs: RunInputs):
     if not shapes:
         return None
     log.info("compiling the train step for %d bucket(s) while the inputs are prepared", len(shapes))
-    return compile_pool.start(program, shapes, int(cfg.train.get("compile_workers", 0)))
+    return compile_pool.start(program, shapes, int(cfg.train.compile_workers))
