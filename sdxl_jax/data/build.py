@@ -183,6 +183,17 @@ def _scan_one(src: Source, config, buckets: Sequence[Bucket]) -> Item | tuple[st
     return Item(src, caption, normalize_tags(caption), (w, h), idx, fit)
 
 
+def scan_buckets(config, images_dir: str | None = None, manifest: str | None = None) -> dict[str, int]:
+    """{key: bucket index} of every input build_cache would cache from this folder or manifest
+    (image headers only, no decoding): which buckets a cache not yet built will fill."""
+    sources, _ = list_folder(images_dir) if images_dir else list_manifest(manifest)
+    buckets = buckets_from_config(config.data.buckets)
+    workers = max(1, int(config.data.decode_workers or os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        scanned = pool.map(lambda s: _scan_one(s, config, buckets), sources)
+        return {it.src.key: it.bucket for it in scanned if isinstance(it, Item)}
+
+
 def _decoded(items: Sequence[Item], pool: ThreadPoolExecutor, config, buckets,
              batch: int) -> Iterator[list[tuple[Item, tuple[np.ndarray, np.ndarray | None] | str]]]:
     """Batches of (item, (pixels, pixel mask or None) or skip reason), decoded by `pool` up to

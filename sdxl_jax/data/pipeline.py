@@ -46,13 +46,19 @@ def split_records(index: C.CacheIndex, val_fraction: float) -> tuple[np.ndarray,
     Ranking by hash instead of thresholding it gives the exact share even on small datasets,
     and a record's membership depends only on its key and the others' keys, not on the order.
     """
-    n = len(index.keys)
+    held = held_out(index.keys, val_fraction)
+    ids = np.arange(len(held), dtype=np.int64)
+    return ids[~held], ids[held]
+
+
+def held_out(keys: Sequence[str], val_fraction: float) -> np.ndarray:
+    """(N,) bool: which of the records with these keys the held-out split takes."""
+    n = len(keys)
     n_val = 0 if val_fraction <= 0 or n < 2 else min(n - 1, max(1, round(val_fraction * n)))
-    order = np.argsort([C.key_fraction(k) for k in index.keys], kind="stable")
+    order = np.argsort([C.key_fraction(k) for k in keys], kind="stable")
     held = np.zeros(n, bool)
     held[order[:n_val]] = True
-    ids = np.arange(n, dtype=np.int64)
-    return ids[~held], ids[held]
+    return held
 
 
 def record_weights(config, cache_dir: str, index: C.CacheIndex) -> np.ndarray:

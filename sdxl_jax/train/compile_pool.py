@@ -83,6 +83,25 @@ class _PeakMemory:
         self.growth = None if self.before is None or peak is None else max(peak - self.before, 0)
 
 
+NICE = 10  # how much lower than the training thread's the compile workers' CPU priority is
+
+
+def lower_priority(by: int = NICE) -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread; elsewhere a no-op).
+
+    Compiles ahead are background work: where they share cores with the run's own work (the
+    training step's host threads, the demo VAE's training, a cache build) the scheduler gives
+    the run precedence, so the compiles fill idle cycles instead of slowing the run's critical
+    path; when the run waits for a program, nothing else competes and the compile gets the core."""
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except OSError:
+        pass
+
+
 def memory_bound(footprint: int | None) -> int | None:
     """How many compiles of `footprint` bytes the host's available memory holds (≥ 1)."""
     available = _proc_bytes("/proc/meminfo", "MemAvailable")
@@ -190,6 +209,7 @@ class CompilePool:
             threading.Thread(target=self._work, name=f"compile-{self._busy}", daemon=True).start()
 
     def _work(self) -> None:
+        lower_priority()
         try:
             while True:
                 with self._cv:

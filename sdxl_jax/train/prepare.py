@@ -1,5 +1,6 @@
 """The prepare phase: make what a run's inputs lack — the generated demo dataset, the demo's own
-VAE, the latent caches to build — before any task is built, then resolve them again.
+VAE, the latent caches to build — before any task is built, then resolve them again. The UNet's
+train step compiles beside that work when its shapes follow from the images (compile_early.py).
 
     inputs = prepare_run(cfg, workdir, command)   # what train.py does before loop.train
     loop.train(cfg, workdir, inputs, command=command)
@@ -15,7 +16,7 @@ import jax
 
 from sdxl_jax import paths
 from sdxl_jax.run_inputs import Command, RunInputs, check_one_source_per_cache, demo_vae_dir, resolve_run
-from sdxl_jax.train import demo_vae
+from sdxl_jax.train import compile_early, demo_vae
 from sdxl_jax.train.common import demo_images, use_compilation_cache
 from sdxl_jax.workdir_lock import workdir_lock
 
@@ -32,10 +33,18 @@ def prepare_run(cfg, workdir: str, command: Command | None = None) -> RunInputs:
     with workdir_lock(workdir, jax.process_index()):  # a lock object on gs://
         if inputs.demo_images:
             demo_images(cfg, workdir)
-        if not inputs.vae.ready:
-            train_demo_vae(cfg, workdir, inputs.demo_images)
-            inputs = resolve_run(cfg, workdir)
-        built = _build_missing_caches(cfg, inputs)
+        # the step's compiles run beside the VAE's training and the cache build (the loop
+        # finds the pool); a failure here drops the compiles not started
+        pool = compile_early.start(cfg, inputs)
+        try:
+            if not inputs.vae.ready:
+                train_demo_vae(cfg, workdir, inputs.demo_images)
+                inputs = resolve_run(cfg, workdir)
+            built = _build_missing_caches(cfg, inputs)
+        except BaseException:
+            if pool is not None:
+                pool.close(finish_running=False)
+            raise
     return resolve_run(cfg, workdir) if built else inputs
 
 

@@ -127,6 +127,15 @@ def bin_labels(num_steps: int = 1000) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The task
 # ---------------------------------------------------------------------------------------------
+def program_of(cfg, inputs: RunInputs, plan: parallel.ShardingPlan):
+    """The task's train program: a function of the config, the step count and the latent
+    statistics only, so the prepare phase can compile it before the caches exist."""
+    mean, std, total_steps = inputs.latent_mean, inputs.latent_std, inputs.total_steps
+    tr = describe_trainable(cfg, total_steps=total_steps)
+    return cached_program(["unet", config_json(cfg), total_steps, mean, std],
+                          lambda: _spec(cfg, tr, mean, std), plan)
+
+
 def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextlib.ExitStack) -> Task:
     """The task from the config and the run's resolved inputs (run_inputs.py: its stages and
     caches, latent statistics, VAE and frozen weights), on `plan`'s mesh. Reads the caches and
@@ -139,8 +148,7 @@ def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextl
     stages, mean, std = inputs.stages, inputs.latent_mean, inputs.latent_std
     total_steps = inputs.total_steps
     tr = describe_trainable(cfg, total_steps=total_steps)
-    program = cached_program(["unet", config_json(cfg), total_steps, mean, std],
-                             lambda: _spec(cfg, tr, mean, std), plan)
+    program = program_of(cfg, inputs, plan)
 
     preset = cfg.model.preset
     # the run's sources (float32, placed straight onto the mesh): what a fresh run starts from,
