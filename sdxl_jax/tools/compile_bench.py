@@ -27,7 +27,7 @@ def _cpu_s() -> float:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny", help="model size: tiny, micro or sdxl")
+    ap.add_argument("--preset", default="tiny", help="model size: tiny, micro, mid or sdxl")
     ap.add_argument("--shapes", type=int, default=4, help="(bucket, batch) shapes to compile")
     ap.add_argument("--batches", default="8,16", help="global batch sizes (one per stage)")
     ap.add_argument("--workers", type=int, default=0, help="compile threads (0 = auto)")
