@@ -5,13 +5,26 @@ Measured 2026-12-07: max |Δ| / max |torch| 4.7e-6 at t = 999, 4.9e-6 at t = 500
 import json
 import subprocess
 import sys
+import time
+
+NEEDS_GIB = 13  # the tool's peak (11.5 GiB) and a margin
+
+
+def _available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable:")) / 2 ** 20
 
 
 def test_the_full_size_unet_matches_diffusers_at_a_small_latent():
+    # the suite's other worker may hold a few GiB for a while: start once the peak fits
+    deadline = time.monotonic() + 600
+    while _available_gib() < NEEDS_GIB and time.monotonic() < deadline:
+        time.sleep(5)
+    assert _available_gib() >= NEEDS_GIB, f"{_available_gib():.1f} GiB available: the test needs {NEEDS_GIB}"
     proc = subprocess.run([sys.executable, "-m", "sdxl_jax.tools.parity_sdxl", "--latent", "32",
                            "--timesteps", "999,500"], capture_output=True, text=True, timeout=1200)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert lines, proc.stderr[-3000:]
+    assert lines, (proc.returncode, proc.stderr[-3000:])  # -9: killed, e.g. out of memory
     out = json.loads(lines[-1])
     assert out["unet_params"] == 2_567_463_684
     assert [r["t"] for r in out["rows"]] == [999.0, 500.0]
