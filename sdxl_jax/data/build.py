@@ -183,15 +183,23 @@ def _scan_one(src: Source, config, buckets: Sequence[Bucket]) -> Item | tuple[st
     return Item(src, caption, normalize_tags(caption), (w, h), idx, fit)
 
 
+def _decode_workers(config) -> int:
+    return max(1, int(config.data.decode_workers or os.cpu_count() or 1))
+
+
+def _scanned(pool: ThreadPoolExecutor, sources: Sequence[Source], config, buckets: Sequence[Bucket]):
+    """(source, Item or (key, skip reason)) of each source, headers read in `pool`, in order."""
+    return zip(sources, pool.map(lambda s: _scan_one(s, config, buckets), sources))
+
+
 def scan_buckets(config, images_dir: str | None = None, manifest: str | None = None) -> dict[str, int]:
     """{key: bucket index} of every input build_cache would cache from this folder or manifest
     (image headers only, no decoding): which buckets a cache not yet built will fill."""
     sources, _ = list_folder(images_dir) if images_dir else list_manifest(manifest)
     buckets = buckets_from_config(config.data.buckets)
-    workers = max(1, int(config.data.decode_workers or os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        scanned = pool.map(lambda s: _scan_one(s, config, buckets), sources)
-        return {it.src.key: it.bucket for it in scanned if isinstance(it, Item)}
+    with ThreadPoolExecutor(_decode_workers(config)) as pool:
+        return {it.src.key: it.bucket for _, it in _scanned(pool, sources, config, buckets)
+                if isinstance(it, Item)}
 
 
 def _decoded(items: Sequence[Item], pool: ThreadPoolExecutor, config, buckets,
@@ -488,11 +496,10 @@ def _cache_mine(out: str, mine: list, config, buckets, encode_fn, sid: str, scan
                 process_index: int, process_count: int, progress: bool, verify: bool) -> list:
     """Scan this process's inputs (the unusable ones appended to `scan_skipped`), plan its shards
     and write those not already complete; returns the shard plan [(name, items)]."""
-    workers = max(1, int(config.data.decode_workers or os.cpu_count() or 1))
     batch = int(config.data.build_batch_size)
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(_decode_workers(config)) as pool:
         items: list[Item] = []
-        for src, res in zip(mine, pool.map(lambda s: _scan_one(s, config, buckets), mine)):
+        for src, res in _scanned(pool, mine, config, buckets):
             if isinstance(res, Item):
                 items.append(res)
             else:
