@@ -61,6 +61,12 @@ def held_out(keys: Sequence[str], val_fraction: float) -> np.ndarray:
     return held
 
 
+def used_buckets(counts: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """The buckets the training loader feeds: those holding at least one global batch
+    (`counts`: training records per bucket; `sizes`: each bucket's global batch)."""
+    return [b for b in range(len(sizes)) if counts[b] >= sizes[b]]
+
+
 def record_weights(config, cache_dir: str, index: C.CacheIndex) -> np.ndarray:
     """Per-record loss weights (METHODS §9) from the cache's tag frequencies; ones if disabled."""
     if not config.loss.tag_weighting:
@@ -383,8 +389,7 @@ def make_train_iterator(config, cache_dir, tokenize_fn: TokenizeFn, process_inde
     ds = _PlanDataset(index.bucket_ids, train_ids, sizes, int(config.data.seed), o.plan_id(config),
                       repeated).map(reader)
     ds = ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(config.data.prefetch))
-    used = [b for b in range(len(sizes)) if counts[b] >= sizes[b]]
-    return DataIterator(iter(ds), reader, index, sizes, used, steps)
+    return DataIterator(iter(ds), reader, index, sizes, used_buckets(counts, sizes), steps)
 
 
 def make_val_iterator(config, cache_dir, tokenize_fn: TokenizeFn, process_index: int = 0,

@@ -41,7 +41,7 @@ def planned_shapes(cfg, inputs: RunInputs, multiple: int) -> list[tuple[int, int
     built, in bucket order (compile_ahead.loader_shapes' order)."""
     from sdxl_jax.data import batch_sizes, buckets_from_config
     from sdxl_jax.data.build import scan_buckets
-    from sdxl_jax.data.pipeline import held_out
+    from sdxl_jax.data.pipeline import held_out, used_buckets
     st = inputs.stages[0]
     c = st.caches[0]
     bucket_of = scan_buckets(cfg, c.images_dir or None, c.manifest or None)
@@ -51,8 +51,8 @@ def planned_shapes(cfg, inputs: RunInputs, multiple: int) -> list[tuple[int, int
     b = cfg.data.buckets
     sizes = batch_sizes(buckets, st.global_batch_size, multiple, b.scale_batch_by_area, b.max_area)
     counts = np.bincount(np.asarray(train, np.int64), minlength=len(buckets))
-    used = [i for i in range(len(buckets)) if counts[i] >= sizes[i]]
-    return sorted(((sizes[i], buckets[i][1], buckets[i][0]) for i in used), key=lambda s: (s[1], s[2]))
+    return sorted(((sizes[i], buckets[i][1], buckets[i][0]) for i in used_buckets(counts, sizes)),
+                  key=lambda s: (s[1], s[2]))
 
 
 def start(cfg, inputs: RunInputs):
