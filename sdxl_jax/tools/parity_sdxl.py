@@ -34,7 +34,6 @@ def main(argv=None) -> dict:
 
     from sdxl_jax import models
     from sdxl_jax.tools.torch_reference import our_params, random_torch_unet, torch_forward, unet_inputs
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = models.unet_config("sdxl")
     x = unet_inputs(cfg, a.latent, a.latent, [float(t) for t in a.timesteps.split(",")], a.seed)
     t0 = time.perf_counter()
