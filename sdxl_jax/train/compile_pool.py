@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -93,7 +94,7 @@ def lower_priority(by: int = NICE) -> None:
     training step's host threads, the demo VAE's training, a cache build) the scheduler gives
     the run precedence, so the compiles fill idle cycles instead of slowing the run's critical
     path; when the run waits for a program, nothing else competes and the compile gets the core."""
-    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+    if sys.platform != "linux":  # elsewhere setpriority(PRIO_PROCESS, …) is per process
         return
     try:
         tid = threading.get_native_id()
