@@ -131,9 +131,9 @@ def program_of(cfg, inputs: RunInputs, plan: parallel.ShardingPlan):
     """The task's train program: a function of the config, the step count and the latent
     statistics only, so the prepare phase can compile it before the caches exist."""
     mean, std, total_steps = inputs.latent_mean, inputs.latent_std, inputs.total_steps
-    tr = describe_trainable(cfg, total_steps=total_steps)
     return cached_program(["unet", config_json(cfg), total_steps, mean, std],
-                          lambda: _spec(cfg, tr, mean, std), plan)
+                          lambda: _spec(cfg, describe_trainable(cfg, total_steps=total_steps), mean, std),
+                          plan)
 
 
 def build(cfg, inputs: RunInputs, plan: parallel.ShardingPlan, cleanup: contextlib.ExitStack) -> Task:
