@@ -17,7 +17,8 @@ import torch
 
 from sdxl_jax import models
 from sdxl_jax.models import convert
-from sdxl_jax.tools.torch_reference import our_params, random_torch_unet, torch_forward, unet_inputs
+from sdxl_jax.tools.torch_reference import (float32_on_use, our_params, random_torch_unet,
+                                            torch_forward, unet_inputs)
 
 torch.set_num_threads(2)
 
@@ -109,6 +110,26 @@ def test_tiny_bfloat16_compute_stays_near_pytorch_fp32():
     [(_, _, err, scale)] = output_errors("tiny", [(16, 16)], [1.0, 500.0, 999.0], "bfloat16")
     assert err <= 3e-2 * scale, f"bf16: max |Δ| {err:.3g} vs output scale {scale:.3g}"
     assert err > 1e-5 * scale  # it really computed in bf16
+
+
+def test_bfloat16_stored_weights_compute_exactly_as_float32_in_both_frameworks():
+    """tools/parity_sdxl.py stores its random weights in bfloat16 to fit beside the suite: each
+    framework must then compute bitwise as with the same values stored in float32 (PyTorch
+    through `float32_on_use`, ours through the layers' promotion to their compute dtype)."""
+    cfg = models.unet_config("tiny")
+    narrow = random_torch_unet(cfg, seed=3, dtype=torch.bfloat16)
+    wide = random_torch_unet(cfg, seed=3, dtype=torch.bfloat16).float()
+    x = unet_inputs(cfg, 16, 16, [1.0, 999.0])
+    with torch.no_grad():
+        with float32_on_use(narrow):
+            got = torch_forward(narrow, x).numpy()
+        want = torch_forward(wide, x).numpy()
+    assert {p.dtype for p in narrow.parameters()} == {torch.bfloat16}  # narrowed back after use
+    np.testing.assert_array_equal(got, want)
+    ours_narrow, ours_wide = our_params(narrow, cfg), our_params(wide, cfg)
+    assert {lf.dtype for lf in jax.tree.leaves(ours_narrow)} == {jnp.dtype(jnp.bfloat16)}
+    apply = _ours(cfg)
+    np.testing.assert_array_equal(np.asarray(apply(ours_narrow, x)), np.asarray(apply(ours_wide, x)))
 
 
 if __name__ == "__main__":  # the figures for docs: python tests/test_unet_parity.py

@@ -5,16 +5,20 @@ Imports torch and diffusers: the tests' and tools' dependency only, never the tr
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
 
-def random_torch_unet(cfg: dict, seed: int = 0) -> TorchUNet:
+def random_torch_unet(cfg: dict, seed: int = 0, dtype=torch.float32) -> TorchUNet:
     """diffusers' UNet with every parameter drawn (norm scales and biases included: PyTorch's
-    init sets them to 1 / 0, which would hide a mismatch in them; conv_out is not zero)."""
+    init sets them to 1 / 0, which would hide a mismatch in them; conv_out is not zero).
+    `dtype`: the storage of the weights; bfloat16 halves the full-size UNet's 10 GB, and its
+    values are then exact in float32 (see `float32_on_use`)."""
     with torch.device("meta"):  # no PyTorch init: every parameter is drawn below
-        model = TorchUNet(**cfg)
+        model = torch.nn.Module.to(TorchUNet(**cfg), dtype)  # diffusers' `to` warns of no module
     model = model.to_empty(device="cpu").eval()
     assert not list(model.buffers())
     gen = torch.Generator().manual_seed(seed)
@@ -27,6 +31,29 @@ def random_torch_unet(cfg: dict, seed: int = 0) -> TorchUNet:
                 fan_in = int(np.prod(p.shape[1:]))
                 p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
     return model
+
+
+@contextlib.contextmanager
+def float32_on_use(model: torch.nn.Module):
+    """Run a model whose weights are stored in a narrower dtype in float32: each module's own
+    parameters are widened just before its forward and narrowed back right after (exact both
+    ways when the values came from that dtype), so one layer at a time holds float32 weights."""
+    def widen(module, _args):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.float()
+
+    def narrow(module, _args, _out):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(stored[module])
+
+    stored = {m: next(m.parameters(recurse=False)).dtype for m in model.modules()
+              if next(m.parameters(recurse=False), None) is not None}
+    hooks = [h for m in stored for h in (m.register_forward_pre_hook(widen), m.register_forward_hook(narrow))]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def unet_inputs(cfg: dict, h: int, w: int, timesteps, seed: int = 0) -> dict:
@@ -51,9 +78,9 @@ def torch_forward(model: TorchUNet, x: dict, z=None):
 
 
 def our_params(model: TorchUNet, cfg: dict, release: bool = False):
-    """The PyTorch UNet's weights in our tree, through our converter (models/convert.py).
-    `release`: free each PyTorch parameter once converted, so the two copies never coexist
-    (the full-size UNet is 10 GB in float32)."""
+    """The PyTorch UNet's weights in our tree, through our converter (models/convert.py), in
+    the dtype they are stored in. `release`: free each PyTorch parameter once converted, so the
+    two copies never coexist (the full-size UNet is 10 GB in float32, 5 GB in bfloat16)."""
     import jax
     import jax.numpy as jnp
     from sdxl_jax import models
@@ -67,7 +94,8 @@ def our_params(model: TorchUNet, cfg: dict, release: bool = False):
     out = []
     for lf in leaves:
         p = params.pop(lf.key)
-        out.append((lf.path, jnp.asarray(convert.torch_to_flax(lf.kind, p.detach().numpy()))))
+        value = convert.torch_to_flax(lf.kind, p.detach().float().numpy())
+        out.append((lf.path, jnp.asarray(value, dtype=str(p.dtype).removeprefix("torch."))))
         if release:
             p.data = torch.empty(0)
     return convert.unflatten(out)
