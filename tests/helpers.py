@@ -1,5 +1,6 @@
 """Shared test helpers: the tiny configs the engine tests train with, and the UNet program."""
 import os
+import re
 
 from sdxl_jax.config import apply_overrides, load_config
 
@@ -115,3 +116,11 @@ def two_level_params(bias_std: float | None = None):
         std = bias_std if "bias" in leaf else 1.0 / np.sqrt(max(1, int(np.prod(x.shape[:-1]))))
         return jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32) * std)
     return jax.tree_util.tree_map_with_path(value, abstract)
+
+
+def optimized_hlo(compiled) -> str:
+    """A compiled program's text without its source locations: a program traced on a worker
+    thread records that thread's Python stack (the persistent cache's key drops them too)."""
+    text = re.sub(r", metadata=\{[^}]*\}", "", compiled.as_text())
+    head, _, body = text.partition("\nFileNames\n")
+    return head + body[body.index("\n%"):] if body else text

@@ -3,7 +3,6 @@ the same executables and the same training as compiling one shape after another,
 fit-checked before the first step, compile times and the loop's stall in the summary and log."""
 import logging
 import os
-import re
 import threading
 from types import SimpleNamespace
 
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config, unet_program
+from helpers import optimized_hlo, tiny_config, unet_program
 
 from sdxl_jax import parallel
 from sdxl_jax.train import compile_pool, program
@@ -53,18 +52,10 @@ def _toy_step():
     return step, (w, frozen), batch
 
 
-def _optimized_hlo(compiled) -> str:
-    """The compiled program without its source locations: a program traced on a worker thread
-    records that thread's Python stack (the persistent cache's key drops them too)."""
-    text = re.sub(r", metadata=\{[^}]*\}", "", compiled.as_text())
-    head, _, body = text.partition("\nFileNames\n")
-    return head + body[body.index("\n%"):] if body else text
-
-
 def test_pool_compiles_what_serial_compiles_each_shape_once(private_xla_cache):
     rows = [4, 8, 12, 16, 20, 24]
     serial, inputs, batch = _toy_step()
-    texts = [_optimized_hlo(serial.compiled_for(*inputs, batch(r))) for r in rows]
+    texts = [optimized_hlo(serial.compiled_for(*inputs, batch(r))) for r in rows]
     assert len(set(texts)) == len(rows) and all("metadata" not in t and "FileNames" not in t for t in texts)
     program._EXECUTABLES.clear()  # the pool compiles anew, in 3 threads at once
     pooled, inputs, batch = _toy_step()
@@ -72,11 +63,11 @@ def test_pool_compiles_what_serial_compiles_each_shape_once(private_xla_cache):
     pool.submit([compile_pool.Shape(f"rows {r}", batch(r)) for r in rows])
     pool.submit([compile_pool.Shape("again", batch(8))])  # a shape submitted twice compiles once
     done = pool.wait_all()
-    assert [_optimized_hlo(c) for _, c in done] == texts and [s.label for s, _ in done] == [f"rows {r}" for r in rows]
+    assert [optimized_hlo(c) for _, c in done] == texts and [s.label for s, _ in done] == [f"rows {r}" for r in rows]
     assert pooled.compile_count == len(rows) and pool.workers_used == 3
     assert list(pool.seconds()) == [f"rows {r}" for r in rows] and all(t > 0 for t in pool.seconds().values())
     waited, compiled = pool.wait(batch(12))
-    assert waited == 0.0 and _optimized_hlo(compiled) == texts[2]
+    assert waited == 0.0 and optimized_hlo(compiled) == texts[2]
     pool.close()
     with pytest.raises(ValueError, match=r"train.compile_workers=-1: must be ≥ 0"):
         compile_pool.CompilePool(pooled, inputs, workers=-1)

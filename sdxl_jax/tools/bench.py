@@ -86,6 +86,20 @@ def timed(fn, n: int, warmup: int = 1) -> dict:
     return {"wall": float(np.median(wall)), "wall_min": float(min(wall)), "cpu": float(np.median(cpu))}
 
 
+def interleaved(runners: dict, n: int) -> dict:
+    """`timed` of each runner, one call of each in turn n times (after one warm-up each), so a
+    change in the machine's load hits every variant alike."""
+    for run in runners.values():
+        run()
+    samples = {k: [] for k in runners}
+    for _ in range(n):
+        for k, run in runners.items():
+            samples[k].append(timed(run, 1, warmup=0))
+    return {k: {"wall": float(np.median([t["wall"] for t in v])),
+                "wall_min": float(min(t["wall"] for t in v)),
+                "cpu": float(np.median([t["cpu"] for t in v]))} for k, v in samples.items()}
+
+
 def fmt(t: dict) -> str:
     return f"{t['wall']:.3f} s (min {t['wall_min']:.3f}, CPU {t['cpu']:.2f} s)"
 
@@ -198,16 +212,21 @@ def unet_only_inputs(sizes: dict, batch: int, latent: int, seed: int = 0) -> dic
             "target": rng.standard_normal((batch, latent, latent, 4), np.float32)}
 
 
-def unet_only_runner(s: TrainSetup, sharding):
-    """A no-argument callable running one UNet-only step with every input on `sharding`."""
+def unet_only_runner(s: TrainSetup, sharding, compiler_options: dict | None = None):
+    """A no-argument callable running one UNet-only step with every input on `sharding`,
+    compiled with the train step's options for those devices (program.compiler_options) unless
+    `compiler_options` is given."""
     import jax
     import optax
+    from sdxl_jax.train.program import compiler_options as step_options
+    if compiler_options is None:
+        compiler_options = step_options(sharding.device_set)
     tx = optax.adamw(1e-4)
     params = jax.device_put(s.state.params, sharding, may_alias=False)
     opt_state = jax.device_put(tx.init(params), sharding)
     inputs = jax.device_put(unet_only_inputs(s.sizes, s.batch_size, s.latent), sharding)
     compiled = jax.jit(unet_only_step(s.unet, tx), donate_argnums=(0, 1)).lower(
-        params, opt_state, inputs).compile()
+        params, opt_state, inputs).compile(compiler_options=compiler_options)
 
     def run():
         nonlocal params, opt_state
@@ -221,6 +240,7 @@ def train_step_runner(s: TrainSetup, state_sh, frozen_sh, batch_sh, program=None
     given shardings (program=None), or a train program's CompiledStep on its mesh."""
     import jax
     from sdxl_jax import parallel
+    from sdxl_jax.train.program import compiler_options
     state = jax.device_put(s.state, state_sh, may_alias=False)
     frozen = jax.device_put(s.frozen, frozen_sh)
     if program is None:
@@ -229,7 +249,7 @@ def train_step_runner(s: TrainSetup, state_sh, frozen_sh, batch_sh, program=None
     else:
         batch = parallel.global_batch(s.host_batch, program.plan.mesh)
         fn = program.step
-    compiled = fn.lower(state, frozen, batch).compile()
+    compiled = fn.lower(state, frozen, batch).compile(compiler_options=compiler_options(jax.devices()))
 
     def run():
         nonlocal state
@@ -263,15 +283,7 @@ def bench_spmd(s: TrainSetup, n: int) -> dict:
         prog = build_program(s.spec, plan)
         runners[f"train: CompiledStep, {jax.device_count()}-device data mesh"] = \
             train_step_runner(s, prog.shardings, prog.frozen_shardings, None, prog)
-    for run in runners.values():
-        run()  # warm-up
-    samples = {k: [] for k in runners}
-    for _ in range(n):
-        for k, run in runners.items():
-            samples[k].append(timed(run, 1, warmup=0))
-    return {k: {"wall": float(np.median([t["wall"] for t in v])),
-                "wall_min": float(min(t["wall"] for t in v)),
-                "cpu": float(np.median([t["cpu"] for t in v]))} for k, v in samples.items()}
+    return interleaved(runners, n)
 
 
 def torch_unet_step_time(sizes: dict, batch: int, latent: int, n: int, threads: int) -> dict:
@@ -381,13 +393,18 @@ def main(argv=None) -> None:
             print(flush=True)
         if "torch" in sections:
             from jax.sharding import SingleDeviceSharding
-            j = timed(unet_only_runner(s, SingleDeviceSharding(jax.devices()[0])), a.steps)
-            print(f"UNet-only fwd+bwd+AdamW, JAX jit: {fmt(j)}")
+            device = SingleDeviceSharding(jax.devices()[0])
+            r = interleaved({"ours": unet_only_runner(s, device),
+                             "plain": unet_only_runner(s, device, compiler_options={})}, a.steps)
+            j, j0 = r["ours"], r["plain"]
+            print(f"UNet-only fwd+bwd+AdamW, JAX jit, the train step's options: {fmt(j)}")
+            print(f"  JAX jit, XLA defaults: {fmt(j0)} (the options: ×{j['wall'] / j0['wall']:.2f})")
             for threads in sorted({1, os.cpu_count() or 1}):
                 t = torch_unet_step_time(s.sizes, batch, a.latent, a.steps, threads)
                 print(f"  PyTorch eager, {threads} thread(s): {fmt(t)} → JAX/torch wall "
                       f"×{j['wall'] / t['wall']:.2f} (min ×{j['wall_min'] / t['wall_min']:.2f}), "
-                      f"CPU ×{j['cpu'] / t['cpu']:.2f}", flush=True)
+                      f"CPU ×{j['cpu'] / t['cpu']:.2f}; with XLA defaults ×{j0['wall'] / t['wall']:.2f}",
+                      flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -183,10 +184,28 @@ class CompiledStep:
 _EXECUTABLES: dict = {}
 
 
+# XLA:CPU's YNNPACK fusions for dots and reductions, without its default per-convolution one:
+# the convolutions go to XLA's own CPU kernels. The tiny UNet's train step ×0.71, the mid
+# preset's ×0.99 (docs/performance.md, 2026-12-08). An XLA_FLAGS setting of the same option wins.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options(devices) -> dict:
+    """The compile options of a step that runs on `devices`: CPU_COMPILER_OPTIONS where every
+    device is a CPU (the demo, CI, a laptop), none on an accelerator. `tools/memory_report`, which
+    compiles for simulated CPU devices to predict an accelerator's memory, does not take them."""
+    if any(d.platform != "cpu" for d in devices):
+        return {}
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if f"--{k}=" not in flags}
+
+
 def _compile_once(lowered, mesh):
     key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(),
            tuple(int(d.id) for d in mesh.devices.flat))
     compiled = _EXECUTABLES.get(key)
     if compiled is None:  # (two threads compiling the same text at once both keep one: harmless)
-        compiled = _EXECUTABLES.setdefault(key, lowered.compile())
+        options = compiler_options(mesh.devices.flat)
+        compiled = _EXECUTABLES.setdefault(key, lowered.compile(compiler_options=options))
     return compiled
