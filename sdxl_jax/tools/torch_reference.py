@@ -77,6 +77,15 @@ def torch_forward(model: TorchUNet, x: dict, z=None):
     return out.permute(0, 2, 3, 1)
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as numpy, bfloat16 as ml_dtypes' bfloat16 (numpy has none of its
+    own): the same bits, no float32 round trip."""
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
 def our_params(model: TorchUNet, cfg: dict, release: bool = False):
     """The PyTorch UNet's weights in our tree, through our converter (models/convert.py), in
     the dtype they are stored in. `release`: free each PyTorch parameter once converted, so the
@@ -94,8 +103,7 @@ def our_params(model: TorchUNet, cfg: dict, release: bool = False):
     out = []
     for lf in leaves:
         p = params.pop(lf.key)
-        value = convert.torch_to_flax(lf.kind, p.detach().float().numpy())
-        out.append((lf.path, jnp.asarray(value, dtype=str(p.dtype).removeprefix("torch."))))
+        out.append((lf.path, jnp.asarray(convert.torch_to_flax(lf.kind, _numpy(p.detach())))))
         if release:
             p.data = torch.empty(0)
     return convert.unflatten(out)
