@@ -18,7 +18,8 @@ def random_torch_unet(cfg: dict, seed: int = 0, dtype=torch.float32) -> TorchUNe
     `dtype`: the storage of the weights; bfloat16 halves the full-size UNet's 10 GB, and its
     values are then exact in float32 (see `float32_on_use`)."""
     with torch.device("meta"):  # no PyTorch init: every parameter is drawn below
-        model = torch.nn.Module.to(TorchUNet(**cfg), dtype)  # diffusers' `to` warns of no module
+        # torch's own `to`: diffusers' override warns about keep-in-float32 modules (the UNet has none)
+        model = torch.nn.Module.to(TorchUNet(**cfg), dtype)
     model = model.to_empty(device="cpu").eval()
     assert not list(model.buffers())
     gen = torch.Generator().manual_seed(seed)
