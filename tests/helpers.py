@@ -58,6 +58,32 @@ def unet_program(cfg, devices=None, total_steps=None):
     return build_program(program_spec(cfg, total_steps=total_steps), plan)
 
 
+def tokenize_fn(preset: str):
+    """Captions → (CLIP-L ids, bigG ids), one 77-token chunk each, with the preset's tokenizers."""
+    from sdxl_jax import models
+    tok_l, tok_g = models.get_tokenizers(preset)
+    return lambda c: (models.tokenize(tok_l, c, 1), models.tokenize(tok_g, c, 1))
+
+
+def first_train_batch(cfg, rows: int) -> dict:
+    """The first `rows`-row training batch of cfg.data.cache_dir (one process, host arrays)."""
+    from sdxl_jax.data import make_train_iterator
+    it = make_train_iterator(cfg, cfg.data.cache_dir, tokenize_fn(cfg.model.preset), 0, 1, rows, 1)
+    batch = next(it)
+    it.close()
+    return batch
+
+
+def engine_weights(seed: int = 0):
+    """(UNet params on the host, frozen text towers) of ENGINE_PRESET, the towers from seeds
+    2 and 3: what the engine tests feed a train step (on the host: init_state donates)."""
+    import jax
+    from sdxl_jax import models
+    params = jax.device_get(models.init_params("unet", ENGINE_PRESET, jax.random.PRNGKey(seed)))
+    frozen = {k: models.init_params(k, ENGINE_PRESET, jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
+    return params, frozen
+
+
 def held_out_loss(cfg, unet_params, text, seed=0):
     """The evaluator's loss (fixed timesteps, noise from PRNGKey(seed)) on the first held-out batch
     of cfg.data.cache_dir: the same yardstick before and after training."""
@@ -69,9 +95,7 @@ def held_out_loss(cfg, unet_params, text, seed=0):
     from sdxl_jax.train.evaluate import fixed_timesteps, make_eval_loss
     from sdxl_jax.train.step import StepConfig
     preset = cfg.model.preset
-    tok_l, tok_g = models.get_tokenizers(preset)
-    tokenize = lambda c: (models.tokenize(tok_l, c, 1), models.tokenize(tok_g, c, 1))  # noqa: E731
-    it = make_val_iterator(cfg, cfg.data.cache_dir, tokenize, 0, 1, 8, 8)
+    it = make_val_iterator(cfg, cfg.data.cache_dir, tokenize_fn(preset), 0, 1, 8, 8)
     batch = next(it)
     it.close()
     sc = StepConfig.from_config(cfg)

@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import ENGINE_PRESET, tiny_config, unet_program
-from sdxl_jax import models, parallel
+from helpers import engine_weights, first_train_batch, tiny_config, unet_program
+from sdxl_jax import parallel
 from sdxl_jax.train import optim
 from sdxl_jax.train.state import create_state
 from sdxl_jax.train.update import accumulate, make_update, per_sample_keys, split_micro
@@ -149,19 +149,11 @@ def test_weights_are_cast_and_gathered_per_micro_step_not_hoisted_out_of_the_sca
 
 @pytest.fixture(scope="module")
 def unet_batch(demo_cache):
-    from sdxl_jax.data import make_train_iterator
-    cfg = tiny_config(**{"data.cache_dir": demo_cache})
-    tok_l, tok_g = models.get_tokenizers("tiny")
-    tokenize = lambda c: (models.tokenize(tok_l, c, 1), models.tokenize(tok_g, c, 1))  # noqa: E731
-    it = make_train_iterator(cfg, demo_cache, tokenize, 0, 1, 4, 1)
-    batch = next(it)
-    it.close()
-    return batch
+    return first_train_batch(tiny_config(**{"data.cache_dir": demo_cache}), 4)
 
 
 def test_unet_step_with_4_micro_batches_equals_one_batch(unet_batch):
-    params = jax.device_get(models.init_params("unet", ENGINE_PRESET, jax.random.PRNGKey(0)))  # host: init_state donates
-    frozen = {k: models.init_params(k, ENGINE_PRESET, jax.random.PRNGKey(i)) for i, k in ((2, "text_l"), (3, "text_g"))}
+    params, frozen = engine_weights()
     out = {}
     for micro in (0, 1):  # 0: the 4 rows at once; 1: 4 micro-batches of 1 row on the one device
         cfg = tiny_config(**{"mesh.fsdp": 1, "train.global_batch_size": 4,

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import jax
 import numpy as np
-from helpers import ENGINE_PRESET, optimized_hlo, tiny_config, unet_program
+from helpers import engine_weights, first_train_batch, optimized_hlo, tiny_config, unet_program
 
-from sdxl_jax import models, parallel
+from sdxl_jax import parallel
 from sdxl_jax.train import program
 
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
@@ -22,19 +22,12 @@ def test_cpu_devices_take_the_options_accelerators_none_and_xla_flags_win(monkey
 
 
 def test_the_loops_step_takes_them_and_matches_xla_defaults(demo_cache, monkeypatch):
-    from sdxl_jax.data import make_train_iterator
     monkeypatch.setattr(program, "_EXECUTABLES", {})
     cfg = tiny_config(**{"data.cache_dir": demo_cache, "mesh.fsdp": 1, "train.global_batch_size": 2})
-    tok_l, tok_g = models.get_tokenizers("tiny")
-    it = make_train_iterator(cfg, demo_cache, lambda c: (models.tokenize(tok_l, c, 1),
-                                                         models.tokenize(tok_g, c, 1)), 0, 1, 2, 1)
-    host_batch = next(it)
-    it.close()
     prog = unet_program(cfg, jax.devices()[:1])
-    params = jax.device_get(models.init_params("unet", ENGINE_PRESET, jax.random.PRNGKey(0)))
-    frozen = jax.device_put({k: models.init_params(k, ENGINE_PRESET, jax.random.PRNGKey(i))
-                             for i, k in ((2, "text_l"), (3, "text_g"))}, prog.frozen_shardings)
-    batch = parallel.global_batch(host_batch, prog.plan.mesh)
+    params, frozen = engine_weights()
+    frozen = jax.device_put(frozen, prog.frozen_shardings)
+    batch = parallel.global_batch(first_train_batch(cfg, 2), prog.plan.mesh)
     state = prog.init_state(params, jax.random.PRNGKey(1))
     lowered = prog.step.lower(state, frozen, batch)
     plain = lowered.compile()

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 
+from sdxl_jax.train import compile_pool
+
 NEEDS_GIB = 8  # the tool's peak (6.5 GiB) and a margin
 
 
 def _available_gib() -> float:
-    with open("/proc/meminfo") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable:")) / 2 ** 20
+    return compile_pool._proc_bytes("/proc/meminfo", "MemAvailable") / 2 ** 30
 
 
 def test_the_full_size_unet_matches_diffusers_at_a_small_latent():
