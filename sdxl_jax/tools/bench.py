@@ -243,13 +243,13 @@ def train_step_runner(s: TrainSetup, state_sh, frozen_sh, batch_sh, program=None
     from sdxl_jax.train.program import compiler_options
     state = jax.device_put(s.state, state_sh, may_alias=False)
     frozen = jax.device_put(s.frozen, frozen_sh)
-    if program is None:
+    if program is None:  # the train step's compile options, as the loop's step gets them
         batch = jax.device_put(s.host_batch, batch_sh)
-        fn = jax.jit(s.step_fn, donate_argnums=(0,))
-    else:
+        compiled = jax.jit(s.step_fn, donate_argnums=(0,)).lower(state, frozen, batch).compile(
+            compiler_options=compiler_options(batch_sh.device_set))
+    else:  # the loop's own executable
         batch = parallel.global_batch(s.host_batch, program.plan.mesh)
-        fn = program.step
-    compiled = fn.lower(state, frozen, batch).compile(compiler_options=compiler_options(jax.devices()))
+        compiled = program.step.compiled_for(state, frozen, batch)
 
     def run():
         nonlocal state
